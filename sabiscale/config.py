@@ -1,0 +1,214 @@
+"""The one typed run config: a YAML recipe plus `key=value` overrides.
+
+Every setting has one owner here and travels down as a field of `RunConfig`; nothing below reads
+the environment. Unknown keys and impossible values are collected and reported all at once.
+
+    cfg = load_config("launch/recipes/demo.yaml", ["train.max_steps=50", "model.num_layers=2"])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override the user must fix; the message lists every problem found."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    # "demo": the embedded generator; "jsonl": a directory laid out like ../shared/data.
+    source: Literal["demo", "jsonl"] = "demo"
+    jsonl_root: Path | None = None
+    demo_examples_per_task: int = Field(600, gt=0)
+    # Cap on records read from each JSONL file (None = all); keeps tests and smoke runs small.
+    max_records_per_file: int | None = Field(None, gt=0)
+    tasks: list[str] = ["translation", "ner", "sentiment", "descramble", "text"]
+    languages: list[str] | None = None  # None = every language found
+    seq_len: int = Field(256, ge=16)
+    sequences_per_shard: int = Field(256, gt=0)
+    # Share of documents held out for the validation shards.
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    num_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(64, ge=0)
+
+
+class TokenizerConfig(_Section):
+    vocab_size: int = Field(4096, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    # An existing tokenizer.json to reuse instead of training one.
+    path: Path | None = None
+
+
+class ModelConfig(_Section):
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int = Field(344, gt=0)
+    tie_embeddings: bool = False
+    rope_theta: float = Field(10000.0, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        return self
+
+
+class LossConfig(_Section):
+    # masked: only answer tokens count (SabiYarn); clm: every real token counts.
+    kind: Literal["masked", "clm"] = "masked"
+    # Supervised positions per chunk of the output head; bounds the logits held at once.
+    chunk_size: int = Field(2048, gt=0)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class TrainConfig(_Section):
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    max_steps: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0 = only at the end
+    eval_batches: int = Field(4, gt=0)
+
+
+class EngineConfig(_Section):
+    # A DeepSpeed JSON; keys sabiscale owns are "auto" there and filled from this config.
+    ds_config: Path = Path("ds_configs/zero2_offload.json")
+    # auto: fp32 on CPU, bf16 on GPUs that support it, fp16 with loss scaling otherwise.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class TrackingConfig(_Section):
+    # None: MLFLOW_TRACKING_URI if set (resolved at the CLI edge), else sqlite in the run directory.
+    uri: str | None = None
+    experiment: str | None = None  # None = the recipe name
+    enabled: bool = True
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    output_dir: Path = Path("runs/run")
+    seed: int = 1234
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    engine: EngineConfig = EngineConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.data.source == "jsonl" and self.data.jsonl_root is None:
+            raise ValueError("data.source is 'jsonl' but data.jsonl_root is not set")
+        if self.optim.warmup_steps >= self.train.max_steps:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below "
+                f"train.max_steps ({self.train.max_steps})"
+            )
+        return self
+
+    # Paths every stage agrees on, derived from output_dir so they cannot drift apart.
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.output_dir / "tokenizer" / "tokenizer.json"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.output_dir / "shards"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is parsed as YAML so 3, 1e-3, true, [a,b] work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. train.max_steps=50)")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {err.error_count()} problem(s) in the run config:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see sabiscale/config.py for the fields)"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(tree: dict, origin: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start from defaults), apply overrides, validate everything at once."""
+    tree: dict = {}
+    origin = "overrides"
+    if recipe is not None:
+        recipe = Path(recipe)
+        origin = str(recipe)
+        if not recipe.is_file():
+            raise ConfigError(f"recipe {recipe} does not exist (recipes live in launch/recipes/)")
+        try:
+            loaded = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{recipe}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{recipe}: the top level must be a mapping of sections")
+        tree = loaded or {}
+        tree.setdefault("name", recipe.stem)
+    tree = apply_overrides(tree, overrides or [])
+    return build_config(tree, origin)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """JSON-safe dict of the resolved config (paths as strings), for checkpoints and tracking."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Loader stage: WebDataset shards -> batches for one rank."""

@@ -1,0 +1,94 @@
+"""WebDataset pipeline yielding micro-batches for one rank and dataloader worker.
+
+The global stream of micro-batches is the same whatever the world size: every rank reads the
+same seeded sequence of samples (shard order and shuffle buffer seeded per epoch), groups them
+into micro-batches, and keeps micro-batch j when j % world_size == rank (and, inside a rank, when
+(j // world_size) % num_workers == worker). So 2 ranks x 1 micro-batch see exactly what 1 rank x 2
+accumulation steps sees, and a rank decodes only its own samples. Epochs chain without a seam;
+the stream is infinite and the training loop decides how many steps to take.
+
+Sources are local paths or any URL webdataset opens (`pipe:cat FILE`, http, ...).
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Iterator
+from itertools import count, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .batch import Batch, collate
+
+NPY_FIELDS = ("input_ids", "loss_mask", "position_ids")
+
+
+def shard_urls(shards_dir: Path, manifest: dict, split: str) -> list[str]:
+    if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
+        raise ValueError(f"{shards_dir}/manifest.json has no {split!r} shards; re-run `sabiscale prepare`")
+    return [str(shards_dir / s["name"]) for s in manifest["splits"][split]["shards"]]
+
+
+def decode_sample(raw: dict) -> dict:
+    """Raw tar members -> arrays; .npy is read with allow_pickle=False, never unpickled."""
+    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    out = {}
+    for name in NPY_FIELDS:
+        if f"{name}.npy" not in raw:
+            raise ValueError(f"{where}: member {name}.npy is missing; the shard is not a sabiscale shard "
+                             "or is damaged (run `sabiscale prepare` again)")
+        out[name] = np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
+    out["docs"] = json.loads(raw["docs.json"]) if "docs.json" in raw else []
+    lengths = {len(out[name]) for name in NPY_FIELDS}
+    if len(lengths) != 1:
+        raise ValueError(f"{where}: fields have different lengths {lengths}")
+    return out
+
+
+class ShardLoader(torch.utils.data.IterableDataset):
+    """Infinite micro-batches of one rank; wrap in a DataLoader(batch_size=None) for workers."""
+
+    def __init__(self, urls: list[str], batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle_buffer: int = 64, num_workers: int = 0) -> None:
+        super().__init__()
+        self.urls, self.batch_size, self.seed = list(urls), batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
+
+    def _samples(self) -> Iterator[dict]:
+        for epoch in count():
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            urls = self.urls[:]
+            rng.shuffle(urls)
+            samples = wds.tarfile_samples(iter([{"url": u} for u in urls]))
+            if self.shuffle_buffer > 1:
+                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+            yield from samples
+
+    def _owns(self, batch_index: int, worker: int) -> bool:
+        if batch_index % self.world_size != self.rank:
+            return False
+        return (batch_index // self.world_size) % max(1, self.num_workers) == worker
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        samples = self._samples()
+        for batch_index in count():
+            raw = list(islice(samples, self.batch_size))
+            if self._owns(batch_index, worker):
+                yield collate([decode_sample(r) for r in raw], batch_index)
+
+
+def make_loader(urls: list[str], batch_size: int, rank: int, world_size: int, seed: int,
+                shuffle_buffer: int, num_workers: int) -> Iterator[Batch]:
+    dataset = ShardLoader(urls, batch_size, rank, world_size, seed, shuffle_buffer, num_workers)
+    if num_workers == 0:
+        return iter(dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                         persistent_workers=True)
+    return iter(loader)

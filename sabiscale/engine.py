@@ -1,0 +1,144 @@
+"""The only module that imports deepspeed: start the process group, fill the DeepSpeed JSON's
+"auto" keys from the run config, pick precision by device, and build the engine.
+
+Keys sabiscale owns (batch sizes, accumulation, learning rate and schedule, precision, clipping)
+are "auto" in ds_configs/*.json and filled here, in one place. A concrete value in the JSON that
+disagrees with the run config is an error rather than a silent override.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from .config import RunConfig
+
+
+class EngineConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_launcher_env(environ: dict = os.environ) -> None:
+    """Let a plain `sabiscale train` run as a one-rank world. Without a launcher DeepSpeed would
+    fall back to MPI discovery; the launchers (deepspeed, torchrun, SLURM script) set these."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return
+    environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed() -> World:
+    accel = get_accelerator()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(), local_rank)
+    else:
+        device = torch.device("cpu")
+    return World(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def resolve_precision(requested: str) -> str:
+    """auto: fp32 on CPU (bf16 is emulated and ~20x slower there), bf16 where the GPU has it,
+    fp16 with loss scaling otherwise."""
+    if requested != "auto":
+        return requested
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return "fp32"
+    return "bf16" if accel.is_bf16_supported() else "fp16"
+
+
+def _owned_values(cfg: RunConfig, world_size: int, precision: str) -> dict[str, object]:
+    """Dotted DeepSpeed keys -> the value the run config gives them."""
+    t, o = cfg.train, cfg.optim
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": o.grad_clip,
+        "optimizer.params.lr": o.lr,
+        "optimizer.params.betas": [o.beta1, o.beta2],
+        "optimizer.params.eps": o.eps,
+        "optimizer.params.weight_decay": o.weight_decay,
+        "scheduler.params.total_num_steps": t.max_steps,
+        "scheduler.params.warmup_num_steps": o.warmup_steps,
+        "scheduler.params.cos_min_ratio": o.min_lr_ratio,
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+    }
+
+
+def fill_ds_config(raw: dict, cfg: RunConfig, world_size: int, precision: str, origin: str) -> dict:
+    """Fill "auto" and absent owned keys; collect every conflict and raise them together."""
+    filled = copy.deepcopy(raw)
+    problems = []
+    for dotted, value in _owned_values(cfg, world_size, precision).items():
+        *parents, leaf = dotted.split(".")
+        node = filled
+        for part in parents:
+            node = node.setdefault(part, {})
+        current = node.get(leaf, "auto")
+        if current == "auto":
+            node[leaf] = value
+        elif current != value and not (isinstance(value, float) and current == value):
+            problems.append(f"  - {dotted} is {current!r} in the JSON but the run config gives {value!r}; "
+                            f"set it to \"auto\" there and change the recipe instead")
+    if problems:
+        raise EngineConfigError(f"{origin}: values owned by the run config disagree:\n" + "\n".join(problems))
+    return filled
+
+
+def load_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
+    path = Path(cfg.engine.ds_config)
+    if not path.is_file():
+        raise EngineConfigError(f"engine.ds_config {path} does not exist (profiles live in ds_configs/)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EngineConfigError(f"{path}: not valid JSON: {err}") from None
+    return fill_ds_config(raw, cfg, world_size, precision, str(path))
+
+
+def initialize(objective: torch.nn.Module, ds_config: dict):
+    """Build the DeepSpeed engine (optimizer and LR schedule come from the JSON)."""
+    params = [p for p in objective.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, config=ds_config)
+    return engine
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over all ranks (gloo on CPU, NCCL on GPUs)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

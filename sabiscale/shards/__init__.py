@@ -1,0 +1,1 @@
+"""Shards stage: tokenized documents -> packed fixed-length sequences -> WebDataset .tar + manifest."""

@@ -1,0 +1,108 @@
+"""Write packed sequences as WebDataset .tar shards and describe them in `manifest.json`.
+
+Sample layout (one tar member per field, `.npy` written with numpy, never pickled):
+    {key}.input_ids.npy     (T,) uint32
+    {key}.loss_mask.npy     (T,) uint8   1 = supervised target token
+    {key}.position_ids.npy  (T,) int32   restarts at 0 per document
+    {key}.docs.json         [[start, length, task, lang], ...]
+
+manifest.json (format_version 1):
+    format_version, tokenizer_sha256, seq_len, nfc, pad_id,
+    splits: {train|val: {shards: [{name, sha256, sequences}], counts: {...}}}
+where counts hold sequences, tokens, padding, split_documents and per "task/lang":
+documents, tokens, supervised_tokens. Tar members carry mtime 0, so the same input gives
+byte-identical shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from .pack import PackedSequence, PackStats
+
+FORMAT_VERSION = 1
+FIELDS = ("input_ids", "loss_mask", "position_ids")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sample(key: str, seq: PackedSequence) -> dict:
+    return {
+        "__key__": key,
+        "input_ids.npy": _npy_bytes(seq.input_ids),
+        "loss_mask.npy": _npy_bytes(seq.loss_mask),
+        "position_ids.npy": _npy_bytes(seq.position_ids),
+        "docs.json": json.dumps(seq.docs, ensure_ascii=False).encode("utf-8"),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_split(
+    sequences: Iterable[PackedSequence], out_dir: Path, split: str, per_shard: int, stats: PackStats
+) -> dict:
+    """Write one split's shards; return its manifest entry."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    per_doc: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "tokens": 0, "supervised_tokens": 0})
+    writer, name, count = None, None, 0
+
+    def close() -> None:
+        if writer is not None:
+            writer.close()
+            shards.append({"name": name, "sha256": sha256_file(out_dir / name), "sequences": count})
+
+    for index, seq in enumerate(sequences):
+        if writer is None or count == per_shard:
+            close()
+            name, count = f"{split}-{len(shards):06d}.tar", 0
+            writer = wds.TarWriter(str(out_dir / name), encoder=False, mtime=0)
+        writer.write(_sample(f"{split}-{index:09d}", seq))
+        count += 1
+        for start, length, task, lang in seq.docs:
+            entry = per_doc[f"{task}/{lang}"]
+            entry["documents"] += 1
+            entry["tokens"] += length
+            entry["supervised_tokens"] += int(seq.loss_mask[start:start + length].sum())
+    close()
+    counts = {"sequences": stats.sequences, "tokens": stats.tokens, "padding": stats.padding,
+              "split_documents": stats.split_documents,
+              "supervised_tokens": sum(v["supervised_tokens"] for v in per_doc.values()),
+              "by_task_lang": dict(sorted(per_doc.items()))}
+    return {"shards": shards, "counts": counts}
+
+
+def write_manifest(out_dir: Path, tokenizer_sha256: str, seq_len: int, pad_id: int, splits: dict) -> Path:
+    manifest = {"format_version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256, "seq_len": seq_len,
+                "nfc": True, "pad_id": pad_id, "splits": splits}
+    path = out_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(shards_dir: Path) -> dict:
+    path = shards_dir / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `sabiscale prepare` to write shards first")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')} is not "
+                         f"{FORMAT_VERSION}; re-run `sabiscale prepare` with this sabiscale version")
+    return manifest

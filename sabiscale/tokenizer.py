@@ -1,0 +1,69 @@
+"""Train and load the multilingual tokenizer: byte-level BPE (HF `tokenizers`), NFC-normalized,
+with task and language tags as special tokens. Saved as a transformers tokenizer directory, so
+`AutoTokenizer.from_pretrained(dir)` loads it offline.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from .tasks import EOS, PAD, Example
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, specials: list[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, path: Path) -> PreTrainedTokenizerFast:
+    """Write `tokenizer.json` plus the transformers config files into `path`'s directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    hf.save_pretrained(str(path.parent))
+    return hf
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} does not exist; run `sabiscale prepare` first")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=PAD)
+
+
+def tokenizer_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def encode_examples(tok: PreTrainedTokenizerFast, examples: list[Example]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Examples -> (token ids, loss mask) per document: prompt tokens 0, answer tokens and EOS 1.
+
+    Prompt and answer are encoded separately, so the mask boundary is exact by construction.
+    Every prompt ends with a special tag, where the tokenizer splits anyway, so this equals
+    encoding the joined string.
+    """
+    backend = tok.backend_tokenizer
+    prompts = backend.encode_batch([e.prompt for e in examples], add_special_tokens=False)
+    answers = backend.encode_batch([e.answer for e in examples], add_special_tokens=False)
+    eos_id = tok.eos_token_id
+    docs = []
+    for p, a in zip(prompts, answers):
+        ids = np.array(p.ids + a.ids + [eos_id], dtype=np.uint32)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        mask[len(p.ids):] = 1
+        docs.append((ids, mask))
+    return docs

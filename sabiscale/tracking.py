@@ -1,0 +1,103 @@
+"""Tracking behind a small interface: MLflow on global rank 0, a no-op everywhere else.
+
+One MLflow run per training run (never one per rank). The store is `tracking.uri` from the recipe,
+else MLFLOW_TRACKING_URI (resolved at the CLI edge), else a sqlite file in the run directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from .config import RunConfig, config_to_dict
+
+# MLflow refuses longer parameter values; those go into an artifact instead.
+MAX_PARAM_LENGTH = 6000
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
+    def log_json(self, data: dict, name: str) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        pass
+
+    def log_json(self, data: dict, name: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+class MLflowTracker:
+    def __init__(self, cfg: RunConfig, run_name: str | None = None) -> None:
+        import mlflow  # only rank 0 pays the import
+
+        self._mlflow = mlflow
+        self.uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(cfg.tracking.experiment or cfg.name)
+        self._run = mlflow.start_run(run_name=run_name or cfg.name)
+        self.run_id = self._run.info.run_id
+        self.experiment_id = self._run.info.experiment_id
+        self._log_config(cfg)
+
+    def _log_config(self, cfg: RunConfig) -> None:
+        params = flatten(config_to_dict(cfg))
+        long = {k: v for k, v in params.items() if len(v) > MAX_PARAM_LENGTH}
+        self._mlflow.log_params({k: v for k, v in params.items() if k not in long})
+        if long:
+            self._mlflow.log_dict(long, "long_params.json")
+        self._mlflow.log_dict(config_to_dict(cfg), "config/resolved_config.json")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_json(self, data: dict, name: str) -> None:
+        self._mlflow.log_dict(data, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)
+
+
+def make_tracker(cfg: RunConfig, rank: int) -> Tracker:
+    if rank != 0 or not cfg.tracking.enabled:
+        return NullTracker()
+    return MLflowTracker(cfg)
+
