@@ -23,10 +23,10 @@ DEMO_RECIPE = PROJECT_ROOT / "launch" / "recipes" / "demo.yaml"
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """sabiscale's own lines on rank 0 at INFO; libraries (DeepSpeed, MLflow, compilers) only warn."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    logging.getLogger("sabiscale").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def _resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -107,6 +107,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_ops(args: argparse.Namespace) -> int:
+    """Compile DeepSpeed's JIT ops once, at install time."""
+    from .engine import build_ops
+
+    for name in build_ops():
+        print(f"built DeepSpeed op: {name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sabiscale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="output directory (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
     demo.set_defaults(func=cmd_demo)
+    ops = sub.add_parser("build-ops", help="compile DeepSpeed's CPU Adam and comm ops (run by make install)")
+    ops.set_defaults(func=cmd_build_ops)
     return parser
 
 

@@ -142,3 +142,13 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def build_ops() -> list[str]:
+    """JIT-compile the ops a run needs on this machine into the torch extensions cache:
+    CPU Adam (optimizer offload) everywhere, the shared-memory comm op on the CPU accelerator."""
+    accel = get_accelerator()
+    names = ["CPUAdamBuilder"] + (["ShareMemCommBuilder"] if accel.device_name() == "cpu" else [])
+    for name in names:
+        accel.create_op_builder(name).load()
+    return names

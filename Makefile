@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-install
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# torch: the CPU wheel (torch==2.13.0) where there is no NVIDIA driver, so a fresh install does
+# not pull a multi-GB CUDA build; with a driver, pip resolves pyproject's range to a CUDA build.
+# DeepSpeed's CPU Adam and shared-memory comm ops are JIT-compiled once here (~2 min), not in
+# the middle of the first run.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then echo "NVIDIA driver found: torch from PyPI's default (CUDA) build"; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/sabiscale build-ops
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/sabiscale demo
+
+test: install
+	$(BIN)/pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from sabiscale.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "launch/recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.name
+    assert (ROOT / cfg.engine.ds_config).is_file()
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["train.max_steps=70", "optim.lr=1e-4", "data.tasks=[ner, text]", "loss.kind=clm"])
+    assert cfg.train.max_steps == 70 and cfg.optim.lr == 1e-4
+    assert cfg.data.tasks == ["ner", "text"] and cfg.loss.kind == "clm"
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  hidden_sise: 64\ntrain:\n  max_steps: -1\noptim:\n  lr: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe, ["loss.kind=sideways"])
+    text = str(err.value)
+    assert str(recipe) in text
+    for fragment in ("model.hidden_sise", "unknown key", "train.max_steps", "optim.lr", "loss.kind"):
+        assert fragment in text, fragment
+    assert "4 problem(s)" in text or "5 problem(s)" in text
+
+
+def test_impossible_model_shape_is_explained():
+    with pytest.raises(ConfigError, match="divisible by num_heads"):
+        load_config(None, ["model.hidden_size=100", "model.num_heads=3"])
+
+
+def test_bad_yaml_and_missing_recipe_name_the_file(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["seed=1", "seed.x=1"])

@@ -1,0 +1,87 @@
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from sabiscale.config import load_config
+from sabiscale.prepare import prepare
+from sabiscale.shards.pack import Document, PackStats, pack_documents
+from sabiscale.shards.write import read_manifest, sha256_file
+
+
+def _doc(n, first_answer, task="t", lang="l"):
+    mask = np.zeros(n, np.uint8)
+    mask[first_answer:] = 1
+    return Document(np.arange(10, 10 + n, dtype=np.uint32), mask, task, lang)
+
+
+def test_packing_keeps_boundaries_and_pads():
+    stats = PackStats()
+    seqs = list(pack_documents([_doc(5, 2), _doc(4, 1), _doc(6, 3)], seq_len=10, pad_id=1, stats=stats))
+    assert len(seqs) == 2
+    first = seqs[0]
+    assert first.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0]
+    assert first.loss_mask.tolist() == [0, 0, 1, 1, 1, 0, 1, 1, 1, 0]
+    assert first.input_ids[-1] == 1 and [d[:2] for d in first.docs] == [[0, 5], [5, 4]]
+    assert (stats.sequences, stats.tokens, stats.padding, stats.split_documents) == (2, 15, 5, 0)
+
+
+def test_long_documents_are_split_and_counted():
+    stats = PackStats()
+    doc = _doc(25, 0)
+    seqs = list(pack_documents([doc], seq_len=10, pad_id=1, stats=stats))
+    assert stats.split_documents == 1 and len(seqs) == 3
+    assert all(s.position_ids[0] == 0 and s.loss_mask[0] == 0 for s in seqs)  # first token of a piece never a target
+    assert np.concatenate([s.input_ids[:d[1]] for s in seqs for d in s.docs]).tolist() == doc.ids.tolist()
+
+
+def _read_tar(path):
+    members = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            members[m.name] = tar.extractfile(m).read()
+    return members
+
+
+def test_manifest_matches_shard_contents(demo_cfg):
+    manifest = read_manifest(demo_cfg.shards_dir)
+    split = manifest["splits"]["train"]
+    supervised = tokens = sequences = 0
+    for shard in split["shards"]:
+        path = demo_cfg.shards_dir / shard["name"]
+        assert sha256_file(path) == shard["sha256"]
+        members = _read_tar(path)
+        keys = {name.split(".")[0] for name in members}
+        assert len(keys) == shard["sequences"]
+        for key in keys:
+            ids = np.load(io.BytesIO(members[f"{key}.input_ids.npy"]), allow_pickle=False)
+            mask = np.load(io.BytesIO(members[f"{key}.loss_mask.npy"]), allow_pickle=False)
+            pos = np.load(io.BytesIO(members[f"{key}.position_ids.npy"]), allow_pickle=False)
+            docs = json.loads(members[f"{key}.docs.json"])
+            assert ids.dtype == np.uint32 and mask.dtype == np.uint8 and pos.dtype == np.int32
+            assert ids.shape == mask.shape == pos.shape == (demo_cfg.data.seq_len,)
+            supervised += int(mask.sum())
+            tokens += sum(d[1] for d in docs)
+            sequences += 1
+    counts = split["counts"]
+    assert (counts["supervised_tokens"], counts["tokens"], counts["sequences"]) == (supervised, tokens, sequences)
+    assert sum(v["supervised_tokens"] for v in counts["by_task_lang"].values()) == supervised
+    assert {k.split("/")[0] for k in counts["by_task_lang"]} == set(demo_cfg.data.tasks)
+    assert manifest["nfc"] is True and len(manifest["tokenizer_sha256"]) == 64
+
+
+def test_same_inputs_give_byte_identical_shards(demo_cfg, tmp_path):
+    again = demo_cfg.model_copy(deep=True)
+    again.output_dir = tmp_path / "again"
+    prepare(again)
+    for name in ["manifest.json", *(s["name"] for s in read_manifest(demo_cfg.shards_dir)["splits"]["train"]["shards"])]:
+        assert (demo_cfg.shards_dir / name).read_bytes() == (again.shards_dir / name).read_bytes(), name
+    assert demo_cfg.tokenizer_path.read_bytes() == again.tokenizer_path.read_bytes()
+
+
+def test_prepare_on_missing_data_root_is_a_clear_error(tmp_path):
+    cfg = load_config(None, [f"output_dir={tmp_path}", "data.source=jsonl", f"data.jsonl_root={tmp_path / 'nope'}"])
+    with pytest.raises(ValueError, match="is not a directory"):
+        prepare(cfg)

@@ -1,0 +1,43 @@
+import unicodedata
+
+from transformers import AutoTokenizer
+
+from sabiscale.tasks import EOS, Example, special_tokens
+from sabiscale.tokenizer import encode_examples, load_tokenizer
+
+
+def test_tags_are_single_special_tokens(demo_cfg):
+    tok = load_tokenizer(demo_cfg.tokenizer_path)
+    for tag in special_tokens(["yor", "hau", "ibo"]):
+        ids = tok.backend_tokenizer.encode(tag, add_special_tokens=False).ids
+        assert len(ids) == 1, tag
+    assert tok.convert_ids_to_tokens(tok.eos_token_id) == EOS
+
+
+def test_nfc_normalization_and_roundtrip(demo_cfg):
+    tok = load_tokenizer(demo_cfg.tokenizer_path)
+    nfc = "Ọmọ náà ń ṣeré ní Ìbàdàn"
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfd != nfc
+    assert tok.encode(nfd, add_special_tokens=False) == tok.encode(nfc, add_special_tokens=False)
+    assert tok.decode(tok.encode(nfc, add_special_tokens=False)) == nfc
+
+
+def test_mask_boundary_equals_joint_encoding(demo_cfg):
+    tok = load_tokenizer(demo_cfg.tokenizer_path)
+    ex = Example("translation", "yor", "<translate> the big house <yor>", " ilé ńlá náà", "t:1")
+    [(ids, mask)] = encode_examples(tok, [ex])
+    joint = tok.encode(ex.prompt + ex.answer + EOS, add_special_tokens=False)
+    assert ids.tolist() == joint
+    n_prompt = len(tok.encode(ex.prompt, add_special_tokens=False))
+    assert mask[:n_prompt].sum() == 0 and mask[n_prompt:].all()
+    assert tok.decode(ids[mask.astype(bool)].tolist()) == ex.answer + EOS
+
+
+def test_transformers_loads_the_saved_directory_offline(demo_cfg, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    auto = AutoTokenizer.from_pretrained(str(demo_cfg.tokenizer_path.parent))
+    ours = load_tokenizer(demo_cfg.tokenizer_path)
+    text = "<classify> kò dára <sentiment> : negative"
+    assert auto.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False)
+    assert auto.eos_token == EOS
