@@ -119,12 +119,13 @@ def cmd_build_ops(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sabiscale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK carries it too.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, needs_recipe in (("prepare", cmd_prepare, True), ("train", cmd_train, True)):
         p = sub.add_parser(name, help=func.__doc__ or name)
         p.add_argument("recipe", nargs="?" if not needs_recipe else None, help="YAML recipe (launch/recipes/)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
-        p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
         p.set_defaults(func=func)
     demo = sub.add_parser("demo", help="run every stage on the embedded demo corpus")
     demo.add_argument("--out", default=None, help="output directory (default: runs/demo)")

@@ -1,0 +1,42 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from sabiscale.config import load_config
+from sabiscale.engine import EngineConfigError, fill_ds_config, resolve_precision
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_profile_fills_from_the_run_config(path):
+    cfg = load_config(None, ["train.micro_batch_size=3", "train.grad_accum_steps=2", "optim.lr=0.5"])
+    filled = fill_ds_config(json.loads(path.read_text()), cfg, world_size=4, precision="fp32", origin=str(path))
+    assert filled["train_micro_batch_size_per_gpu"] == 3
+    assert filled["gradient_accumulation_steps"] == 2
+    assert filled["train_batch_size"] == 24
+    assert filled["optimizer"]["params"]["lr"] == 0.5
+    assert filled["bf16"]["enabled"] is False and filled["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(filled)
+
+
+def test_conflicting_values_are_all_reported():
+    cfg = load_config(None, ["train.micro_batch_size=3"])
+    raw = {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1.0}}}
+    with pytest.raises(EngineConfigError) as err:
+        fill_ds_config(raw, cfg, world_size=1, precision="fp32", origin="mine.json")
+    text = str(err.value)
+    assert "mine.json" in text and "train_micro_batch_size_per_gpu is 8" in text and "optimizer.params.lr is 1.0" in text
+
+
+def test_matching_concrete_values_are_accepted():
+    cfg = load_config(None, ["train.micro_batch_size=8"])
+    filled = fill_ds_config({"train_micro_batch_size_per_gpu": 8}, cfg, 1, "fp32", "x.json")
+    assert filled["train_micro_batch_size_per_gpu"] == 8
+
+
+def test_precision_follows_the_device():
+    # this machine has no GPU: auto must choose fp32 (bf16 is emulated and very slow on CPU)
+    assert resolve_precision("auto") == "fp32"
+    assert resolve_precision("bf16") == "bf16"

@@ -1,0 +1,98 @@
+"""The loss stage against the naive HF computation, on real packed batches from the demo shards."""
+import pytest
+import torch
+
+from sabiscale.data.loader import make_loader, shard_urls
+from sabiscale.loss.masked import TokenLossObjective, target_selection
+from sabiscale.model import build_model
+from sabiscale.shards.write import read_manifest
+from sabiscale.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def parts(demo_cfg):
+    tok = load_tokenizer(demo_cfg.tokenizer_path)
+    manifest = read_manifest(demo_cfg.shards_dir)
+    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "train"), 4, 0, 1, 0, 0, 0))
+    return tok, batch
+
+
+def _model(demo_cfg, tok, seed=0):
+    return build_model(demo_cfg.model, len(tok), demo_cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, seed)
+
+
+def _hf_loss_and_grads(lm, batch, selected):
+    labels = batch.input_ids.clone()
+    labels[:, 1:][~selected] = -100
+    labels[:, 0] = -100
+    lm.zero_grad()
+    out = lm(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=labels, use_cache=False)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["masked", "clm"])
+def test_loss_and_gradients_equal_full_logits_hf(demo_cfg, parts, kind):
+    tok, batch = parts
+    lm = _model(demo_cfg, tok)
+    # one sequence with no supervised token at all, which the loss must simply skip
+    batch.loss_mask[1] = False
+    selected = target_selection(batch.loss_mask, batch.input_ids, batch.position_ids, kind, tok.pad_token_id)
+    ref_loss, ref_grads = _hf_loss_and_grads(lm, batch, selected)
+
+    objective = TokenLossObjective(lm, kind, chunk_size=37, pad_id=tok.pad_token_id)
+    lm.zero_grad()
+    loss_sum, count = objective(batch.input_ids, batch.position_ids, batch.loss_mask)
+    (loss_sum / count).backward()
+    assert int(count) == int(selected.sum()) > 0
+    torch.testing.assert_close(loss_sum / count, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, p in lm.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_masked_targets_are_answers_and_clm_skips_padding_and_doc_starts(parts):
+    tok, batch = parts
+    masked = target_selection(batch.loss_mask, batch.input_ids, batch.position_ids, "masked", tok.pad_token_id)
+    clm = target_selection(batch.loss_mask, batch.input_ids, batch.position_ids, "clm", tok.pad_token_id)
+    assert (masked & ~clm).sum() == 0 and clm.sum() > masked.sum()
+    assert not clm[batch.input_ids[:, 1:] == tok.pad_token_id].any()
+    assert not clm[batch.position_ids[:, 1:] == 0].any()
+
+
+def test_packed_documents_do_not_attend_to_each_other(demo_cfg, parts):
+    tok, batch = parts
+    lm = _model(demo_cfg, tok).eval()
+    seq, pos = batch.input_ids[0], batch.position_ids[0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3, "need a sequence with at least two packed documents"
+    start, end = starts[1], starts[2]  # the second document, preceded by the first
+    alone = seq[start:end][None]
+    with torch.no_grad():
+        packed_logits = lm(input_ids=seq[None], position_ids=pos[None]).logits[0, start:end]
+        alone_logits = lm(input_ids=alone, position_ids=torch.arange(end - start)[None]).logits[0]
+        # the contamination this guards against: the same call without position_ids sees the first document
+        leaky_logits = lm(input_ids=seq[None]).logits[0, start:end]
+    torch.testing.assert_close(packed_logits, alone_logits, rtol=1e-4, atol=1e-4)
+    assert (leaky_logits - alone_logits).abs().max() > 1e-3
+
+    # the same through the objective: the document's loss is the same packed or alone
+    objective = TokenLossObjective(lm, "masked", 64, tok.pad_token_id)
+    only_doc = torch.zeros_like(batch.loss_mask[0])
+    only_doc[start:end] = batch.loss_mask[0, start:end]
+    with torch.no_grad():
+        packed_sum, n1 = objective(seq[None], pos[None], only_doc[None])
+        alone_sum, n2 = objective(alone, torch.arange(end - start)[None], only_doc[start:end][None])
+    assert int(n1) == int(n2) > 0
+    torch.testing.assert_close(packed_sum, alone_sum, rtol=1e-5, atol=1e-4)
+
+
+def test_chunk_size_does_not_change_the_loss(demo_cfg, parts):
+    tok, batch = parts
+    lm = _model(demo_cfg, tok)
+    results = []
+    for chunk in (1, 50, 100000):
+        with torch.no_grad():
+            results.append(TokenLossObjective(lm, "masked", chunk, tok.pad_token_id)(
+                batch.input_ids, batch.position_ids, batch.loss_mask)[0])
+    torch.testing.assert_close(results[0], results[2], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(results[1], results[2], rtol=1e-5, atol=1e-3)
