@@ -71,6 +71,9 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     # masked: only answer tokens count (SabiYarn); clm: every real token counts.
     kind: Literal["masked", "clm"] = "masked"
+    # Per-task multipliers of each token's loss (default 1). A weight of 0 drops the task's tokens
+    # from the loss and from the head's compute; the loss is divided by the count of weighted tokens.
+    task_weights: dict[str, float] = {}
     # Supervised positions per chunk of the output head; bounds the logits held at once.
     chunk_size: int = Field(2048, gt=0)
 
@@ -82,7 +85,7 @@ class OptimConfig(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, ge=1)
     grad_clip: float = Field(1.0, ge=0)
 
 
@@ -93,6 +96,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
     eval_batches: int = Field(4, gt=0)
+    # Peak FLOP/s of one device, for train/mfu (None = not logged). This CPU: ~1.4e11 fp32.
+    peak_flops_per_s: float | None = Field(None, gt=0)
 
 
 class EngineConfig(_Section):
@@ -126,6 +131,12 @@ class RunConfig(_Section):
     def _cross_checks(self) -> "RunConfig":
         if self.data.source == "jsonl" and self.data.jsonl_root is None:
             raise ValueError("data.source is 'jsonl' but data.jsonl_root is not set")
+        bad_weights = {k: v for k, v in self.loss.task_weights.items() if v < 0}
+        if bad_weights:
+            raise ValueError(f"loss.task_weights must be >= 0, got {bad_weights}")
+        unknown = set(self.loss.task_weights) - set(self.data.tasks)
+        if unknown:
+            raise ValueError(f"loss.task_weights names tasks not in data.tasks: {sorted(unknown)}")
         if self.optim.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must be below "

@@ -88,6 +88,8 @@ def _owned_values(cfg: RunConfig, world_size: int, precision: str) -> dict[str, 
         "optimizer.params.weight_decay": o.weight_decay,
         "scheduler.params.total_num_steps": t.max_steps,
         "scheduler.params.warmup_num_steps": o.warmup_steps,
+        # linear warmup from lr/warmup_steps, so the first step is not wasted at lr 0
+        "scheduler.params.warmup_min_ratio": 1.0 / o.warmup_steps,
         "scheduler.params.cos_min_ratio": o.min_lr_ratio,
         "bf16.enabled": precision == "bf16",
         "fp16.enabled": precision == "fp16",

@@ -2,8 +2,8 @@
 
 Per optimizer step, in this order: fetch the step's micro-batches, count their supervised tokens
 across all ranks, forward + backward each micro-batch with loss = sum / global count, optimizer
-step, log, evaluate, and at the end save a checkpoint. Distributed concerns stay in engine.py;
-data order in data/loader.py; the loss in loss/.
+step, log, evaluate; at the end save a checkpoint. Distributed concerns stay in engine.py; data
+order in data/loader.py; the loss in loss/.
 """
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .config import RunConfig, config_to_dict
+from .data.batch import Vocab
 from .data.loader import make_loader, shard_urls
 from .engine import World, all_reduce_sum, initialize, load_ds_config, resolve_precision
 from .loss.masked import TokenLossObjective
+from .metrics import TokenStats
 from .model import build_model, count_parameters, flops_per_token
 from .shards.write import read_manifest
 from .tokenizer import load_tokenizer, tokenizer_hash
@@ -55,18 +57,27 @@ def check_inputs(cfg: RunConfig) -> dict:
     return manifest
 
 
+def task_weight_table(cfg: RunConfig, vocab: Vocab) -> list[float] | None:
+    if not cfg.loss.task_weights:
+        return None
+    return [cfg.loss.task_weights.get(task, 1.0) for task in vocab.tasks]
+
+
 @torch.no_grad()
-def evaluate(objective: torch.nn.Module, batches: list, device: torch.device) -> float:
-    """Answer-token (prompt-masked) loss over the given validation micro-batches, across ranks."""
+def evaluate(objective: torch.nn.Module, batches: list, vocab: Vocab, device: torch.device) -> dict[str, float]:
+    """Answer-token (prompt-masked) loss over the validation micro-batches, overall and per
+    task and language, reduced across ranks."""
     objective.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    stats = TokenStats(vocab, device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         b = batch.to(device)
-        loss_sum, count = objective(b.input_ids, b.position_ids, b.loss_mask, kind="masked")
-        total += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
+        out = objective(b.input_ids, b.position_ids, b.loss_mask, b.task_ids, kind="masked")
+        total += torch.stack([out.per_token.sum().double(), out.count.double()])
+        stats.add(b, out)
     objective.train()
-    total = all_reduce_sum(total.to(device)).cpu()
-    return float(total[0] / total[1].clamp(min=1))
+    total = all_reduce_sum(total)
+    return {"eval/answer_loss": float(total[0] / total[1].clamp(min=1)), **stats.metrics("eval", all_reduce_sum)}
 
 
 def _progress(cfg: RunConfig, rank: int):
@@ -76,17 +87,20 @@ def _progress(cfg: RunConfig, rank: int):
 
 def train(cfg: RunConfig, world: World) -> TrainResult:
     manifest = check_inputs(cfg)
+    vocab = Vocab.from_manifest(manifest)
     tok = load_tokenizer(cfg.tokenizer_path)
     lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
-    objective = TokenLossObjective(lm, cfg.loss.kind, cfg.loss.chunk_size, tok.pad_token_id)
+    objective = TokenLossObjective(lm, cfg.loss.kind, cfg.loss.chunk_size, tok.pad_token_id,
+                                   task_weight_table(cfg, vocab))
     precision = resolve_precision(cfg.engine.precision)
     ds_config = load_ds_config(cfg, world.world_size, precision)
     engine = initialize(objective, ds_config)
 
-    loader = make_loader(shard_urls(cfg.shards_dir, manifest, "train"), cfg.train.micro_batch_size,
-                         world.rank, world.world_size, cfg.seed, cfg.data.shuffle_buffer, cfg.data.num_workers)
-    val_loader = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), cfg.train.micro_batch_size,
-                             world.rank, world.world_size, cfg.seed, 0, 0)
+    micro_bs = cfg.train.micro_batch_size
+    loader = make_loader(shard_urls(cfg.shards_dir, manifest, "train"), vocab, micro_bs, world.rank,
+                         world.world_size, cfg.seed, cfg.data.shuffle_buffer, cfg.data.num_workers)
+    val_loader = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
+                             world.world_size, cfg.seed, 0, 0)
     val_batches = [next(val_loader) for _ in range(cfg.train.eval_batches)]
 
     tracker = make_tracker(cfg, world.rank)
@@ -95,65 +109,79 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
     n_params = count_parameters(lm)
     body_flops, head_flops = flops_per_token(lm, cfg.data.seq_len)
     tracker.log_metrics({"model/parameters": n_params}, step=0)
-    if world.rank == 0:
-        log.info("model: %.2fM parameters, precision %s, world size %d, ZeRO stage %s",
-                 n_params / 1e6, precision, world.world_size, ds_config["zero_optimization"]["stage"])
+    log.info("model: %.2fM parameters, precision %s, world size %d, ZeRO stage %s",
+             n_params / 1e6, precision, world.world_size, ds_config["zero_optimization"]["stage"])
 
     result = TrainResult(steps=cfg.train.max_steps, run_id=tracker.run_id,
                          tracking_uri=getattr(tracker, "uri", None),
                          experiment_id=getattr(tracker, "experiment_id", None))
-    result.eval_answer_loss[0] = evaluate(engine.module, val_batches, world.device)
-    tracker.log_metrics({"eval/answer_loss": result.eval_answer_loss[0]}, step=0)
+
+    def run_eval(step: int) -> None:
+        metrics = evaluate(engine.module, val_batches, vocab, world.device)
+        result.eval_answer_loss[step] = metrics["eval/answer_loss"]
+        tracker.log_metrics(metrics, step=step)
+
+    run_eval(0)
     gas = cfg.train.grad_accum_steps
+    stats = TokenStats(vocab, world.device)
     tokens_seen = 0
     bar = _progress(cfg, world.rank)
     for step in range(1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
         micro = [next(loader).to(world.device) for _ in range(gas)]
-        n_global = all_reduce_sum(torch.tensor(float(sum(b.supervised_targets() for b in micro)), device=world.device))
-        # DeepSpeed divides by gas and averages over ranks; undo that so the gradient is
+        # The global count of targets is known before any backward: count with the objective's
+        # own selection (no model call needed) and reduce once.
+        counts = [engine.module.count_targets(b.input_ids, b.position_ids, b.loss_mask, b.task_ids) for b in micro]
+        n_global = all_reduce_sum(torch.stack(counts).sum().double()).clamp(min=1)
+        # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is
         # sum(token losses) / global supervised count, whatever the split.
-        scale = gas * world.world_size / n_global.clamp(min=1)
-        loss_sum_local = torch.zeros((), device=world.device)
+        scale = gas * world.world_size / n_global
+        loss_sum_local = torch.zeros((), dtype=torch.float64, device=world.device)
         for batch in micro:
-            loss_sum, _ = engine(batch.input_ids, batch.position_ids, batch.loss_mask)
-            engine.backward(loss_sum * scale)
+            out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids)
+            engine.backward(out.loss_sum * scale)
             engine.step()
-            loss_sum_local += loss_sum.detach()
-        loss = float(all_reduce_sum(loss_sum_local) / n_global.clamp(min=1))
+            loss_sum_local += out.loss_sum.detach().double()
+            stats.add(batch, out)
+        loss = float(all_reduce_sum(loss_sum_local) / n_global)
         elapsed = time.perf_counter() - t0
         step_tokens = sum(b.num_tokens for b in micro) * world.world_size
         tokens_seen += step_tokens
         result.train_losses.append(loss)
+        step_flops = body_flops * step_tokens + head_flops * float(n_global)
         metrics = {"train/loss": loss, "train/lr": engine.get_lr()[0],
                    "train/supervised_tokens": float(n_global),
                    "train/tokens_per_s": step_tokens / elapsed,
                    "train/supervised_tokens_per_s": float(n_global) / elapsed,
-                   "train/flops_per_s": (body_flops * step_tokens + head_flops * float(n_global)) / elapsed}
+                   "train/flops_per_s": step_flops / elapsed}
+        if cfg.train.peak_flops_per_s:
+            metrics["train/mfu"] = step_flops / elapsed / (cfg.train.peak_flops_per_s * world.world_size)
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            metrics.update(stats.metrics("train", all_reduce_sum))  # averaged since the last log line
+            stats.reset()
+            if bar.disable:
+                log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, cfg.train.max_steps, loss,
+                         metrics["train/lr"], metrics["train/tokens_per_s"])
         tracker.log_metrics(metrics, step=step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
-        if world.rank == 0 and (step % cfg.train.log_every == 0 or step == 1) and bar.disable:
-            log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, cfg.train.max_steps, loss,
-                     metrics["train/lr"], metrics["train/tokens_per_s"])
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
-            result.eval_answer_loss[step] = evaluate(engine.module, val_batches, world.device)
-            tracker.log_metrics({"eval/answer_loss": result.eval_answer_loss[step]}, step=step)
+            run_eval(step)
     bar.close()
 
-    result.eval_answer_loss[cfg.train.max_steps] = evaluate(engine.module, val_batches, world.device)
-    tracker.log_metrics({"eval/answer_loss": result.eval_answer_loss[cfg.train.max_steps]}, step=cfg.train.max_steps)
+    run_eval(cfg.train.max_steps)
     client_state = {"tokens_seen": tokens_seen, "config": config_to_dict(cfg),
                     "tokenizer_sha256": manifest["tokenizer_sha256"],
-                    "manifest_sha256": _manifest_hash(cfg.shards_dir), "mlflow_run_id": tracker.run_id}
+                    "manifest_sha256": _file_hash(cfg.shards_dir / "manifest.json"),
+                    "mlflow_run_id": tracker.run_id}
     result.checkpoint = save_checkpoint(engine, cfg.checkpoint_dir, cfg.train.max_steps, client_state)
     tracker.set_tags({"checkpoint": str(result.checkpoint.resolve())})
     tracker.finish()
     return result
 
 
-def _manifest_hash(shards_dir: Path) -> str:
-    return hashlib.sha256((shards_dir / "manifest.json").read_bytes()).hexdigest()
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,7 +1,15 @@
 import torch
 
-from sabiscale.data.loader import make_loader, shard_urls
+from sabiscale.data.batch import Vocab
+from sabiscale.data.loader import make_loader as _make_loader
+from sabiscale.data.loader import shard_urls
 from sabiscale.shards.write import read_manifest
+
+VOCAB = Vocab(("descramble", "ner", "sentiment", "text", "translation"), ("hau", "ibo", "yor"))
+
+
+def make_loader(urls, *args, **kwargs):
+    return _make_loader(urls, VOCAB, *args, **kwargs)
 
 
 def _urls(cfg):
@@ -17,7 +25,12 @@ def test_batches_have_the_contract_shapes(demo_cfg):
     T = demo_cfg.data.seq_len
     assert batch.input_ids.shape == batch.loss_mask.shape == batch.position_ids.shape == (4, T)
     assert batch.input_ids.dtype == torch.int64 and batch.loss_mask.dtype == torch.bool
-    assert len(batch.docs) == 4 and batch.supervised_targets() > 0
+    assert batch.loss_mask[:, 1:].sum() > 0
+    # every real token knows its task and language; padding is -1
+    real = batch.task_ids >= 0
+    assert (real == (batch.lang_ids >= 0)).all()
+    assert real.sum() > 0 and (batch.task_ids[~real] == -1).all()
+    assert set(batch.task_ids[real].unique().tolist()) <= set(range(len(VOCAB.tasks)))
 
 
 def test_ranks_and_workers_split_one_global_stream(demo_cfg):
@@ -25,6 +38,7 @@ def test_ranks_and_workers_split_one_global_stream(demo_cfg):
     single = _take(make_loader(urls, 4, 0, 1, seed=3, shuffle_buffer=16, num_workers=0), 8)
     rank0 = _take(make_loader(urls, 4, 0, 2, seed=3, shuffle_buffer=16, num_workers=2), 4)
     rank1 = _take(make_loader(urls, 4, 1, 2, seed=3, shuffle_buffer=16, num_workers=0), 4)
+    assert Vocab.from_manifest(read_manifest(demo_cfg.shards_dir)) == VOCAB
     assert [b.index for b in rank0] == [0, 2, 4, 6] and [b.index for b in rank1] == [1, 3, 5, 7]
     for b in rank0 + rank1:
         assert torch.equal(b.input_ids, single[b.index].input_ids)

@@ -1,7 +1,10 @@
 """The loss stage against the naive HF computation, on real packed batches from the demo shards."""
+import dataclasses
+
 import pytest
 import torch
 
+from sabiscale.data.batch import Vocab
 from sabiscale.data.loader import make_loader, shard_urls
 from sabiscale.loss.masked import TokenLossObjective, target_selection
 from sabiscale.model import build_model
@@ -13,8 +16,9 @@ from sabiscale.tokenizer import load_tokenizer
 def parts(demo_cfg):
     tok = load_tokenizer(demo_cfg.tokenizer_path)
     manifest = read_manifest(demo_cfg.shards_dir)
-    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "train"), 4, 0, 1, 0, 0, 0))
-    return tok, batch
+    vocab = Vocab.from_manifest(manifest)
+    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
+    return tok, batch, vocab
 
 
 def _model(demo_cfg, tok, seed=0):
@@ -33,17 +37,20 @@ def _hf_loss_and_grads(lm, batch, selected):
 
 @pytest.mark.parametrize("kind", ["masked", "clm"])
 def test_loss_and_gradients_equal_full_logits_hf(demo_cfg, parts, kind):
-    tok, batch = parts
+    tok, batch, vocab = parts
     lm = _model(demo_cfg, tok)
     # one sequence with no supervised token at all, which the loss must simply skip
+    batch = dataclasses.replace(batch, loss_mask=batch.loss_mask.clone())
     batch.loss_mask[1] = False
     selected = target_selection(batch.loss_mask, batch.input_ids, batch.position_ids, kind, tok.pad_token_id)
     ref_loss, ref_grads = _hf_loss_and_grads(lm, batch, selected)
 
     objective = TokenLossObjective(lm, kind, chunk_size=37, pad_id=tok.pad_token_id)
     lm.zero_grad()
-    loss_sum, count = objective(batch.input_ids, batch.position_ids, batch.loss_mask)
+    out = objective(batch.input_ids, batch.position_ids, batch.loss_mask)
+    loss_sum, count = out.loss_sum, out.count
     (loss_sum / count).backward()
+    assert int(objective.count_targets(batch.input_ids, batch.position_ids, batch.loss_mask)) == int(count)
     assert int(count) == int(selected.sum()) > 0
     torch.testing.assert_close(loss_sum / count, ref_loss, rtol=1e-5, atol=1e-6)
     for name, p in lm.named_parameters():
@@ -51,7 +58,7 @@ def test_loss_and_gradients_equal_full_logits_hf(demo_cfg, parts, kind):
 
 
 def test_masked_targets_are_answers_and_clm_skips_padding_and_doc_starts(parts):
-    tok, batch = parts
+    tok, batch, vocab = parts
     masked = target_selection(batch.loss_mask, batch.input_ids, batch.position_ids, "masked", tok.pad_token_id)
     clm = target_selection(batch.loss_mask, batch.input_ids, batch.position_ids, "clm", tok.pad_token_id)
     assert (masked & ~clm).sum() == 0 and clm.sum() > masked.sum()
@@ -60,7 +67,7 @@ def test_masked_targets_are_answers_and_clm_skips_padding_and_doc_starts(parts):
 
 
 def test_packed_documents_do_not_attend_to_each_other(demo_cfg, parts):
-    tok, batch = parts
+    tok, batch, vocab = parts
     lm = _model(demo_cfg, tok).eval()
     seq, pos = batch.input_ids[0], batch.position_ids[0]
     starts = (pos == 0).nonzero().flatten().tolist()
@@ -80,19 +87,37 @@ def test_packed_documents_do_not_attend_to_each_other(demo_cfg, parts):
     only_doc = torch.zeros_like(batch.loss_mask[0])
     only_doc[start:end] = batch.loss_mask[0, start:end]
     with torch.no_grad():
-        packed_sum, n1 = objective(seq[None], pos[None], only_doc[None])
-        alone_sum, n2 = objective(alone, torch.arange(end - start)[None], only_doc[start:end][None])
-    assert int(n1) == int(n2) > 0
-    torch.testing.assert_close(packed_sum, alone_sum, rtol=1e-5, atol=1e-4)
+        packed = objective(seq[None], pos[None], only_doc[None])
+        single = objective(alone, torch.arange(end - start)[None], only_doc[start:end][None])
+    assert int(packed.count) == int(single.count) > 0
+    torch.testing.assert_close(packed.per_token, single.per_token, rtol=1e-5, atol=1e-5)
 
 
 def test_chunk_size_does_not_change_the_loss(demo_cfg, parts):
-    tok, batch = parts
+    tok, batch, vocab = parts
     lm = _model(demo_cfg, tok)
     results = []
     for chunk in (1, 50, 100000):
         with torch.no_grad():
             results.append(TokenLossObjective(lm, "masked", chunk, tok.pad_token_id)(
-                batch.input_ids, batch.position_ids, batch.loss_mask)[0])
+                batch.input_ids, batch.position_ids, batch.loss_mask).loss_sum)
     torch.testing.assert_close(results[0], results[2], rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(results[1], results[2], rtol=1e-5, atol=1e-3)
+
+
+def test_task_weights_scale_and_drop_tasks(demo_cfg, parts):
+    tok, batch, vocab = parts
+    lm = _model(demo_cfg, tok)
+    plain = TokenLossObjective(lm, "masked", 64, tok.pad_token_id)
+    ner = vocab.tasks.index("ner")
+    weights = [0.0 if i == ner else (2.0 if name == "translation" else 1.0) for i, name in enumerate(vocab.tasks)]
+    weighted = TokenLossObjective(lm, "masked", 64, tok.pad_token_id, weights)
+    with torch.no_grad():
+        a = plain(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids)
+        b = weighted(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids)
+    target_task = batch.task_ids[:, 1:][a.selected]
+    keep = target_task != ner
+    assert int(b.count) == int(keep.sum()) < int(a.count)  # NER tokens never reach the head
+    factor = torch.where(target_task == vocab.tasks.index("translation"), 2.0, 1.0)
+    expected = (a.per_token * factor)[keep].sum()
+    torch.testing.assert_close(b.loss_sum, expected, rtol=1e-5, atol=1e-4)

@@ -12,33 +12,52 @@ class Batch:
     input_ids: torch.Tensor     # (B, T) int64
     loss_mask: torch.Tensor     # (B, T) bool, True = this token is a supervised target
     position_ids: torch.Tensor  # (B, T) int64, restarts at 0 per packed document
-    docs: list[list[list]]      # per sequence: [start, length, task, lang] per document
-    index: int = 0              # position of this micro-batch in the global batch stream
+    task_ids: torch.Tensor      # (B, T) int64, index into the run's task names; -1 = padding
+    lang_ids: torch.Tensor      # (B, T) int64, index into the run's language codes; -1 = padding
+    index: int = 0              # position of this micro-batch in the global micro-batch stream
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.loss_mask.to(device), self.position_ids.to(device),
-                     self.docs, self.index)
+        move = lambda t: t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.loss_mask), move(self.position_ids),
+                     move(self.task_ids), move(self.lang_ids), self.index)
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
-    def supervised_targets(self) -> int:
-        return int(target_mask(self).sum())
+
+@dataclass(frozen=True)
+class Vocab:
+    """Task names and language codes of a run, in a fixed order (from the manifest)."""
+
+    tasks: tuple[str, ...]
+    langs: tuple[str, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Vocab":
+        keys = [k for split in manifest["splits"].values() for k in split["counts"]["by_task_lang"]]
+        return cls(tuple(sorted({k.split("/")[0] for k in keys})), tuple(sorted({k.split("/")[1] for k in keys})))
 
 
-def target_mask(batch: Batch) -> torch.Tensor:
-    """(B, T-1) bool: which next-token targets count. Position t predicts token t+1, so the mask is
-    the target's `loss_mask`; a document's first token is never a target (set at packing)."""
-    return batch.loss_mask[:, 1:]
+def _doc_index_array(docs: list[list], seq_len: int, column: int, names: tuple[str, ...]) -> np.ndarray:
+    out = np.full(seq_len, -1, dtype=np.int64)
+    lookup = {name: i for i, name in enumerate(names)}
+    for doc in docs:
+        start, length = doc[0], doc[1]
+        out[start:start + length] = lookup.get(doc[column], -1)
+    return out
 
 
-def collate(samples: list[dict], index: int) -> Batch:
+def collate(samples: list[dict], index: int, vocab: Vocab) -> Batch:
     stack = lambda key, dtype: torch.from_numpy(np.stack([s[key] for s in samples]).astype(dtype))  # noqa: E731
+    seq_len = len(samples[0]["input_ids"])
+    task_ids = np.stack([_doc_index_array(s["docs"], seq_len, 2, vocab.tasks) for s in samples])
+    lang_ids = np.stack([_doc_index_array(s["docs"], seq_len, 3, vocab.langs) for s in samples])
     return Batch(
         input_ids=stack("input_ids", np.int64),
         loss_mask=stack("loss_mask", np.bool_),
         position_ids=stack("position_ids", np.int64),
-        docs=[s["docs"] for s in samples],
+        task_ids=torch.from_numpy(task_ids),
+        lang_ids=torch.from_numpy(lang_ids),
         index=index,
     )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from .batch import Batch, collate
+from .batch import Batch, Vocab, collate
 
 NPY_FIELDS = ("input_ids", "loss_mask", "position_ids")
 
@@ -52,10 +52,10 @@ def decode_sample(raw: dict) -> dict:
 class ShardLoader(torch.utils.data.IterableDataset):
     """Infinite micro-batches of one rank; wrap in a DataLoader(batch_size=None) for workers."""
 
-    def __init__(self, urls: list[str], batch_size: int, rank: int, world_size: int, seed: int,
+    def __init__(self, urls: list[str], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle_buffer: int = 64, num_workers: int = 0) -> None:
         super().__init__()
-        self.urls, self.batch_size, self.seed = list(urls), batch_size, seed
+        self.urls, self.vocab, self.batch_size, self.seed = list(urls), vocab, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
 
@@ -81,12 +81,12 @@ class ShardLoader(torch.utils.data.IterableDataset):
         for batch_index in count():
             raw = list(islice(samples, self.batch_size))
             if self._owns(batch_index, worker):
-                yield collate([decode_sample(r) for r in raw], batch_index)
+                yield collate([decode_sample(r) for r in raw], batch_index, self.vocab)
 
 
-def make_loader(urls: list[str], batch_size: int, rank: int, world_size: int, seed: int,
+def make_loader(urls: list[str], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
                 shuffle_buffer: int, num_workers: int) -> Iterator[Batch]:
-    dataset = ShardLoader(urls, batch_size, rank, world_size, seed, shuffle_buffer, num_workers)
+    dataset = ShardLoader(urls, vocab, batch_size, rank, world_size, seed, shuffle_buffer, num_workers)
     if num_workers == 0:
         return iter(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
