@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q tests
+
+# Benchmarks are commands, not tests: sabiscale vs the HF Trainer peer on the standard workload.
+bench: install
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python benchmarks/step_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -41,6 +41,10 @@ class TrainResult:
     run_id: str | None = None
     tracking_uri: str | None = None
     experiment_id: str | None = None
+    # per step, for benchmarks: (start, end) on time.monotonic(), and this rank's
+    # (tokens, non-padding tokens, supervised targets)
+    step_times: list[tuple[float, float]] = field(default_factory=list)
+    step_counts: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def check_inputs(cfg: RunConfig) -> dict:
@@ -127,12 +131,13 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
     tokens_seen = 0
     bar = _progress(cfg, world.rank)
     for step in range(1, cfg.train.max_steps + 1):
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         micro = [next(loader).to(world.device) for _ in range(gas)]
         # The global count of targets is known before any backward: count with the objective's
         # own selection (no model call needed) and reduce once.
         counts = [engine.module.count_targets(b.input_ids, b.position_ids, b.loss_mask, b.task_ids) for b in micro]
-        n_global = all_reduce_sum(torch.stack(counts).sum().double()).clamp(min=1)
+        n_local = int(torch.stack(counts).sum())
+        n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=world.device)).clamp(min=1)
         # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is
         # sum(token losses) / global supervised count, whatever the split.
         scale = gas * world.world_size / n_global
@@ -144,8 +149,11 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
             loss_sum_local += out.loss_sum.detach().double()
             stats.add(batch, out)
         loss = float(all_reduce_sum(loss_sum_local) / n_global)
-        elapsed = time.perf_counter() - t0
+        t1 = time.monotonic()
+        elapsed = t1 - t0
         step_tokens = sum(b.num_tokens for b in micro) * world.world_size
+        result.step_times.append((t0, t1))
+        result.step_counts.append((sum(b.num_tokens for b in micro), sum(int((b.task_ids >= 0).sum()) for b in micro), n_local))
         tokens_seen += step_tokens
         result.train_losses.append(loss)
         step_flops = body_flops * step_tokens + head_flops * float(n_global)

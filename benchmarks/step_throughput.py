@@ -1,0 +1,255 @@
+"""Standard workload: sabiscale's training step against the peer, measured alternately in one run.
+
+Workload: the ../shared/data mix in SabiYarn task format, a 16k byte-level BPE, a Llama model
+(hidden 256, 4 layers, 4 heads, MLP 688, untied head), micro-batch 8, fp32 on the CPU, AdamW.
+- ours: `sabiscale.train.train` as users run it (packed 512-token sequences, head only on
+  supervised tokens, DeepSpeed ZeRO-2 with the optimizer offloaded).
+- peer: HF `Trainer` on the same model, examples and tokenizer, one example per row with
+  labels -100 on the prompt and dynamically padded batches (DataCollatorForSeq2Seq), as Axolotl
+  and LLaMA-Factory users run it.
+
+Each role runs in its own process (peak RSS is per process), alternating peer, ours, peer, ours...
+Per optimizer step it reports supervised tokens/s, all tokens/s, padding share, MFU against the
+fp32 matmul peak measured at the start of this run, and step-transient memory per token (peak RSS
+during the timed steps minus RSS just before the first timed step, divided by non-padding tokens
+per step); the results file holds medians over rounds and the ratios ours / peer.
+
+    make bench                                                       # ~8 minutes here
+    .venv/bin/python benchmarks/step_throughput.py --profile zero2   # without optimizer offload
+    .venv/bin/python benchmarks/step_throughput.py --rounds 1 --steps 4   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+RECIPE = ROOT / "launch" / "recipes" / "shared_data.yaml"
+WORKLOAD = ["output_dir=runs/bench", "data.seq_len=512", "train.micro_batch_size=8", "train.grad_accum_steps=1",
+            "tokenizer.vocab_size=16384", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4",
+            "model.intermediate_size=688", "model.tie_embeddings=false", "optim.warmup_steps=1",
+            "train.eval_batches=1", "train.eval_every=0", "tracking.enabled=false", "data.shuffle_buffer=256"]
+
+
+class RssSampler:
+    """Samples this process's RSS every few milliseconds on a thread, with monotonic timestamps."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._proc, self._interval, self._stop = psutil.Process(), interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self._proc.memory_info().rss))
+            time.sleep(self._interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def transient(self, start: float, end: float) -> int:
+        before = [rss for t, rss in self.samples if t <= start]
+        during = [rss for t, rss in self.samples if start <= t <= end]
+        return max(during) - (before[-1] if before else during[0])
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - t0)
+
+
+def _config(profile: str = "zero2_offload"):
+    from sabiscale.__main__ import _resolve_paths
+    from sabiscale.config import load_config
+
+    extra = [f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}", f"engine.ds_config=ds_configs/{profile}.json"]
+    return _resolve_paths(load_config(RECIPE, WORKLOAD + extra))
+
+
+def _summarize(times, counts, flops, sampler, warmup):
+    """times: [(start, end)], counts: [(tokens, real tokens, supervised)], flops(counts) -> (needed, executed)."""
+    times, counts = times[warmup:], counts[warmup:]
+    seconds = sum(e - s for s, e in times)
+    tokens = sum(c[0] for c in counts)
+    real = sum(c[1] for c in counts)
+    supervised = sum(c[2] for c in counts)
+    needed = sum(flops(c)[0] for c in counts)
+    executed = sum(flops(c)[1] for c in counts)
+    return {"steps": len(times), "seconds_per_step": seconds / len(times),
+            "supervised_tokens_per_s": supervised / seconds, "tokens_per_s": tokens / seconds,
+            "padding_share": 1 - real / tokens, "needed_flops_per_s": needed / seconds,
+            "executed_flops_per_s": executed / seconds,
+            "transient_bytes_per_token": sampler.transient(times[0][0], times[-1][1]) / (real / len(times))}
+
+
+def run_ours(steps: int, warmup: int, profile: str) -> dict:
+    from sabiscale.engine import ensure_launcher_env, init_distributed
+    from sabiscale.model import build_model, flops_per_token
+    from sabiscale.tokenizer import load_tokenizer
+    from sabiscale.train import train
+
+    cfg = _config(profile)
+    cfg.train.max_steps = steps + warmup
+    ensure_launcher_env()
+    world = init_distributed()
+    tok = load_tokenizer(cfg.tokenizer_path)
+    body, head = flops_per_token(build_model(cfg.model, len(tok), 512, 0, 0, 0), 512)
+    with RssSampler() as sampler:
+        result = train(cfg, world)
+    # executed: the body runs on padding too; the head runs on supervised tokens, its forward twice (checkpointed)
+    flops = lambda c: (body * c[1] + head * c[2], body * c[0] + head * c[2] * 4 / 3)  # noqa: E731
+    return _summarize(result.step_times, result.step_counts, flops, sampler, warmup)
+
+
+def run_peer(steps: int, warmup: int, profile: str) -> dict:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from sabiscale.model import build_model, flops_per_token
+    from sabiscale.prepare import load_split_examples
+    from sabiscale.tasks import special_tokens
+    from sabiscale.corpus import languages_in
+    from sabiscale.tokenizer import encode_examples, load_tokenizer
+
+    cfg = _config()
+    tok = load_tokenizer(cfg.tokenizer_path)
+    root = Path(cfg.data.jsonl_root)
+    specials = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
+    train_examples, _ = load_split_examples(cfg, root, specials)
+    rows = []
+    for ids, mask in encode_examples(tok, train_examples):
+        ids, mask = ids[:512].astype("int64"), mask[:512].astype(bool)
+        labels = ids.copy()
+        labels[~mask] = -100
+        rows.append({"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "labels": labels.tolist()})
+    model = build_model(cfg.model, len(tok), 512, tok.pad_token_id, tok.eos_token_id, cfg.seed)
+    body, head = flops_per_token(model, 512)
+    times, counts = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append((self.t0, time.monotonic()))
+
+    collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
+
+    def counting_collator(features):
+        batch = collator(features)
+        real = int(batch["attention_mask"].sum())
+        counts.append((batch["input_ids"].numel(), real, int((batch["labels"][:, 1:] != -100).sum())))
+        return batch
+
+    o = cfg.optim
+    args = TrainingArguments(output_dir=str(cfg.output_dir / "peer"), per_device_train_batch_size=8,
+                             max_steps=steps + warmup, learning_rate=o.lr, weight_decay=o.weight_decay,
+                             adam_beta1=o.beta1, adam_beta2=o.beta2, adam_epsilon=o.eps, warmup_steps=1,
+                             max_grad_norm=o.grad_clip, optim="adamw_torch", use_cpu=True, report_to=[],
+                             save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=cfg.seed)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=counting_collator,
+                      callbacks=[Timer()])
+    with RssSampler() as sampler:
+        trainer.train()
+    # the peer executes body and head on every padded position; it needs them on real / supervised ones
+    flops = lambda c: (body * c[1] + head * c[2], (body + head) * c[0])  # noqa: E731
+    return _summarize(times, counts[:len(times)], flops, sampler, warmup)
+
+
+def orchestrate(args) -> None:
+    from sabiscale.prepare import prepare
+
+    cfg = _config()
+    if not (cfg.shards_dir / "manifest.json").is_file():
+        print("preparing the standard workload (tokenizer + shards) ...", flush=True)
+        prepare(cfg)
+    peak = measure_matmul_peak()
+    print(f"measured fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    rounds: dict[str, list[dict]] = {"peer": [], "ours": []}
+    for r in range(args.rounds):
+        for role in ("peer", "ours"):
+            proc = subprocess.run([sys.executable, __file__, "--role", role, "--steps", str(args.steps),
+                                   "--warmup", str(args.warmup), "--profile", args.profile], capture_output=True, text=True, cwd=ROOT,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            if proc.returncode != 0:
+                sys.exit(f"{role} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result["mfu"] = result["needed_flops_per_s"] / peak
+            result["executed_mfu"] = result["executed_flops_per_s"] / peak
+            rounds[role].append(result)
+            print(f"round {r + 1} {role}: {result['supervised_tokens_per_s']:.0f} supervised tokens/s, "
+                  f"MFU {result['mfu']:.1%}", flush=True)
+    write_results(rounds, peak, args)
+
+
+def write_results(rounds: dict, peak: float, args) -> None:
+    keys = ["supervised_tokens_per_s", "tokens_per_s", "padding_share", "mfu", "executed_mfu",
+            "transient_bytes_per_token", "seconds_per_step"]
+    median = {role: {k: statistics.median(r[k] for r in results) for k in keys} for role, results in rounds.items()}
+    ratio = {k: median["ours"][k] / median["peer"][k] if median["peer"][k] else float("nan") for k in keys}
+    command = (f".venv/bin/python benchmarks/step_throughput.py --rounds {args.rounds} --steps {args.steps} "
+               f"--warmup {args.warmup} --profile {args.profile}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"step_throughput_{args.profile}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
+        {"command": command, "date": time.strftime("%Y-%m-%d"), "peak_flops_per_s": peak, "rounds": rounds,
+         "median": median, "ratio_ours_to_peer": ratio}, indent=2) + "\n")
+    fmt = {"supervised_tokens_per_s": "{:.0f}", "tokens_per_s": "{:.0f}", "padding_share": "{:.1%}",
+           "mfu": "{:.1%}", "executed_mfu": "{:.1%}", "transient_bytes_per_token": "{:.0f}", "seconds_per_step": "{:.2f}"}
+    lines = [f"# Step throughput: sabiscale vs HF Trainer (peer)\n",
+             f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d')}, 2-core CPU, fp32; "
+             f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; medians of {args.rounds} alternating rounds, "
+             f"{args.steps} timed steps each after {args.warmup} warm-up steps; sabiscale on DeepSpeed "
+             f"profile ds_configs/{args.profile}.json.\n",
+             "| per optimizer step | peer | sabiscale | ratio |", "|---|---:|---:|---:|"]
+    for k in keys:
+        lines.append(f"| {k} | {fmt[k].format(median['peer'][k])} | {fmt[k].format(median['ours'][k])} | {ratio[k]:.2f} |")
+    lines += ["", "mfu counts only the FLOPs the step needs (body on non-padding tokens, head on supervised "
+              "tokens); executed_mfu counts what each actually computes (the peer: body and head on every "
+              "padded position; sabiscale: body on every position, head forward twice on supervised tokens).",
+              "transient_bytes_per_token: peak RSS during the timed steps minus RSS before the first, per "
+              "non-padding token of a step."]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", default="zero2_offload", help="DeepSpeed profile of ds_configs/ for sabiscale")
+    args = parser.parse_args()
+    from sabiscale.__main__ import use_environment_cache
+
+    use_environment_cache()
+    if args.role:
+        result = (run_ours if args.role == "ours" else run_peer)(args.steps, args.warmup, args.profile)
+        print(json.dumps(result))
+    else:
+        orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()
