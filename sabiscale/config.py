@@ -96,7 +96,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
     eval_batches: int = Field(4, gt=0)
-    # Peak FLOP/s of one device, for train/mfu (None = not logged). This CPU: ~1.4e11 fp32.
+    # Peak FLOP/s of one device, for train/mfu; None = measured at start with a matmul
+    # (about 1.4e11-1.8e11 fp32 on this 2-core CPU).
     peak_flops_per_s: float | None = Field(None, gt=0)
 
 
@@ -111,11 +112,17 @@ class TrackingConfig(_Section):
     # None: MLFLOW_TRACKING_URI if set (resolved at the CLI edge), else sqlite in the run directory.
     uri: str | None = None
     experiment: str | None = None  # None = the recipe name
+    run_name: str | None = None    # None = "<recipe name>-<UTC timestamp>"
     enabled: bool = True
+    # MLflow's own CPU/memory/disk/GPU sampling next to the training metrics.
+    system_metrics: bool = True
+    # "path": record where the checkpoint is; "artifact": also upload it to the run's artifact store.
+    checkpoints: Literal["path", "artifact"] = "path"
 
 
 class RunConfig(_Section):
     name: str = "run"
+    recipe: Path | None = None  # the YAML this config came from (set by load_config)
     output_dir: Path = Path("runs/run")
     seed: int = 1234
     data: DataConfig = DataConfig()
@@ -216,6 +223,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
             raise ConfigError(f"{recipe}: the top level must be a mapping of sections")
         tree = loaded or {}
         tree.setdefault("name", recipe.stem)
+        tree["recipe"] = str(recipe)
     tree = apply_overrides(tree, overrides or [])
     return build_config(tree, origin)
 

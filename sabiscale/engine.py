@@ -74,6 +74,10 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if accel.is_bf16_supported() else "fp16"
 
 
+def engine_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _owned_values(cfg: RunConfig, world_size: int, precision: str) -> dict[str, object]:
     """Dotted DeepSpeed keys -> the value the run config gives them."""
     t, o = cfg.train, cfg.optim

@@ -1,6 +1,11 @@
-"""Per-task and per-language token accounting for logging (sums and counts, reduced across ranks)."""
+"""What the loop measures: per-task and per-language token losses (sums and counts, reduced
+across ranks), device peak FLOP/s for MFU, memory in use, and the history the plots are drawn from."""
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+
+import psutil
 import torch
 
 from .data.batch import Batch, Vocab
@@ -37,3 +42,41 @@ class TokenStats:
     def reset(self) -> None:
         self.task.zero_()
         self.lang.zero_()
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
+    """Achievable matmul FLOP/s of this device and dtype, the denominator of MFU (~1 s)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    repeats = 8
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - t0)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_in_use(device: torch.device) -> float:
+    """Bytes: peak allocated on a GPU, resident set size of this process on the CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(psutil.Process().memory_info().rss)
+
+
+class MetricHistory:
+    """Every logged scalar by name, kept in memory on rank 0 for the plots."""
+
+    def __init__(self) -> None:
+        self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def record(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.series[name].append((step, float(value)))

@@ -6,6 +6,7 @@ else MLFLOW_TRACKING_URI (resolved at the CLI edge), else a sqlite file in the r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,7 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
     def log_json(self, data: dict, name: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_checkpoint(self, path: Path, upload: bool) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -38,6 +40,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, upload: bool) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -59,18 +64,23 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def default_run_name(cfg: RunConfig) -> str:
+    return cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
 class MLflowTracker:
-    def __init__(self, cfg: RunConfig, run_name: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         import mlflow  # only rank 0 pays the import
 
         self._mlflow = mlflow
         self.uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(cfg.tracking.experiment or cfg.name)
-        self._run = mlflow.start_run(run_name=run_name or cfg.name)
+        self._run = mlflow.start_run(run_name=default_run_name(cfg), log_system_metrics=cfg.tracking.system_metrics)
         self.run_id = self._run.info.run_id
         self.experiment_id = self._run.info.experiment_id
         self._log_config(cfg)
+        self._log_inputs(cfg)
 
     def _log_config(self, cfg: RunConfig) -> None:
         params = flatten(config_to_dict(cfg))
@@ -79,6 +89,13 @@ class MLflowTracker:
         if long:
             self._mlflow.log_dict(long, "long_params.json")
         self._mlflow.log_dict(config_to_dict(cfg), "config/resolved_config.json")
+
+    def _log_inputs(self, cfg: RunConfig) -> None:
+        """The recipe as written and the tokenizer, so the run can be reproduced from its page."""
+        if cfg.recipe is not None and Path(cfg.recipe).is_file():
+            self._mlflow.log_artifact(str(cfg.recipe), artifact_path="config")
+        if cfg.tokenizer_path.is_file():
+            self._mlflow.log_artifacts(str(cfg.tokenizer_path.parent), artifact_path="tokenizer")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -91,6 +108,11 @@ class MLflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._mlflow.set_tags(tags)
+
+    def log_checkpoint(self, path: Path, upload: bool) -> None:
+        self._mlflow.set_tag("checkpoint", str(path.resolve()))
+        if upload:
+            self._mlflow.log_artifacts(str(path), artifact_path=f"checkpoints/{path.name}")
 
     def finish(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)

@@ -21,10 +21,11 @@ from .checkpoint import save_checkpoint
 from .config import RunConfig, config_to_dict
 from .data.batch import Vocab
 from .data.loader import make_loader, shard_urls
-from .engine import World, all_reduce_sum, initialize, load_ds_config, resolve_precision
+from .engine import World, all_reduce_sum, engine_dtype, initialize, load_ds_config, resolve_precision
 from .loss.masked import TokenLossObjective
-from .metrics import TokenStats
+from .metrics import MetricHistory, TokenStats, measure_matmul_peak, memory_in_use
 from .model import build_model, count_parameters, flops_per_token
+from .plots import loss_plots
 from .shards.write import read_manifest
 from .tokenizer import load_tokenizer, tokenizer_hash
 from .tracking import make_tracker
@@ -120,12 +121,16 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                          tracking_uri=getattr(tracker, "uri", None),
                          experiment_id=getattr(tracker, "experiment_id", None))
 
+    history = MetricHistory()
+
     def run_eval(step: int) -> None:
         metrics = evaluate(engine.module, val_batches, vocab, world.device)
         result.eval_answer_loss[step] = metrics["eval/answer_loss"]
         tracker.log_metrics(metrics, step=step)
+        history.record(metrics, step)
 
     run_eval(0)
+    peak = cfg.train.peak_flops_per_s or measure_matmul_peak(world.device, engine_dtype(precision))
     gas = cfg.train.grad_accum_steps
     stats = TokenStats(vocab, world.device)
     tokens_seen = 0
@@ -141,41 +146,45 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is
         # sum(token losses) / global supervised count, whatever the split.
         scale = gas * world.world_size / n_global
-        loss_sum_local = torch.zeros((), dtype=torch.float64, device=world.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, answer loss, answer tokens
         for batch in micro:
             out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids)
             engine.backward(out.loss_sum * scale)
             engine.step()
-            loss_sum_local += out.loss_sum.detach().double()
+            answer = batch.loss_mask[:, 1:][out.selected]  # which selected targets are answer tokens
+            sums += torch.stack([out.loss_sum.detach().double(), out.per_token[answer].sum().double(),
+                                 answer.sum().double()])
             stats.add(batch, out)
-        loss = float(all_reduce_sum(loss_sum_local) / n_global)
+        sums = all_reduce_sum(sums)
         t1 = time.monotonic()
-        elapsed = t1 - t0
         step_tokens = sum(b.num_tokens for b in micro) * world.world_size
-        result.step_times.append((t0, t1))
-        result.step_counts.append((sum(b.num_tokens for b in micro), sum(int((b.task_ids >= 0).sum()) for b in micro), n_local))
         tokens_seen += step_tokens
-        result.train_losses.append(loss)
-        step_flops = body_flops * step_tokens + head_flops * float(n_global)
-        metrics = {"train/loss": loss, "train/lr": engine.get_lr()[0],
-                   "train/supervised_tokens": float(n_global),
-                   "train/tokens_per_s": step_tokens / elapsed,
-                   "train/supervised_tokens_per_s": float(n_global) / elapsed,
-                   "train/flops_per_s": step_flops / elapsed}
-        if cfg.train.peak_flops_per_s:
-            metrics["train/mfu"] = step_flops / elapsed / (cfg.train.peak_flops_per_s * world.world_size)
+        result.step_times.append((t0, t1))
+        result.step_counts.append((sum(b.num_tokens for b in micro),
+                                   sum(int((b.task_ids >= 0).sum()) for b in micro), n_local))
+        result.train_losses.append(float(sums[0] / n_global))
+        flops = body_flops * step_tokens + head_flops * float(n_global)
+        metrics = {"train/loss": result.train_losses[-1], "train/answer_loss": float(sums[1] / sums[2].clamp(min=1)),
+                   "train/lr": engine.get_lr()[0], "train/supervised_tokens": float(n_global),
+                   "train/tokens_per_s": step_tokens / (t1 - t0),
+                   "train/supervised_tokens_per_s": float(n_global) / (t1 - t0),
+                   "train/mfu": flops / (t1 - t0) / (peak * world.world_size),
+                   "train/mem": memory_in_use(world.device)}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             metrics.update(stats.metrics("train", all_reduce_sum))  # averaged since the last log line
             stats.reset()
-            if bar.disable:
-                log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, cfg.train.max_steps, loss,
-                         metrics["train/lr"], metrics["train/tokens_per_s"])
+            if bar.disable and world.rank == 0:  # plain lines for SLURM logs and pipes
+                log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f mfu %.1f%%", step, cfg.train.max_steps,
+                         metrics["train/loss"], metrics["train/lr"], metrics["train/tokens_per_s"],
+                         100 * metrics["train/mfu"])
         tracker.log_metrics(metrics, step=step)
+        history.record(metrics, step)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}",
+                        mfu=f"{metrics['train/mfu']:.0%}")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             run_eval(step)
     bar.close()
@@ -186,7 +195,10 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                     "manifest_sha256": _file_hash(cfg.shards_dir / "manifest.json"),
                     "mlflow_run_id": tracker.run_id}
     result.checkpoint = save_checkpoint(engine, cfg.checkpoint_dir, cfg.train.max_steps, client_state)
-    tracker.set_tags({"checkpoint": str(result.checkpoint.resolve())})
+    if world.rank == 0:
+        tracker.log_checkpoint(result.checkpoint, upload=cfg.tracking.checkpoints == "artifact")
+        for png in loss_plots(history.series, cfg.output_dir / "plots"):
+            tracker.log_artifact(png, "plots")
     tracker.finish()
     return result
 

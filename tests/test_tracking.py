@@ -1,0 +1,134 @@
+"""Tracking with the real thing: an MLflow server on loopback, read back over REST, and the run
+page rendered in headless Chromium."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, ROOT, run_cli, tiny_overrides
+from sabiscale.config import load_config
+from sabiscale.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, flatten, make_tracker
+
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def test_flatten_nests_with_dots_and_lists_as_json():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+
+
+def test_only_rank_zero_tracks(tmp_path):
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    assert isinstance(make_tracker(cfg, rank=1), NullTracker)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_long_values_go_to_an_artifact_and_names_carry_a_timestamp(tmp_path):
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tracking.system_metrics=false"])
+    cfg.data.languages = [f"lang{i:05d}" for i in range(1000)]  # flattens to > MAX_PARAM_LENGTH characters
+    tracker = MLflowTracker(cfg)
+    tracker.finish()
+    client = MlflowClient(tracking_uri=tracker.uri)
+    run = client.get_run(tracker.run_id)
+    assert "data.languages" not in run.data.params and run.data.params["model.hidden_size"] == "128"
+    downloaded = client.download_artifacts(tracker.run_id, "long_params.json", str(tmp_path))
+    long = json.loads(open(downloaded, encoding="utf-8").read())
+    assert len(long["data.languages"]) > MAX_PARAM_LENGTH
+    assert run.info.run_name.startswith("run-") and len(run.info.run_name) == len("run-20260101-000000")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, params: dict | None = None) -> dict:
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_BIN": str(BIN / "mlflow")}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([ROOT / "launch/mlflow-server.sh", str(tmp_path / "server"), str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"MLflow server did not come up:\n{(tmp_path / 'server.log').read_text()}")
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_training_against_a_real_server_read_back_over_rest_and_in_the_browser(demo_cfg, mlflow_server, tmp_path):
+    run_name = f"browser-check-{uuid.uuid4().hex[:8]}"
+    overrides = tiny_overrides(demo_cfg.output_dir) + [
+        f"tracking.uri={mlflow_server}", f"tracking.run_name={run_name}", "tracking.experiment=tracking-test",
+        "train.max_steps=8", "train.log_every=4", "optim.warmup_steps=1"]
+    run_cli([BIN / "sabiscale", "train", str(ROOT / "launch/recipes/demo.yaml"), *overrides])
+
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = _get(f"{api}/experiments/get-by-name", {"experiment_name": "tracking-test"})["experiment"]
+    runs = _post(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["info"]["run_name"] == run_name and run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.max_steps"] == "8" and params["loss.kind"] == "masked"
+    history = _get(f"{api}/metrics/get-history", {"run_id": run["info"]["run_id"], "metric_key": "train/loss"})
+    assert [m["step"] for m in history["metrics"]] == list(range(1, 9))
+    latest = {m["key"] for m in run["data"]["metrics"]}
+    for key in ("train/answer_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/mem",
+                "train/supervised_tokens_per_s", "eval/answer_loss", "train/loss/task/translation",
+                "train/loss/lang/yor", "eval/loss/task/ner"):
+        assert key in latest, key
+    listed = {}
+    for folder in ("", "config", "data", "plots", "tokenizer"):
+        files = _get(f"{api}/artifacts/list", {"run_id": run["info"]["run_id"], "path": folder}).get("files", [])
+        listed.update({f["path"]: f for f in files})
+    for path in ("config/deepspeed.json", "config/demo.yaml", "config/resolved_config.json", "data/manifest.json",
+                 "plots/loss.png", "plots/loss_per_task.png", "tokenizer/tokenizer.json"):
+        assert path in listed, (path, sorted(listed))
+    assert run["data"]["tags"] and any(t["key"] == "checkpoint" for t in run["data"]["tags"])
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (CI installs Debian's chromium; `apt-get install chromium`)")
+    page = f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert run_name in dom, "the run's name is not on the experiment page"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "mlflow_experiment_runs.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", page], capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000
