@@ -241,9 +241,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", default="zero2_offload", help="DeepSpeed profile of ds_configs/ for sabiscale")
     args = parser.parse_args()
-    from sabiscale.__main__ import use_environment_cache
+    from sabiscale.__main__ import use_environment_toolchain
 
-    use_environment_cache()
+    use_environment_toolchain()
     if args.role:
         result = (run_ours if args.role == "ours" else run_peer)(args.steps, args.warmup, args.profile)
         print(json.dumps(result))

@@ -136,14 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def use_environment_cache() -> None:
-    """DeepSpeed's JIT ops compile against this environment's torch and headers; a cache per
-    environment avoids rebuilding them each time another venv on the machine ran (~2 min)."""
+def use_environment_toolchain() -> None:
+    """DeepSpeed's JIT ops compile against this environment's torch and headers: keep their cache
+    per environment, and build them always with this environment's ninja. Two ninja versions
+    (say Debian's 1.11 and PyPI's 1.13) disagree on their build log and rebuild every op (~2 min)
+    each time the other one ran."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env_bin = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != env_bin:
+        os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
 
 
 def main(argv: list[str] | None = None) -> int:
-    use_environment_cache()
+    use_environment_toolchain()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from sabiscale.__main__ import use_environment_cache
+from sabiscale.__main__ import use_environment_toolchain
 from sabiscale.config import load_config
 from sabiscale.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
-use_environment_cache()  # the same compiled DeepSpeed ops as `sabiscale` itself
+use_environment_toolchain()  # the same compiled DeepSpeed ops as `sabiscale` itself
 
 
 def tiny_overrides(out: Path) -> list[str]:

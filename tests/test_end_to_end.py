@@ -1,6 +1,5 @@
 """Whole runs through the real console script, the real DeepSpeed engine and a real MLflow store."""
 import json
-import os
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -51,8 +50,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(demo_cfg, world, tmp_path):
     steps = ["train.max_steps=6", "optim.warmup_steps=1", "train.eval_batches=1"]
     overrides = tiny_overrides(out) + steps + [f"tracking.uri={store}", "train.grad_accum_steps=1"]
     proc = run_cli([BIN / "deepspeed", "--num_gpus", "2", "--master_port", "29731", "--module", "sabiscale",
-                    "train", str(ROOT / "launch/recipes/demo.yaml"), *overrides],
-                   env={"PATH": f"{BIN}:{os.environ['PATH']}"})
+                    "train", str(ROOT / "launch/recipes/demo.yaml"), *overrides])
     # not a terminal: plain progress lines, from rank 0 only
     assert proc.stdout.count("step 6/6 loss") == 1, proc.stdout[-2000:]
     step_dir = out / "checkpoints" / "step_00000006"

@@ -2,9 +2,10 @@
 
 HF-style training builds (B, T, V) logits and hides prompt tokens with labels=-100. Here the final
 hidden states are gathered at the supervised positions first, and the output projection plus
-cross-entropy run only there, chunk by chunk under activation checkpointing, so at most
-(chunk, V) logits are alive at once and no B x T x V tensor exists. The head is called as a
-module, so under ZeRO-3 DeepSpeed gathers its weight as for any forward.
+cross-entropy run only there, chunk by chunk with the gradients computed on the spot
+(FusedLinearCrossEntropy), so at most (chunk, V) logits are alive at once and no B x T x V
+tensor exists. The head is called as a module, so under ZeRO-3 DeepSpeed gathers its weight as
+for any forward.
 
 The objective returns a *sum* and a *count*; the training loop divides once by the global count of
 supervised tokens, so the result does not depend on micro-batching or the number of ranks.
@@ -14,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -26,21 +25,67 @@ class TokenLosses:
     selected: torch.Tensor   # (B, T-1) bool, which next-token targets were selected
 
 
-def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, V)
-    return F.cross_entropy(logits, targets, reduction="none")
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Weighted sum of cross-entropy(hidden @ weight.T, targets), chunk by chunk.
+
+    The gradients are computed in the forward pass, while each chunk's logits exist, so only one
+    (chunk, V) block is ever alive and the head's matmuls run exactly three times per token (logits,
+    d hidden, d weight), with no recomputation. The upstream gradient is a scalar, so backward only
+    scales what forward stored. Returns (weighted sum, per-token losses); the latter is detached.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, chunk: int):
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.T).float()  # (chunk, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[start:start + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            if needs_grad:
+                d_logits = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
+                d_logits[torch.arange(len(t), device=t.device), t] -= 1
+                if token_weights is not None:
+                    d_logits.mul_(token_weights[start:start + chunk, None])
+                d_logits = d_logits.to(weight.dtype)
+                grad_hidden[start:start + chunk] = d_logits @ weight
+                grad_weight.addmm_(d_logits.T.float(), h.float())
+        weighted = losses * token_weights if token_weights is not None else losses
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(losses)
+        return weighted.sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_sum, grad_losses):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_sum.to(grad_hidden.dtype), (grad_weight * grad_sum).to(ctx.weight_dtype),
+                None, None, None)
 
 
-def chunked_head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(N,) cross-entropy of head(hidden) vs targets; hidden (N, H). Logits live one chunk at a time."""
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start:start + chunk], targets[start:start + chunk]
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_head_ce, head, h, t, use_reentrant=False))
-        else:
-            pieces.append(_head_ce(head, h, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+class SupervisedHead(torch.nn.Linear):
+    """The LM's output projection, callable two ways: `head(x)` gives logits as before (generation,
+    export); `head(x, targets=...)` gives the fused loss without materializing logits. Calling it
+    as a module keeps DeepSpeed ZeRO-3's parameter gathering working."""
+
+    def forward(self, hidden, targets=None, token_weights=None, chunk: int = 2048):
+        if targets is None:
+            return super().forward(hidden)
+        return FusedLinearCrossEntropy.apply(hidden, self.weight, targets, token_weights, chunk)
+
+
+def install_supervised_head(lm: torch.nn.Module) -> torch.nn.Module:
+    """Swap lm.lm_head for a SupervisedHead sharing the same weight Parameter (ties stay tied;
+    state_dict keys and save_pretrained output are unchanged)."""
+    old = lm.lm_head
+    if not isinstance(old, SupervisedHead):
+        head = SupervisedHead(old.in_features, old.out_features, bias=False, device="meta")
+        head.weight = old.weight
+        lm.lm_head = head
+    return lm
 
 
 def target_selection(loss_mask: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -61,7 +106,8 @@ class TokenLossObjective(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module, kind: str, chunk_size: int, pad_id: int,
                  task_weights: list[float] | None = None) -> None:
         super().__init__()
-        self.lm, self.kind, self.chunk_size, self.pad_id = lm, kind, chunk_size, pad_id
+        self.lm = install_supervised_head(lm)
+        self.kind, self.chunk_size, self.pad_id = kind, chunk_size, pad_id
         # index = task id of the run's Vocab; None = every task weighs 1
         self.task_weights = task_weights
 
@@ -90,6 +136,6 @@ class TokenLossObjective(torch.nn.Module):
         selected, weights = self.select(input_ids, position_ids, loss_mask, task_ids, kind)
         h = hidden[:, :-1][selected]          # (N, H)
         targets = input_ids[:, 1:][selected]  # (N,)
-        losses = chunked_head_losses(self.lm.lm_head, h, targets, self.chunk_size)
-        weighted = losses * weights[selected] if weights is not None else losses
-        return TokenLosses(weighted.sum(), selected.sum(), losses.detach(), selected)
+        token_weights = weights[selected].float() if weights is not None else None
+        loss_sum, losses = self.lm.lm_head(h, targets=targets, token_weights=token_weights, chunk=self.chunk_size)
+        return TokenLosses(loss_sum, selected.sum(), losses, selected)
