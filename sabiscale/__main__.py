@@ -107,6 +107,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Held-out metrics of a checkpoint, per task and language."""
+    import json
+
+    from .checkpoint import load_trained_lm, read_sidecar, resolve_checkpoint
+    from .corpus import is_dev_record, is_validation, languages_in, read_examples
+    from .evaluate import generation_metrics, teacher_forced
+    from .tasks import special_tokens
+
+    tag_dir = resolve_checkpoint(Path(args.checkpoint))
+    lm, tok, meta = load_trained_lm(tag_dir)
+    _, cfg = read_sidecar(tag_dir)  # the run's own tasks, languages and held-out split
+    root = Path(args.data) if args.data else Path(cfg.data.jsonl_root or cfg.output_dir / "raw")
+    reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
+    keep = is_dev_record if args.split == "dev" else None
+    examples = [e for e, where in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed,
+                                                args.max_per_file, keep)
+                if args.split != "val" or is_validation(where, cfg.data.val_fraction)]
+    if not examples:
+        raise ValueError(f"no {args.split} examples under {root}")
+    report = {"checkpoint": str(tag_dir), "data": str(root), "split": args.split, "step": meta["step"],
+              "teacher_forced": teacher_forced(lm, tok, examples),
+              "generation": generation_metrics(lm, tok, examples, args.generate, cfg.seed) if args.generate else {}}
+    out = Path(args.out) if args.out else tag_dir / f"eval_{args.split}.json"
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(format_report(report))
+    print(f"\nfull report: {out}")
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'task/lang':<24}{'tokens':>8}{'ppl':>10}{'bits/byte':>11}"]
+    for key, m in report["teacher_forced"].items():
+        lines.append(f"{key:<24}{m['answer_tokens']:>8}{m['perplexity']:>10.2f}{m['bits_per_byte']:>11.3f}")
+    for key, m in report["generation"].items():
+        scores = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in m.items() if k not in ("samples",))
+        lines.append(f"{key:<24}{scores}")
+    return "\n".join(lines)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Consolidate a checkpoint into a Hugging Face model directory."""
+    from .checkpoint import export_hf
+
+    out = export_hf(Path(args.checkpoint), Path(args.out))
+    print(f"exported to {out}: load with AutoModelForCausalLM.from_pretrained({str(out)!r}) "
+          f"and AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's JIT ops once, at install time."""
     from .engine import build_ops
@@ -131,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="output directory (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
     demo.set_defaults(func=cmd_demo)
+    ev = sub.add_parser("eval", help="held-out metrics of a checkpoint (perplexity, bits/byte, chrF, BLEU, F1)")
+    ev.add_argument("checkpoint", help="checkpoints/step_XXXXXXXX (or checkpoints/, to take `latest`)")
+    ev.add_argument("--data", default=None, help="JSONL root laid out like ../shared/data (default: the run's data)")
+    ev.add_argument("--split", choices=["dev", "val", "all"], default="dev",
+                    help="dev: official dev records; val: the run's held-out hash split; all: everything")
+    ev.add_argument("--max-per-file", type=int, default=200, help="records read per file (default 200)")
+    ev.add_argument("--generate", type=int, default=50, help="examples decoded per task and language (0 = none)")
+    ev.add_argument("--out", default=None, help="report JSON (default: eval_<split>.json in the checkpoint)")
+    ev.set_defaults(func=cmd_eval)
+    ex = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory")
+    ex.add_argument("checkpoint")
+    ex.add_argument("out")
+    ex.set_defaults(func=cmd_export)
     ops = sub.add_parser("build-ops", help="compile DeepSpeed's CPU Adam and comm ops (run by make install)")
     ops.set_defaults(func=cmd_build_ops)
     return parser
@@ -152,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"sabiscale {args.command}: error: {err}", file=sys.stderr)
         return 2
 

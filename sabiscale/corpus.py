@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import tasks
@@ -36,8 +36,10 @@ def task_files(root: Path, task: str, languages: list[str] | None) -> list[tuple
     return [(f, lang) for f, lang in pairs if languages is None or lang in languages]
 
 
-def read_jsonl(path: Path, max_records: int | None = None) -> Iterator[tuple[dict, str]]:
-    """Yield (record, "file:line"); a line that is not a JSON object is an error naming the line."""
+def read_jsonl(path: Path, max_records: int | None = None,
+               keep: Callable[[dict], bool] | None = None) -> Iterator[tuple[dict, str]]:
+    """Yield (record, "file:line"); a line that is not a JSON object is an error naming the line.
+    `max_records` counts the records that `keep` accepts."""
     with path.open(encoding="utf-8") as f:
         count = 0
         for line_no, line in enumerate(f, start=1):
@@ -50,6 +52,8 @@ def read_jsonl(path: Path, max_records: int | None = None) -> Iterator[tuple[dic
                 raise BadRecord(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(record, dict):
                 raise BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if keep is not None and not keep(record):
+                continue
             yield record, where
             count += 1
             if max_records is not None and count >= max_records:
@@ -80,8 +84,10 @@ def read_examples(
     reserved: list[str],
     seed: int,
     max_records_per_file: int | None = None,
+    keep_record: Callable[[dict], bool] | None = None,
 ) -> Iterator[tuple[Example, str]]:
-    """Yield (example, location) for every record of every task, in a fixed order."""
+    """Yield (example, location) for every record of every task (that `keep_record` accepts),
+    in a fixed order."""
     if not root.is_dir():
         raise BadRecord(f"data root {root} is not a directory (expected the layout of ../shared/data)")
     rng = random.Random(seed)
@@ -90,7 +96,7 @@ def read_examples(
         if not pairs:
             raise BadRecord(f"task {task!r}: no files found under {root / _TASK_FILES[task][0]}")
         for path, lang in pairs:
-            for record, where in read_jsonl(path, max_records_per_file):
+            for record, where in read_jsonl(path, max_records_per_file, keep_record):
                 record.setdefault("lang", lang)
                 yield _template(task, record, where, reserved, rng), where
 
@@ -98,3 +104,8 @@ def read_examples(
 def languages_in(root: Path, task_names: list[str], languages: list[str] | None) -> list[str]:
     found = {lang for task in task_names for _, lang in task_files(root, task, languages)}
     return sorted(found | {"eng"})
+
+
+def is_dev_record(record: dict) -> bool:
+    """Records of an official dev split (../shared/data keeps `orig_split`; text ids carry it)."""
+    return record.get("orig_split") == "dev" or "-dev-" in str(record.get("id", ""))

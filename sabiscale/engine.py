@@ -158,3 +158,13 @@ def build_ops() -> list[str]:
     for name in names:
         accel.create_op_builder(name).load()
     return names
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict:
+    """fp32 state dict of the whole model from the ZeRO partitions of every rank.
+
+    DeepSpeed's loader unpickles its own checkpoint files (torch.load without weights_only, since
+    they hold optimizer and config objects): load checkpoints only from sources you trust."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)

@@ -194,7 +194,8 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                     "tokenizer_sha256": manifest["tokenizer_sha256"],
                     "manifest_sha256": _file_hash(cfg.shards_dir / "manifest.json"),
                     "mlflow_run_id": tracker.run_id}
-    result.checkpoint = save_checkpoint(engine, cfg.checkpoint_dir, cfg.train.max_steps, client_state)
+    result.checkpoint = save_checkpoint(engine, cfg.checkpoint_dir, cfg.train.max_steps, client_state,
+                                        cfg.tokenizer_path.parent, world.rank)
     if world.rank == 0:
         tracker.log_checkpoint(result.checkpoint, upload=cfg.tracking.checkpoints == "artifact")
         for png in loss_plots(history.series, cfg.output_dir / "plots"):

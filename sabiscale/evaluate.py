@@ -1,0 +1,138 @@
+"""`sabiscale eval`: held-out metrics of a checkpoint, per task and language, as SabiYarn reports them.
+
+Teacher-forced, every task: answer-token perplexity and bits per byte (nats / ln 2 / UTF-8 bytes
+of the answer), so tokenizers can be compared. Generated with greedy decoding from the prompt
+(transformers `generate`, KV cache on, stop at the end-of-text token):
+- translation: chrF and BLEU (sacrebleu) per direction,
+- ner: entity-level F1 (seqeval) per language; the output must be one IOB2 tag per input word,
+- sentiment: accuracy and macro-F1 per language; the output must be one known label.
+An output that does not parse counts as wrong and is counted in `unparsed`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tasks import Example
+from .tokenizer import encode_examples
+
+IOB_TAG = re.compile(r"^(O|[BI]-[A-Z]+)$")
+SENTIMENT_LABELS = ("positive", "negative", "neutral")
+
+
+@dataclass
+class Held:
+    example: Example
+    reference: object  # the parsed gold answer: text, list of tags or a label
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def teacher_forced(lm, tok, examples: list[Example], batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Per "task/lang": answer tokens, bytes, perplexity and bits per byte."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])  # nats, tokens, bytes
+    for chunk in _batches(examples, batch_size):
+        docs = encode_examples(tok, chunk)
+        width = max(len(ids) for ids, _ in docs)
+        # right padding: causal attention never looks right, so padding changes nothing before it
+        ids = torch.full((len(docs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(docs), width), dtype=torch.bool)
+        for row, (d_ids, d_mask) in enumerate(docs):
+            ids[row, :len(d_ids)] = torch.from_numpy(d_ids.astype(np.int64))
+            mask[row, :len(d_mask)] = torch.from_numpy(d_mask.astype(bool))
+        logits = lm(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
+        for row, example in enumerate(chunk):
+            entry = totals[f"{example.task}/{example.lang}"]
+            entry[0] += float(nll[row].sum())
+            entry[1] += int(mask[row, 1:].sum())
+            entry[2] += len(example.answer.strip().encode("utf-8"))
+    return {key: {"answer_tokens": n, "answer_bytes": b, "perplexity": math.exp(nats / max(n, 1)),
+                  "bits_per_byte": nats / math.log(2) / max(b, 1)} for key, (nats, n, b) in sorted(totals.items())}
+
+
+@torch.no_grad()
+def greedy_answers(lm, tok, examples: list[Example], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Decode each prompt greedily until the end-of-text token; returns the answer text."""
+    tok.padding_side = "left"  # generation continues from the right edge of every row
+    outputs = []
+    for chunk in _batches(examples, batch_size):
+        enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        generated = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        new = generated[:, enc["input_ids"].shape[1]:]
+        outputs += [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+    return outputs
+
+
+def parse_ner(output: str, n_words: int) -> list[str] | None:
+    tags = output.split()
+    return tags if len(tags) == n_words and all(IOB_TAG.match(t) for t in tags) else None
+
+
+def parse_sentiment(output: str) -> str | None:
+    label = output.strip().lower()
+    return label if label in SENTIMENT_LABELS else None
+
+
+def translation_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    import sacrebleu
+
+    return {"chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+            "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score}
+
+
+def ner_scores(predicted: list[list[str] | None], gold: list[list[str]]) -> dict[str, float]:
+    from seqeval.metrics import f1_score
+
+    # an unparsable output predicts no entity at all: every gold entity is then missed
+    filled = [p if p is not None else ["O"] * len(g) for p, g in zip(predicted, gold)]
+    return {"entity_f1": f1_score(gold, filled), "unparsed": sum(p is None for p in predicted)}
+
+
+def sentiment_scores(predicted: list[str | None], gold: list[str]) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+
+    filled = [p if p is not None else "<unparsed>" for p in predicted]
+    accuracy = sum(p == g for p, g in zip(filled, gold)) / len(gold)
+    macro_f1 = f1_score(gold, filled, labels=sorted(set(gold)), average="macro", zero_division=0)
+    return {"accuracy": accuracy, "macro_f1": float(macro_f1), "unparsed": sum(p is None for p in predicted)}
+
+
+def generation_metrics(lm, tok, examples: list[Example], per_group: int, seed: int) -> dict[str, dict[str, float]]:
+    """Per "task/lang" (translation: "translation/eng-<lang>"), at most `per_group` examples each."""
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        if e.task in ("translation", "ner", "sentiment"):
+            groups[f"{e.task}/{e.lang}"].append(e)
+    rng = random.Random(seed)
+    results = {}
+    for key, group in sorted(groups.items()):
+        picked = rng.sample(group, min(per_group, len(group)))
+        task = key.split("/")[0]
+        gold = [e.answer.strip() for e in picked]
+        longest = max(len(tok.encode(g, add_special_tokens=False)) for g in gold)
+        outputs = greedy_answers(lm, tok, picked, max_new_tokens=longest + 8)
+        if task == "translation":
+            scores = translation_scores(outputs, gold)
+            key = f"translation/eng-{key.split('/')[1]}"
+        elif task == "ner":
+            n_words = [len(g.split()) for g in gold]
+            scores = ner_scores([parse_ner(o, n) for o, n in zip(outputs, n_words)], [g.split() for g in gold])
+        else:
+            scores = sentiment_scores([parse_sentiment(o) for o in outputs], gold)
+        results[key] = {"examples": len(picked), **scores,
+                        "samples": [{"prompt": e.prompt, "gold": g, "output": o}
+                                    for e, g, o in list(zip(picked, gold, outputs))[:3]]}
+    return results

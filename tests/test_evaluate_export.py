@@ -1,0 +1,84 @@
+"""Evaluation metrics and the Hugging Face export, on checkpoints written by the real engine."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import BIN, ROOT, run_cli
+from sabiscale.checkpoint import export_hf, load_trained_lm
+from sabiscale.data.batch import Vocab
+from sabiscale.data.loader import make_loader, shard_urls
+from sabiscale.evaluate import ner_scores, parse_ner, parse_sentiment, sentiment_scores
+from sabiscale.loss.masked import TokenLossObjective
+from sabiscale.shards.write import read_manifest
+from sabiscale.tasks import special_tokens
+
+
+def test_unparsable_outputs_count_as_wrong():
+    assert parse_ner("B-PER O", 2) == ["B-PER", "O"]
+    assert parse_ner("B-PER", 2) is None and parse_ner("B-PER banana", 2) is None
+    assert parse_sentiment(" Positive ") == "positive" and parse_sentiment("great") is None
+    gold = [["B-PER", "O"], ["B-LOC", "I-LOC"]]
+    assert ner_scores([["B-PER", "O"], ["B-LOC", "I-LOC"]], gold)["entity_f1"] == 1.0
+    half = ner_scores([["B-PER", "O"], None], gold)
+    assert half["unparsed"] == 1 and half["entity_f1"] == pytest.approx(2 / 3)  # P=1, R=1/2
+    s = sentiment_scores(["positive", None, "negative"], ["positive", "negative", "negative"])
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["unparsed"] == 1
+
+
+@pytest.fixture(scope="module")
+def zero3_checkpoint(demo_cfg, world):
+    """A checkpoint whose parameters are partitioned by ZeRO-3, from a short real run."""
+    from sabiscale.train import train
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.tracking.enabled = False
+    cfg.engine.ds_config = ROOT / "ds_configs/zero3_offload.json"
+    cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 3, 1, 1
+    return train(cfg, world).checkpoint
+
+
+def test_export_loads_offline_and_matches_sabiscale_forward(demo_cfg, zero3_checkpoint, tmp_path, monkeypatch):
+    out = export_hf(zero3_checkpoint, tmp_path / "hf")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    for tag in special_tokens(["yor", "hau", "ibo"]):
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
+
+    lm, our_tok, meta = load_trained_lm(zero3_checkpoint)
+    assert meta["step"] == 3
+    for name, param in lm.state_dict().items():  # the consolidated ZeRO-3 weights, unchanged by export
+        torch.testing.assert_close(model.state_dict()[name], param, msg=name)
+
+    manifest = read_manifest(demo_cfg.shards_dir)
+    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "val"), Vocab.from_manifest(manifest),
+                             2, 0, 1, 0, 0, 0))
+    objective = TokenLossObjective(lm, "masked", 64, our_tok.pad_token_id)
+    with torch.no_grad():
+        ours = objective(batch.input_ids, batch.position_ids, batch.loss_mask)
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    theirs = torch.nn.functional.cross_entropy(logits[:, :-1][ours.selected], batch.input_ids[:, 1:][ours.selected],
+                                               reduction="none")
+    torch.testing.assert_close(ours.per_token, theirs, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_hf(zero3_checkpoint, out)  # never overwrites
+
+
+def test_eval_command_reports_every_task_and_language(demo_cfg, zero3_checkpoint, tmp_path):
+    report_path = tmp_path / "report.json"
+    proc = run_cli([BIN / "sabiscale", "eval", str(zero3_checkpoint), "--split", "val", "--generate", "3",
+                    "--out", str(report_path)])
+    assert "bits/byte" in proc.stdout
+    report = json.loads(report_path.read_text())
+    tf = report["teacher_forced"]
+    expected = {f"{t}/{lang}" for t in demo_cfg.data.tasks for lang in ("hau", "ibo", "yor")}
+    assert set(tf) == expected
+    assert all(math.isfinite(m["bits_per_byte"]) and m["bits_per_byte"] > 0 for m in tf.values())
+    gen = report["generation"]
+    assert {"translation/eng-yor", "ner/hau", "sentiment/ibo"} <= set(gen)
+    assert 0 <= gen["translation/eng-yor"]["chrf"] <= 100
+    assert "unparsed" in gen["ner/hau"] and "macro_f1" in gen["sentiment/ibo"]
