@@ -117,8 +117,8 @@ def run_ours(steps: int, warmup: int, profile: str) -> dict:
     body, head = flops_per_token(build_model(cfg.model, len(tok), 512, 0, 0, 0), 512)
     with RssSampler() as sampler:
         result = train(cfg, world)
-    # executed: the body runs on padding too; the head runs on supervised tokens, its forward twice (checkpointed)
-    flops = lambda c: (body * c[1] + head * c[2], body * c[0] + head * c[2] * 4 / 3)  # noqa: E731
+    # executed: the body runs on padding too; the fused head runs on supervised tokens only
+    flops = lambda c: (body * c[1] + head * c[2], body * c[0] + head * c[2])  # noqa: E731
     return _summarize(result.step_times, result.step_counts, flops, sampler, warmup)
 
 
@@ -226,7 +226,8 @@ def write_results(rounds: dict, peak: float, args) -> None:
         lines.append(f"| {k} | {fmt[k].format(median['peer'][k])} | {fmt[k].format(median['ours'][k])} | {ratio[k]:.2f} |")
     lines += ["", "mfu counts only the FLOPs the step needs (body on non-padding tokens, head on supervised "
               "tokens); executed_mfu counts what each actually computes (the peer: body and head on every "
-              "padded position; sabiscale: body on every position, head forward twice on supervised tokens).",
+              "padded position; sabiscale: body on every position including its little padding, head on "
+              "supervised tokens).",
               "transient_bytes_per_token: peak RSS during the timed steps minus RSS before the first, per "
               "non-padding token of a step."]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

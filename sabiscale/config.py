@@ -113,6 +113,7 @@ class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str | None = None  # None = the recipe name
     run_name: str | None = None    # None = "<recipe name>-<UTC timestamp>"
+    run_id: str | None = None      # continue this MLflow run instead of starting a new one
     enabled: bool = True
     # MLflow's own CPU/memory/disk/GPU sampling next to the training metrics.
     system_metrics: bool = True

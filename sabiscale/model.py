@@ -3,9 +3,12 @@ and logits, nothing else: masking, selection and parallelism live outside.
 
 Attention is sdpa with caching off: transformers then turns restarting `position_ids` into a
 block-diagonal mask, so documents packed into one sequence never attend to each other (with the
-cache on it silently does not).
+cache on it silently does not). On a GPU with flash-attn installed, flash-attention's varlen
+kernel does the same from the position_ids without building any mask.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,8 +32,14 @@ def llama_config(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, e
         eos_token_id=eos_id,
         bos_token_id=None,
         use_cache=False,
-        attn_implementation="sdpa",
+        attn_implementation=attention_implementation(),
     )
+
+
+def attention_implementation() -> str:
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, eos_id: int, seed: int) -> LlamaForCausalLM:

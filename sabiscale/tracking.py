@@ -76,11 +76,15 @@ class MLflowTracker:
         self.uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(cfg.tracking.experiment or cfg.name)
-        self._run = mlflow.start_run(run_name=default_run_name(cfg), log_system_metrics=cfg.tracking.system_metrics)
+        if cfg.tracking.run_id:  # a continued run keeps its parameters; metrics go on from its last step
+            self._run = mlflow.start_run(run_id=cfg.tracking.run_id, log_system_metrics=cfg.tracking.system_metrics)
+        else:
+            self._run = mlflow.start_run(run_name=default_run_name(cfg), log_system_metrics=cfg.tracking.system_metrics)
         self.run_id = self._run.info.run_id
         self.experiment_id = self._run.info.experiment_id
-        self._log_config(cfg)
-        self._log_inputs(cfg)
+        if not cfg.tracking.run_id:
+            self._log_config(cfg)
+            self._log_inputs(cfg)
 
     def _log_config(self, cfg: RunConfig) -> None:
         params = flatten(config_to_dict(cfg))

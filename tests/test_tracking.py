@@ -132,3 +132,19 @@ def test_training_against_a_real_server_read_back_over_rest_and_in_the_browser(d
     shot = ARTIFACTS / "mlflow_experiment_runs.png"
     subprocess.run([chromium, *flags, f"--screenshot={shot}", page], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_a_run_can_be_continued_by_id(tmp_path):
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tracking.system_metrics=false"])
+    first = MLflowTracker(cfg)
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    first.finish()
+    cfg.tracking.run_id = first.run_id
+    second = MLflowTracker(cfg)
+    second.log_metrics({"train/loss": 1.0}, step=2)
+    second.finish()
+    client = MlflowClient(tracking_uri=first.uri)
+    assert second.run_id == first.run_id
+    assert len(client.search_runs([first.experiment_id])) == 1
+    history = sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, "train/loss"))
+    assert history == [(1, 2.0), (2, 1.0)]
