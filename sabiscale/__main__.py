@@ -41,7 +41,8 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return _resolve_paths(load_config(args.recipe, args.overrides))
+    overrides = list(args.overrides) + (["train.resume=must"] if getattr(args, "resume", False) else [])
+    return _resolve_paths(load_config(args.recipe, overrides))
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -178,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", nargs="?" if not needs_recipe else None, help="YAML recipe (launch/recipes/)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
         p.set_defaults(func=func)
+        if name == "train":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest checkpoint in output_dir (an error if there is none); "
+                                "without it, training resumes anyway when a checkpoint exists")
     demo = sub.add_parser("demo", help="run every stage on the embedded demo corpus")
     demo.add_argument("--out", default=None, help="output directory (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")

@@ -1,16 +1,21 @@
 """Save and load training checkpoints.
 
 A checkpoint is DeepSpeed's own (model, optimizer, scheduler, ZeRO partitions per rank) plus, in
-the same tag directory, what sabiscale needs to use it without the run directory:
-    {output_dir}/checkpoints/{tag}/sabiscale.json   step, resolved config, tokenizer and manifest
-                                                    hashes, MLflow run id (JSON, no pickle)
+the same tag directory, what sabiscale needs to resume or use it without the run directory:
+    {output_dir}/checkpoints/{tag}/sabiscale.json   step, tokens seen, loader position, RNG state,
+                                                    world size, resolved config, tokenizer and
+                                                    manifest hashes, MLflow run id (JSON, no pickle)
     {output_dir}/checkpoints/{tag}/tokenizer/       the run's tokenizer
-and `latest` in checkpoints/ naming the tag (written by DeepSpeed).
+and `latest` in checkpoints/ naming the newest tag. Saves are atomic (see save_checkpoint). The
+checkpoint directory must be on a filesystem every rank sees (as on SLURM clusters).
 """
 from __future__ import annotations
 
+import base64
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -27,27 +32,99 @@ def step_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def kill_self() -> None:
+    """Fault injection for tests: die as abruptly as `kill -9` would make us."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, tokenizer_dir: Path,
-                    rank: int) -> Path:
-    """Every rank must call this (ZeRO partitions are written per rank); rank 0 adds the sidecar."""
+                    rank: int, keep_last: int = 0, keep_every: int = 0, kill_mid_write: bool = False) -> Path:
+    """Write atomically: every rank writes its partitions into `<tag>.partial/`; rank 0 adds the
+    sidecar and tokenizer, renames the directory to `<tag>/` and only then points `latest` at it.
+    A crash at any point leaves the previous checkpoint as the newest complete one."""
+    from .engine import barrier
+
     tag = step_tag(step)
+    partial, final = checkpoint_dir / f"{tag}.partial", checkpoint_dir / tag
     state = {"client_state_version": CLIENT_STATE_VERSION, "step": step, **client_state}
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=state)
-    tag_dir = checkpoint_dir / tag
-    if rank == 0:
-        shutil.copytree(tokenizer_dir, tag_dir / "tokenizer", dirs_exist_ok=True)
-        (tag_dir / SIDECAR).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    return tag_dir
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=partial.name, client_state=state, save_latest=False)
+        barrier()
+        if rank == 0:
+            shutil.copytree(tokenizer_dir, partial / "tokenizer", dirs_exist_ok=True)
+            (partial / SIDECAR).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+            if kill_mid_write:
+                kill_self()
+            if final.exists():  # the same step saved again after a resume: replace it whole
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            _write_atomically(checkpoint_dir / "latest", tag)
+            prune(checkpoint_dir, keep_last, keep_every)
+    except OSError as err:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_complete(checkpoint_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise OSError(err.errno, f"could not write checkpoint {final} ({err.strerror}); {kept}; "
+                      "free disk space (or point output_dir elsewhere) and resume") from err
+    barrier()
+    return final
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Tag directories with a sidecar (written last before the rename), oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir() and (p / SIDECAR).is_file()
+                  and not p.name.endswith(".partial"))
+
+
+def latest_complete(checkpoint_dir: Path) -> Path | None:
+    found = complete_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def prune(checkpoint_dir: Path, keep_last: int, keep_every: int) -> None:
+    """Keep the newest `keep_last` (0 = all) and every `keep_every`-th step; remove the rest."""
+    found = complete_checkpoints(checkpoint_dir)
+    if keep_last <= 0:
+        return
+    for path in found[:-keep_last]:
+        step = json.loads((path / SIDECAR).read_text())["step"]
+        if not (keep_every and step % keep_every == 0):
+            shutil.rmtree(path)
+
+
+def remove_partial(checkpoint_dir: Path) -> list[Path]:
+    """Leftovers of a crash during a save: never loadable, removed before resuming."""
+    leftovers = sorted(checkpoint_dir.glob("*.partial")) if checkpoint_dir.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path)
+    return leftovers
+
+
+def rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def restore_rng(encoded: str) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8))
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """Accept a tag directory or a checkpoints/ directory (then follow `latest`)."""
+    """Accept a tag directory or a checkpoints/ directory (then take the newest complete one)."""
     path = Path(path)
     if (path / SIDECAR).is_file():
         return path
-    latest = path / "latest"
-    if latest.is_file() and (path / latest.read_text().strip() / SIDECAR).is_file():
-        return path / latest.read_text().strip()
+    newest = latest_complete(path)
+    if newest is not None:
+        return newest
     raise FileNotFoundError(f"{path} is not a sabiscale checkpoint (no {SIDECAR}, no `latest` pointing to one); "
                             "pass a checkpoints/step_XXXXXXXX directory written by `sabiscale train`")
 

@@ -96,6 +96,17 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
     eval_batches: int = Field(4, gt=0)
+    checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
+    keep_last: int = Field(2, ge=0)         # newest checkpoints kept (0 = all) ...
+    keep_every: int = Field(0, ge=0)        # ... plus every N-th step (0 = none)
+    # auto: continue from the newest complete checkpoint in output_dir if there is one;
+    # must: the same, but it is an error if there is none; never: refuse to run over checkpoints.
+    resume: Literal["auto", "must", "never"] = "auto"
+    # Write the sample keys of every step to <output_dir>/trace/rank<N>.jsonl (audits, tests).
+    trace_samples: bool = False
+    # Fault injection for tests: "mid_step:N", "between_steps:N" or "mid_checkpoint:N" makes the
+    # process SIGKILL itself at that point of step N.
+    fault: str | None = Field(None, pattern=r"^(mid_step|between_steps|mid_checkpoint):[0-9]+$")
     # Peak FLOP/s of one device, for train/mfu; None = measured at start with a matmul
     # (about 1.4e11-1.8e11 fp32 on this 2-core CPU).
     peak_flops_per_s: float | None = Field(None, gt=0)

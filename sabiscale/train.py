@@ -8,6 +8,7 @@ order in data/loader.py; the loss in loss/.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 import time
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import (kill_self, latest_complete, read_sidecar, remove_partial, restore_rng, rng_state,
+                         save_checkpoint, step_tag)
 from .config import RunConfig, config_to_dict
 from .data.batch import Vocab
-from .data.loader import make_loader, shard_urls
-from .engine import World, all_reduce_sum, engine_dtype, initialize, load_ds_config, resolve_precision
+from .data.loader import check_resumable, make_loader, shard_urls
+from .engine import World, all_reduce_sum, barrier, engine_dtype, initialize, load_ds_config, resolve_precision
 from .loss.masked import TokenLossObjective
 from .metrics import MetricHistory, TokenStats, measure_matmul_peak, memory_in_use
 from .model import build_model, count_parameters, flops_per_token
@@ -100,10 +102,22 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
     precision = resolve_precision(cfg.engine.precision)
     ds_config = load_ds_config(cfg, world.world_size, precision)
     engine = initialize(objective, ds_config)
+    resumed = find_resume_point(cfg, world, manifest)
+    if resumed is not None:
+        engine.load_checkpoint(str(cfg.checkpoint_dir), tag=step_tag(resumed["step"]))
+        restore_rng(resumed["rng"])
+        if cfg.tracking.run_id is None:  # keep logging into the run that wrote the checkpoint
+            cfg = cfg.model_copy(deep=True)
+            cfg.tracking.run_id = resumed["mlflow_run_id"]
+        log.info("resuming from %s at step %d", cfg.checkpoint_dir / step_tag(resumed["step"]), resumed["step"])
 
     micro_bs = cfg.train.micro_batch_size
-    loader = make_loader(shard_urls(cfg.shards_dir, manifest, "train"), vocab, micro_bs, world.rank,
-                         world.world_size, cfg.seed, cfg.data.shuffle_buffer, cfg.data.num_workers)
+    train_urls = shard_urls(cfg.shards_dir, manifest, "train")
+    if resumed is not None:
+        check_resumable(resumed["loader"], micro_bs, cfg.seed, cfg.data.shuffle_buffer, train_urls)
+    loader = make_loader(train_urls, vocab, micro_bs, world.rank, world.world_size, cfg.seed,
+                         cfg.data.shuffle_buffer, cfg.data.num_workers,
+                         start=resumed["loader"]["position"] if resumed else 0)
     val_loader = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
                              world.world_size, cfg.seed, 0, 0)
     val_batches = [next(val_loader) for _ in range(cfg.train.eval_batches)]
@@ -129,13 +143,33 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         tracker.log_metrics(metrics, step=step)
         history.record(metrics, step)
 
-    run_eval(0)
+    def checkpoint(step: int) -> Path:
+        client_state = {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "rng": rng_state(),
+                        "world_size": world.world_size, "config": config_to_dict(cfg),
+                        "tokenizer_sha256": manifest["tokenizer_sha256"],
+                        "manifest_sha256": _file_hash(cfg.shards_dir / "manifest.json"),
+                        "mlflow_run_id": tracker.run_id}
+        path = save_checkpoint(engine, cfg.checkpoint_dir, step, client_state, cfg.tokenizer_path.parent,
+                               world.rank, cfg.train.keep_last, cfg.train.keep_every,
+                               kill_mid_write=fault == ("mid_checkpoint", step))
+        if world.rank == 0:
+            tracker.log_checkpoint(path, upload=cfg.tracking.checkpoints == "artifact")
+            for png in loss_plots(history.series, cfg.output_dir / "plots"):
+                tracker.log_artifact(png, "plots")
+        return path
+
+    fault = parse_fault(cfg.train.fault)
+    start_step = resumed["step"] if resumed else 0
+    tokens_seen = resumed["tokens_seen"] if resumed else 0
+    if resumed is None:
+        run_eval(0)
     peak = cfg.train.peak_flops_per_s or measure_matmul_peak(world.device, engine_dtype(precision))
     gas = cfg.train.grad_accum_steps
     stats = TokenStats(vocab, world.device)
-    tokens_seen = 0
+    trace = open_trace(cfg, world.rank)
     bar = _progress(cfg, world.rank)
-    for step in range(1, cfg.train.max_steps + 1):
+    bar.update(start_step)
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.monotonic()
         micro = [next(loader).to(world.device) for _ in range(gas)]
         # The global count of targets is known before any backward: count with the objective's
@@ -150,6 +184,8 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         for batch in micro:
             out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids)
             engine.backward(out.loss_sum * scale)
+            if fault == ("mid_step", step):
+                kill_self()
             engine.step()
             answer = batch.loss_mask[:, 1:][out.selected]  # which selected targets are answer tokens
             sums += torch.stack([out.loss_sum.detach().double(), out.per_token[answer].sum().double(),
@@ -185,23 +221,69 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}",
                         mfu=f"{metrics['train/mfu']:.0%}")
+        if trace is not None:
+            trace.write(json.dumps({"step": step, "batches": [[b.index, list(b.keys)] for b in micro]}) + "\n")
+            trace.flush()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             run_eval(step)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != cfg.train.max_steps:
+            result.checkpoint = checkpoint(step)
+        if fault == ("between_steps", step):
+            kill_self()
     bar.close()
 
-    run_eval(cfg.train.max_steps)
-    client_state = {"tokens_seen": tokens_seen, "config": config_to_dict(cfg),
-                    "tokenizer_sha256": manifest["tokenizer_sha256"],
-                    "manifest_sha256": _file_hash(cfg.shards_dir / "manifest.json"),
-                    "mlflow_run_id": tracker.run_id}
-    result.checkpoint = save_checkpoint(engine, cfg.checkpoint_dir, cfg.train.max_steps, client_state,
-                                        cfg.tokenizer_path.parent, world.rank)
-    if world.rank == 0:
-        tracker.log_checkpoint(result.checkpoint, upload=cfg.tracking.checkpoints == "artifact")
-        for png in loss_plots(history.series, cfg.output_dir / "plots"):
-            tracker.log_artifact(png, "plots")
+    if start_step < cfg.train.max_steps:
+        run_eval(cfg.train.max_steps)
+        result.checkpoint = checkpoint(cfg.train.max_steps)
+    else:
+        log.info("already trained to step %d (train.max_steps); nothing to do", start_step)
+        result.checkpoint = cfg.checkpoint_dir / step_tag(start_step)
     tracker.finish()
     return result
+
+
+def find_resume_point(cfg: RunConfig, world: World, manifest: dict) -> dict | None:
+    """The sidecar of the newest complete checkpoint to continue from, checked against this run."""
+    if world.rank == 0:
+        for leftover in remove_partial(cfg.checkpoint_dir):
+            log.warning("removed %s: an incomplete checkpoint left by a crash during a save", leftover)
+    barrier()
+    newest = latest_complete(cfg.checkpoint_dir)
+    if newest is None:
+        if cfg.train.resume == "must":
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {cfg.checkpoint_dir}")
+        return None
+    if cfg.train.resume == "never":
+        raise FileExistsError(f"{cfg.checkpoint_dir} already holds checkpoints (newest {newest.name}) and "
+                              "train.resume is 'never'; use a new output_dir or train.resume=auto")
+    meta, _ = read_sidecar(newest)
+    if meta["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
+        raise ValueError(f"{newest} was trained with tokenizer {meta['tokenizer_sha256'][:12]}, but the shards in "
+                         f"{cfg.shards_dir} use {manifest['tokenizer_sha256'][:12]}; resume with the original "
+                         "shards, or start a new run in a new output_dir")
+    if meta["world_size"] != world.world_size:
+        raise ValueError(
+            f"{newest} was written by {meta['world_size']} ranks and this run has {world.world_size}: ZeRO "
+            "partitions do not re-split by themselves. Resume with the same number of ranks, or convert it with "
+            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {newest} --output_folder "
+            f"{newest}_universal` and load that with DeepSpeed's universal checkpoint support "
+            "(the data position in sabiscale.json is valid for any world size)")
+    return meta
+
+
+def parse_fault(spec: str | None) -> tuple[str, int] | None:
+    if spec is None:
+        return None
+    point, step = spec.split(":")
+    return point, int(step)
+
+
+def open_trace(cfg: RunConfig, rank: int):
+    if not cfg.train.trace_samples:
+        return None
+    path = cfg.output_dir / "trace" / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a", encoding="utf-8")
 
 
 def _file_hash(path: Path) -> str:

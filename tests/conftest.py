@@ -60,3 +60,13 @@ def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout:
     proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
+
+
+def fresh_run_dir(prepared_cfg, dest: Path) -> Path:
+    """A new output_dir holding the prepared tokenizer and shards of `prepared_cfg` and no
+    checkpoints, so runs that resume automatically never pick up another test's checkpoint."""
+    import shutil
+
+    for part in ("tokenizer", "shards"):
+        shutil.copytree(prepared_cfg.output_dir / part, dest / part)
+    return dest

@@ -4,7 +4,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, ROOT, run_cli, tiny_overrides
+from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 
 
 def _single_run(store_uri: str):
@@ -45,7 +45,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(demo_cfg, world, tmp_path):
     the same updates as 1 rank x 2 accumulation steps: the loss curves agree to fp32 tolerance."""
     from sabiscale.train import train
 
-    out = demo_cfg.output_dir
+    out = fresh_run_dir(demo_cfg, tmp_path / "two_ranks")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     steps = ["train.max_steps=6", "optim.warmup_steps=1", "train.eval_batches=1"]
     overrides = tiny_overrides(out) + steps + [f"tracking.uri={store}", "train.grad_accum_steps=1"]
@@ -61,6 +61,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(demo_cfg, world, tmp_path):
     assert len(two_ranks) == 6
 
     single = demo_cfg.model_copy(deep=True)
+    single.output_dir = fresh_run_dir(demo_cfg, tmp_path / "one_rank")
     single.tracking.enabled = False
     single.train.max_steps, single.optim.warmup_steps, single.train.eval_batches = 6, 1, 1
     single.train.grad_accum_steps = 2

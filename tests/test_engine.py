@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fresh_run_dir
 from sabiscale.config import load_config
 from sabiscale.engine import EngineConfigError, fill_ds_config, resolve_precision
 
@@ -42,10 +43,11 @@ def test_precision_follows_the_device():
     assert resolve_precision("bf16") == "bf16"
 
 
-def _train_in_process(demo_cfg, world, overrides: dict):
+def _train_in_process(demo_cfg, world, out, overrides: dict):
     from sabiscale.train import train
 
     cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, out)
     cfg.tracking.enabled = False
     cfg.train.max_steps, cfg.train.eval_batches, cfg.optim.warmup_steps = 4, 1, 1
     for dotted, value in overrides.items():
@@ -54,12 +56,13 @@ def _train_in_process(demo_cfg, world, overrides: dict):
     return train(cfg, world)
 
 
-def test_zero_stages_train_identically(demo_cfg, world):
+def test_zero_stages_train_identically(demo_cfg, world, tmp_path):
     """The head-only loss inside every ZeRO profile (ZeRO-3 gathers the head's weight itself):
     the same data and seed give the same loss curve, whatever the stage or offload."""
     curves = {}
     for profile in ("zero1", "zero2", "zero2_offload", "zero3_offload"):
-        result = _train_in_process(demo_cfg, world, {"engine.ds_config": ROOT / "ds_configs" / f"{profile}.json"})
+        result = _train_in_process(demo_cfg, world, tmp_path / profile,
+                                   {"engine.ds_config": ROOT / "ds_configs" / f"{profile}.json"})
         curves[profile] = result.train_losses
     reference = curves.pop("zero2_offload")
     assert reference[-1] < reference[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import BIN, ROOT, run_cli
+from conftest import BIN, ROOT, fresh_run_dir, run_cli
 from sabiscale.checkpoint import export_hf, load_trained_lm
 from sabiscale.data.batch import Vocab
 from sabiscale.data.loader import make_loader, shard_urls
@@ -29,11 +29,12 @@ def test_unparsable_outputs_count_as_wrong():
 
 
 @pytest.fixture(scope="module")
-def zero3_checkpoint(demo_cfg, world):
+def zero3_checkpoint(demo_cfg, world, tmp_path_factory):
     """A checkpoint whose parameters are partitioned by ZeRO-3, from a short real run."""
     from sabiscale.train import train
 
     cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path_factory.mktemp("zero3"))
     cfg.tracking.enabled = False
     cfg.engine.ds_config = ROOT / "ds_configs/zero3_offload.json"
     cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 3, 1, 1

@@ -62,3 +62,23 @@ def test_pipe_urls_read_the_same_data(demo_cfg):
     a = _take(make_loader(urls, 4, 0, 1, seed=5, shuffle_buffer=0, num_workers=0), 3)
     b = _take(make_loader(piped, 4, 0, 1, seed=5, shuffle_buffer=0, num_workers=0), 3)
     assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+
+
+def test_exact_resume_with_workers_ranks_and_a_new_world_size(demo_cfg):
+    urls = _urls(demo_cfg)
+    uninterrupted = [b.index for b in _take(make_loader(urls, 2, 0, 1, seed=3, shuffle_buffer=16, num_workers=0), 24)]
+    reference = _take(make_loader(urls, 2, 0, 1, seed=3, shuffle_buffer=16, num_workers=0), 24)
+
+    # 2 ranks with 2 workers each run 3 rounds, save, and stop
+    first = [make_loader(urls, 2, r, 2, seed=3, shuffle_buffer=16, num_workers=2) for r in (0, 1)]
+    seen = [b for _ in range(3) for stream in first for b in [next(stream)]]
+    states = [stream.state_dict() for stream in first]
+    assert states[0] == states[1] and states[0]["position"] == 6
+
+    # resume on 3 ranks (a different world size) from the saved position
+    resumed = [make_loader(urls, 2, r, 3, seed=3, shuffle_buffer=16, num_workers=r % 2, start=states[0]["position"])
+               for r in range(3)]
+    seen += [b for _ in range(6) for stream in resumed for b in [next(stream)]]
+    assert sorted(b.index for b in seen) == uninterrupted  # no repeats, no gaps
+    for b in seen:
+        assert torch.equal(b.input_ids, reference[b.index].input_ids) and b.keys == reference[b.index].keys

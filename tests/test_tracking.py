@@ -14,7 +14,7 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, ROOT, run_cli, tiny_overrides
+from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 from sabiscale.config import load_config
 from sabiscale.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, flatten, make_tracker
 
@@ -90,7 +90,7 @@ def mlflow_server(tmp_path):
 
 def test_training_against_a_real_server_read_back_over_rest_and_in_the_browser(demo_cfg, mlflow_server, tmp_path):
     run_name = f"browser-check-{uuid.uuid4().hex[:8]}"
-    overrides = tiny_overrides(demo_cfg.output_dir) + [
+    overrides = tiny_overrides(fresh_run_dir(demo_cfg, tmp_path / "run")) + [
         f"tracking.uri={mlflow_server}", f"tracking.run_name={run_name}", "tracking.experiment=tracking-test",
         "train.max_steps=8", "train.log_every=4", "optim.warmup_steps=1"]
     run_cli([BIN / "sabiscale", "train", str(ROOT / "launch/recipes/demo.yaml"), *overrides])

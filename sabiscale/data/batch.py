@@ -15,11 +15,12 @@ class Batch:
     task_ids: torch.Tensor      # (B, T) int64, index into the run's task names; -1 = padding
     lang_ids: torch.Tensor      # (B, T) int64, index into the run's language codes; -1 = padding
     index: int = 0              # position of this micro-batch in the global micro-batch stream
+    keys: tuple[str, ...] = ()  # WebDataset sample keys, for tracing which samples were trained on
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.loss_mask), move(self.position_ids),
-                     move(self.task_ids), move(self.lang_ids), self.index)
+                     move(self.task_ids), move(self.lang_ids), self.index, self.keys)
 
     @property
     def num_tokens(self) -> int:
@@ -60,4 +61,5 @@ def collate(samples: list[dict], index: int, vocab: Vocab) -> Batch:
         task_ids=torch.from_numpy(task_ids),
         lang_ids=torch.from_numpy(lang_ids),
         index=index,
+        keys=tuple(s["key"] for s in samples),
     )

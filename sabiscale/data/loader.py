@@ -43,6 +43,7 @@ def decode_sample(raw: dict) -> dict:
                              "or is damaged (run `sabiscale prepare` again)")
         out[name] = np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
     out["docs"] = json.loads(raw["docs.json"]) if "docs.json" in raw else []
+    out["key"] = raw.get("__key__", "")
     lengths = {len(out[name]) for name in NPY_FIELDS}
     if len(lengths) != 1:
         raise ValueError(f"{where}: fields have different lengths {lengths}")
@@ -50,14 +51,15 @@ def decode_sample(raw: dict) -> dict:
 
 
 class ShardLoader(torch.utils.data.IterableDataset):
-    """Infinite micro-batches of one rank; wrap in a DataLoader(batch_size=None) for workers."""
+    """Infinite micro-batches of one rank from global micro-batch `start` on; wrap in a
+    DataLoader(batch_size=None) for workers."""
 
     def __init__(self, urls: list[str], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle_buffer: int = 64, num_workers: int = 0) -> None:
+                 shuffle_buffer: int = 64, num_workers: int = 0, start: int = 0) -> None:
         super().__init__()
         self.urls, self.vocab, self.batch_size, self.seed = list(urls), vocab, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
+        self.shuffle_buffer, self.num_workers, self.start = shuffle_buffer, num_workers, start
 
     def _samples(self) -> Iterator[dict]:
         for epoch in count():
@@ -70,25 +72,65 @@ class ShardLoader(torch.utils.data.IterableDataset):
             yield from samples
 
     def _owns(self, batch_index: int, worker: int) -> bool:
-        if batch_index % self.world_size != self.rank:
+        k = batch_index - self.start
+        if k % self.world_size != self.rank:
             return False
-        return (batch_index // self.world_size) % max(1, self.num_workers) == worker
+        return (k // self.world_size) % max(1, self.num_workers) == worker
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         samples = self._samples()
-        for batch_index in count():
+        # Resuming: step over the samples of the micro-batches already trained on (read, not decoded).
+        for _ in islice(samples, self.start * self.batch_size):
+            pass
+        for batch_index in count(self.start):
             raw = list(islice(samples, self.batch_size))
             if self._owns(batch_index, worker):
                 yield collate([decode_sample(r) for r in raw], batch_index, self.vocab)
 
 
+class BatchStream:
+    """This rank's micro-batches, with its position in the global stream for exact resume.
+
+    The position counts global micro-batches (all ranks) consumed by completed rounds, so a
+    checkpoint's position is valid for any world size and number of workers.
+    """
+
+    def __init__(self, dataset: ShardLoader) -> None:
+        self.dataset = dataset
+        self.position = dataset.start
+        if dataset.num_workers == 0:
+            self._it = iter(dataset)
+        else:
+            self._it = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=dataset.num_workers,
+                                                        persistent_workers=True))
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._it)
+        d = self.dataset
+        self.position = d.start + ((batch.index - d.start) // d.world_size + 1) * d.world_size
+        return batch
+
+    def state_dict(self) -> dict:
+        d = self.dataset
+        return {"position": self.position, "batch_size": d.batch_size, "seed": d.seed,
+                "shuffle_buffer": d.shuffle_buffer, "urls": [Path(u).name for u in d.urls]}
+
+
+def check_resumable(state: dict, batch_size: int, seed: int, shuffle_buffer: int, urls: list[str]) -> None:
+    """The saved position only means the same samples under the same stream definition."""
+    now = {"batch_size": batch_size, "seed": seed, "shuffle_buffer": shuffle_buffer, "urls": [Path(u).name for u in urls]}
+    changed = [k for k in now if state.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"cannot resume the data stream exactly: {', '.join(changed)} changed since the checkpoint "
+                         f"(was {[state.get(k) for k in changed]}, now {[now[k] for k in changed]}); "
+                         "restore them, or start a new run in a new output_dir")
+
+
 def make_loader(urls: list[str], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
-                shuffle_buffer: int, num_workers: int) -> Iterator[Batch]:
-    dataset = ShardLoader(urls, vocab, batch_size, rank, world_size, seed, shuffle_buffer, num_workers)
-    if num_workers == 0:
-        return iter(dataset)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                         persistent_workers=True)
-    return iter(loader)
+                shuffle_buffer: int, num_workers: int, start: int = 0) -> BatchStream:
+    return BatchStream(ShardLoader(urls, vocab, batch_size, rank, world_size, seed, shuffle_buffer, num_workers, start))
