@@ -53,11 +53,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """This process's environment without the one-rank rendezvous the in-process `world` set up:
+    a child that inherited it would try to bind this process's MASTER_PORT."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(extra or {})
+    return env
+
+
 def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a real command (the console script, the deepspeed launcher) and fail with its output."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    full_env.update(env or {})
-    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -67,6 +73,7 @@ def fresh_run_dir(prepared_cfg, dest: Path) -> Path:
     checkpoints, so runs that resume automatically never pick up another test's checkpoint."""
     import shutil
 
-    for part in ("tokenizer", "shards"):
-        shutil.copytree(prepared_cfg.output_dir / part, dest / part)
+    for part in ("tokenizer", "shards", "raw"):
+        if (prepared_cfg.output_dir / part).is_dir():
+            shutil.copytree(prepared_cfg.output_dir / part, dest / part)
     return dest

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, ROOT, fresh_run_dir, tiny_overrides
+from conftest import BIN, ROOT, child_env, fresh_run_dir, tiny_overrides
 
 STEPS = 8
 
@@ -19,7 +19,7 @@ def _train(out, extra, launcher=None, expect_kill=False):
     if launcher:
         args = [str(BIN / "deepspeed"), "--num_gpus", str(launcher), "--master_port", "29741", "--module",
                 "sabiscale", *args[1:]]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     if expect_kill:
         # killed by SIGKILL: -9 from Python's view, 137 or 247 (-9 & 0xff) through a launcher
         assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL, 256 - signal.SIGKILL), proc.stderr[-3000:]
@@ -97,6 +97,19 @@ def test_resume_refuses_a_different_world_size_with_directions(demo_cfg, tmp_pat
     _train(out, ["train.fault=between_steps:3"], launcher=2, expect_kill=True)
     proc = subprocess.run([str(BIN / "sabiscale"), "train", str(ROOT / "launch/recipes/demo.yaml"),
                            *tiny_overrides(out), f"train.max_steps={STEPS}", "optim.warmup_steps=1",
-                           "train.checkpoint_every=2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "train.checkpoint_every=2"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 2
     assert "written by 2 ranks" in proc.stderr and "ds_to_universal" in proc.stderr
+
+
+def test_prune_keeps_the_newest_and_every_nth(tmp_path):
+    from sabiscale.checkpoint import SIDECAR, complete_checkpoints, prune, step_tag
+
+    for step in range(1, 9):
+        tag = tmp_path / step_tag(step)
+        tag.mkdir()
+        (tag / SIDECAR).write_text(json.dumps({"step": step}))
+    (tmp_path / "step_00000009.partial").mkdir()  # never counted as a checkpoint
+    prune(tmp_path, keep_last=2, keep_every=3)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(s) for s in (3, 6, 7, 8)]
