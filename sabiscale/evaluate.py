@@ -106,7 +106,9 @@ def sentiment_scores(predicted: list[str | None], gold: list[str]) -> dict[str, 
 
     filled = [p if p is not None else "<unparsed>" for p in predicted]
     accuracy = sum(p == g for p, g in zip(filled, gold)) / len(gold)
-    macro_f1 = f1_score(gold, filled, labels=sorted(set(gold)), average="macro", zero_division=0)
+    # macro over every real label that occurs in gold or predictions (an unparsed output is only a miss)
+    labels = sorted(set(gold) | {p for p in predicted if p is not None})
+    macro_f1 = f1_score(gold, filled, labels=labels, average="macro", zero_division=0)
     return {"accuracy": accuracy, "macro_f1": float(macro_f1), "unparsed": sum(p is None for p in predicted)}
 
 

@@ -26,6 +26,10 @@ def test_unparsable_outputs_count_as_wrong():
     assert half["unparsed"] == 1 and half["entity_f1"] == pytest.approx(2 / 3)  # P=1, R=1/2
     s = sentiment_scores(["positive", None, "negative"], ["positive", "negative", "negative"])
     assert s["accuracy"] == pytest.approx(2 / 3) and s["unparsed"] == 1
+    # positive: P=1 R=1 -> 1; negative: P=1 R=1/2 -> 2/3
+    assert s["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+    wrong_label = sentiment_scores(["neutral", "positive"], ["positive", "positive"])
+    assert wrong_label["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)  # a predicted label absent from gold counts
 
 
 @pytest.fixture(scope="module")
