@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def run_ours(steps: int, warmup: int, profile: str) -> dict:
 
     cfg = _config(profile)
     cfg.train.max_steps = steps + warmup
+    shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # the benchmark's own run directory: always start fresh
     ensure_launcher_env()
     world = init_distributed()
     tok = load_tokenizer(cfg.tokenizer_path)

@@ -257,6 +257,10 @@ def find_resume_point(cfg: RunConfig, world: World, manifest: dict) -> dict | No
         raise FileExistsError(f"{cfg.checkpoint_dir} already holds checkpoints (newest {newest.name}) and "
                               "train.resume is 'never'; use a new output_dir or train.resume=auto")
     meta, _ = read_sidecar(newest)
+    missing = [k for k in ("world_size", "loader", "rng", "tokens_seen", "tokenizer_sha256") if k not in meta]
+    if missing:
+        raise ValueError(f"{newest}/sabiscale.json lacks {missing}: it cannot be resumed exactly (written by an "
+                         "older sabiscale?); start a new output_dir, or evaluate/export it instead")
     if meta["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
         raise ValueError(f"{newest} was trained with tokenizer {meta['tokenizer_sha256'][:12]}, but the shards in "
                          f"{cfg.shards_dir} use {manifest['tokenizer_sha256'][:12]}; resume with the original "
