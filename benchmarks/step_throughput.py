@@ -70,16 +70,6 @@ class RssSampler:
         return max(during) - (before[-1] if before else during[0])
 
 
-def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(2):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - t0)
-
-
 def _config(profile: str = "zero2_offload"):
     from sabiscale.__main__ import _resolve_paths
     from sabiscale.config import load_config
@@ -185,7 +175,9 @@ def orchestrate(args) -> None:
     if not (cfg.shards_dir / "manifest.json").is_file():
         print("preparing the standard workload (tokenizer + shards) ...", flush=True)
         prepare(cfg)
-    peak = measure_matmul_peak()
+    from sabiscale.metrics import measure_matmul_peak
+
+    peak = measure_matmul_peak(torch.device("cpu"))
     print(f"measured fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s", flush=True)
     rounds: dict[str, list[dict]] = {"peer": [], "ours": []}
     for r in range(args.rounds):

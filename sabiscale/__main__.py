@@ -71,8 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result, world = _run_training(cfg)
     if world.rank == 0:
         losses = result.eval_answer_loss
-        first, last = losses[min(losses)], losses[max(losses)]
-        print(f"trained {result.steps} steps; eval answer loss {first:.3f} -> {last:.3f}\n"
+        change = (f"{losses[min(losses)]:.3f} -> {losses[max(losses)]:.3f}" if len(losses) > 1
+                  else f"{losses[max(losses)]:.3f}" if losses else "n/a")
+        print(f"trained {result.steps} steps; eval answer loss {change}\n"
               f"checkpoint: {result.checkpoint}\nMLflow run: {result.run_id} ({result.tracking_uri})")
     return 0
 
