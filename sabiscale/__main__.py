@@ -160,6 +160,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards_verify(args: argparse.Namespace) -> int:
+    """Check every shard against its manifest."""
+    from .shards.verify import verify_shards
+
+    problems, totals = verify_shards(Path(args.dir))
+    for split, t in totals.items():
+        print(f"{split}: {t['sequences']} sequences, {t['tokens']} tokens, {t['supervised_tokens']} supervised")
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dir}:", *(f"  - {p}" for p in problems), sep="\n", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: every shard matches manifest.json")
+    return 0
+
+
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's JIT ops once, at install time."""
     from .engine import build_ops
@@ -201,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint")
     ex.add_argument("out")
     ex.set_defaults(func=cmd_export)
+    shards = sub.add_parser("shards", help="inspect written shards").add_subparsers(dest="shards_command", required=True)
+    verify = shards.add_parser("verify", help="check every shard against manifest.json (sha256, counts, dtypes, shapes)")
+    verify.add_argument("dir", help="a shards directory (with manifest.json)")
+    verify.set_defaults(func=cmd_shards_verify)
     ops = sub.add_parser("build-ops", help="compile DeepSpeed's CPU Adam and comm ops (run by make install)")
     ops.set_defaults(func=cmd_build_ops)
     return parser

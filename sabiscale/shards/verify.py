@@ -1,0 +1,100 @@
+"""`sabiscale shards verify DIR`: check every shard against manifest.json.
+
+Per shard: present, sha256, a readable tar, the sample count; per sample: all members present,
+`.npy` loadable without pickle, dtypes and shapes as the format says, `docs.json` inside the
+sequence; per split: token and supervised-token totals. Every problem names the shard and member.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .write import FIELDS, read_manifest, sha256_file
+
+DTYPES = {"input_ids": np.uint32, "loss_mask": np.uint8, "position_ids": np.int32}
+
+
+def _check_sample(shard: str, key: str, members: dict[str, bytes], seq_len: int, problems: list[str]) -> tuple[int, int]:
+    """(tokens, supervised tokens) of one sample; appends what is wrong with it."""
+    arrays = {}
+    for field in FIELDS:
+        name = f"{key}.{field}.npy"
+        if name not in members:
+            problems.append(f"{shard}: member {name} is missing")
+            continue
+        try:
+            array = np.load(io.BytesIO(members[name]), allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable array is reported, whatever numpy says
+            problems.append(f"{shard}: member {name} is not a readable .npy ({err})")
+            continue
+        if array.dtype != DTYPES[field] or array.shape != (seq_len,):
+            problems.append(f"{shard}: member {name} is {array.dtype}{list(array.shape)}, "
+                            f"expected {np.dtype(DTYPES[field])}[{seq_len}]")
+        arrays[field] = array
+    try:
+        docs = json.loads(members[f"{key}.docs.json"])
+    except (KeyError, json.JSONDecodeError):
+        problems.append(f"{shard}: member {key}.docs.json is missing or not JSON")
+        return 0, 0
+    if any(start < 0 or start + length > seq_len for start, length, *_ in docs):
+        problems.append(f"{shard}: member {key}.docs.json has a document outside the sequence")
+    mask = arrays.get("loss_mask")
+    return sum(d[1] for d in docs), int(mask.sum()) if mask is not None else 0
+
+
+def _read_members(path: Path, problems: list[str]) -> dict[str, dict[str, bytes]] | None:
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key = member.name.split(".", 1)[0]
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise EOFError(f"member {member.name} has {len(data)} of its {member.size} bytes")
+                samples[key][member.name] = data
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problems.append(f"{path.name}: not a readable tar ({err}); the file is truncated or corrupted — "
+                        "re-run `sabiscale prepare` or restore it from where it was copied")
+        return None
+    return samples
+
+
+def verify_shards(shards_dir: Path) -> tuple[list[str], dict]:
+    """(problems, totals per split); no problems means every shard matches the manifest."""
+    manifest = read_manifest(shards_dir)
+    seq_len = manifest["seq_len"]
+    problems: list[str] = []
+    totals = {}
+    listed = set()
+    for split, entry in manifest["splits"].items():
+        tokens = supervised = sequences = 0
+        for shard in entry["shards"]:
+            listed.add(shard["name"])
+            path = shards_dir / shard["name"]
+            if not path.is_file():
+                problems.append(f"{shard['name']}: listed in manifest.json but missing")
+                continue
+            if sha256_file(path) != shard["sha256"]:
+                problems.append(f"{shard['name']}: sha256 differs from manifest.json (changed or damaged)")
+            samples = _read_members(path, problems)
+            if samples is None:
+                continue
+            if len(samples) != shard["sequences"]:
+                problems.append(f"{shard['name']}: {len(samples)} samples, manifest.json says {shard['sequences']}")
+            for key, members in sorted(samples.items()):
+                t, s = _check_sample(shard["name"], key, members, seq_len, problems)
+                tokens, supervised = tokens + t, supervised + s
+            sequences += len(samples)
+        counts = entry["counts"]
+        if (tokens, supervised) != (counts["tokens"], counts["supervised_tokens"]) and not problems:
+            problems.append(f"split {split}: {tokens} tokens / {supervised} supervised in the shards, "
+                            f"manifest.json says {counts['tokens']} / {counts['supervised_tokens']}")
+        totals[split] = {"sequences": sequences, "tokens": tokens, "supervised_tokens": supervised}
+    for stray in sorted(p.name for p in shards_dir.glob("*.tar") if p.name not in listed):
+        problems.append(f"{stray}: a shard not listed in manifest.json (it would never be read)")
+    return problems, totals
