@@ -105,8 +105,11 @@ class TrainConfig(_Section):
     # Write the sample keys of every step to <output_dir>/trace/rank<N>.jsonl (audits, tests).
     trace_samples: bool = False
     # Fault injection for tests: "mid_step:N", "between_steps:N" or "mid_checkpoint:N" makes the
-    # process SIGKILL itself at that point of step N.
-    fault: str | None = Field(None, pattern=r"^(mid_step|between_steps|mid_checkpoint):[0-9]+$")
+    # process SIGKILL itself at that point of step N; "nan_loss:N" makes step N's loss NaN.
+    fault: str | None = Field(None, pattern=r"^(mid_step|between_steps|mid_checkpoint|nan_loss):[0-9]+$")
+    # Optimizer steps in a row with a non-finite loss or gradient (each skipped by DeepSpeed,
+    # parameters untouched) before training stops with the step and batches named.
+    max_nonfinite_steps: int = Field(5, ge=1)
     # Peak FLOP/s of one device, for train/mfu; None = measured at start with a matmul
     # (about 1.4e11-1.8e11 fp32 on this 2-core CPU).
     peak_flops_per_s: float | None = Field(None, gt=0)

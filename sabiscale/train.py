@@ -167,6 +167,7 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
     gas = cfg.train.grad_accum_steps
     stats = TokenStats(vocab, world.device)
     trace = open_trace(cfg, world.rank)
+    nonfinite_in_row = 0
     bar = _progress(cfg, world.rank)
     bar.update(start_step)
     for step in range(start_step + 1, cfg.train.max_steps + 1):
@@ -181,8 +182,11 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         # sum(token losses) / global supervised count, whatever the split.
         scale = gas * world.world_size / n_global
         sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, answer loss, answer tokens
+        skipped_before = engine.skipped_steps
         for batch in micro:
             out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids)
+            if fault == ("nan_loss", step):
+                out.loss_sum = out.loss_sum * float("nan")
             engine.backward(out.loss_sum * scale)
             if fault == ("mid_step", step):
                 kill_self()
@@ -192,6 +196,8 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                                  answer.sum().double()])
             stats.add(batch, out)
         sums = all_reduce_sum(sums)
+        nonfinite_in_row = check_finite(engine, skipped_before, sums, step, micro, nonfinite_in_row,
+                                        cfg.train.max_nonfinite_steps)
         t1 = time.monotonic()
         step_tokens = sum(b.num_tokens for b in micro) * world.world_size
         tokens_seen += step_tokens
@@ -205,7 +211,7 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                    "train/tokens_per_s": step_tokens / (t1 - t0),
                    "train/supervised_tokens_per_s": float(n_global) / (t1 - t0),
                    "train/mfu": flops / (t1 - t0) / (peak * world.world_size),
-                   "train/mem": memory_in_use(world.device)}
+                   "train/mem": memory_in_use(world.device), "train/skipped_steps": engine.skipped_steps}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
@@ -240,6 +246,24 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         result.checkpoint = cfg.checkpoint_dir / step_tag(start_step)
     tracker.finish()
     return result
+
+
+def check_finite(engine, skipped_before: int, sums: torch.Tensor, step: int, micro: list, in_row: int,
+                 limit: int) -> int:
+    """DeepSpeed skips an optimizer step whose gradient norm is inf/NaN (parameters untouched, LR
+    schedule not advanced). Count such steps in a row and stop at `limit`, naming the batches."""
+    if engine.skipped_steps == skipped_before and torch.isfinite(sums).all():
+        return 0
+    in_row += 1
+    batches = [b.index for b in micro]
+    log.warning("step %d: non-finite loss or gradient (global micro-batches %s); the update was skipped "
+                "(%d in a row)", step, batches, in_row)
+    if in_row >= limit:
+        raise FloatingPointError(
+            f"{in_row} optimizer steps in a row had a non-finite loss or gradient (last: step {step}, global "
+            f"micro-batches {batches}); lower optim.lr or check those batches (train.trace_samples=true records "
+            "their sample keys), then resume from the last checkpoint")
+    return in_row
 
 
 def find_resume_point(cfg: RunConfig, world: World, manifest: dict) -> dict | None:

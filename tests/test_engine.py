@@ -68,3 +68,19 @@ def test_zero_stages_train_identically(demo_cfg, world, tmp_path):
     assert reference[-1] < reference[0]
     for profile, losses in curves.items():
         assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5), profile
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(demo_cfg, world, tmp_path):
+    clean = _train_in_process(demo_cfg, world, tmp_path / "clean", {})
+    spoiled = _train_in_process(demo_cfg, world, tmp_path / "nan", {"train.fault": "nan_loss:2"})
+    assert clean.train_losses[0] == spoiled.train_losses[0]
+    assert spoiled.train_losses[1] != spoiled.train_losses[1]  # NaN at step 2
+    # step 2 changed nothing: step 3 starts from the parameters after step 1, so it differs from the
+    # clean run's step 3 but stays finite, and training ends normally
+    assert all(x == x for x in spoiled.train_losses[2:]) and spoiled.train_losses[2] != clean.train_losses[2]
+    assert spoiled.checkpoint.is_dir()
+
+
+def test_non_finite_steps_in_a_row_stop_training_with_the_batches_named(demo_cfg, world, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"1 optimizer steps in a row .* step 2, global micro-batches \[1\]"):
+        _train_in_process(demo_cfg, world, tmp_path / "nan", {"train.fault": "nan_loss:2", "train.max_nonfinite_steps": 1})
