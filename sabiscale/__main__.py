@@ -174,6 +174,24 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_report(args: argparse.Namespace) -> int:
+    """Fertility, bytes per token and byte-fallback share per language."""
+    from .corpus import languages_in, read_examples
+    from .tasks import special_tokens
+    from .tokenizer import load_tokenizer
+    from .tokenizer_report import format_tokenizer_report, tokenizer_report
+
+    cfg = _config(args)
+    root = Path(args.data) if args.data else Path(cfg.data.jsonl_root or cfg.output_dir / "raw")
+    reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
+    tok = load_tokenizer(Path(args.tokenizer) if args.tokenizer else cfg.tokenizer_path)
+    examples = [e for e, _ in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed,
+                                            cfg.data.max_records_per_file)]
+    print(f"tokenizer {args.tokenizer or cfg.tokenizer_path} ({len(tok)} tokens) on {root}\n")
+    print(format_tokenizer_report(tokenizer_report(tok, examples)))
+    return 0
+
+
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's JIT ops once, at install time."""
     from .engine import build_ops
@@ -215,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint")
     ex.add_argument("out")
     ex.set_defaults(func=cmd_export)
+    tokenizer = sub.add_parser("tokenizer", help="inspect a tokenizer").add_subparsers(dest="tokenizer_command",
+                                                                                       required=True)
+    report = tokenizer.add_parser("report", help="fertility, bytes/token and byte-fallback share per language")
+    report.add_argument("recipe", help="YAML recipe (its data and tokenizer)")
+    report.add_argument("overrides", nargs="*", help="key=value overrides")
+    report.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the recipe's run)")
+    report.add_argument("--data", default=None, help="JSONL root (default: the recipe's data)")
+    report.set_defaults(func=cmd_tokenizer_report)
     shards = sub.add_parser("shards", help="inspect written shards").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check every shard against manifest.json (sha256, counts, dtypes, shapes)")
     verify.add_argument("dir", help="a shards directory (with manifest.json)")

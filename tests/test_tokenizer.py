@@ -41,3 +41,19 @@ def test_transformers_loads_the_saved_directory_offline(demo_cfg, monkeypatch):
     text = "<classify> kò dára <sentiment> : negative"
     assert auto.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False)
     assert auto.eos_token == EOS
+
+
+def test_report_counts_fertility_bytes_and_byte_fallback(demo_cfg):
+    from sabiscale.tokenizer_report import tokenizer_report
+
+    tok = load_tokenizer(demo_cfg.tokenizer_path)
+    # the demo tokenizer has never seen Devanagari: each character falls back to 3 lone bytes
+    unseen = "नमस्ते"
+    examples = [Example("text", "yor", "<yor>", " ọmọ ọmọ", "t:1"), Example("text", "xx", "<xx>", " " + unseen, "t:2")]
+    report = tokenizer_report(tok, examples)
+    ids = tok.encode("ọmọ ọmọ", add_special_tokens=False)
+    assert report["yor"]["tokens"] == len(ids) and report["yor"]["words"] == 2
+    assert report["yor"]["fertility"] == len(ids) / 2
+    assert report["yor"]["bytes_per_token"] == len("ọmọ ọmọ".encode()) / len(ids)
+    assert report["yor"]["byte_fallback_share"] == 0.0
+    assert report["xx"]["byte_fallback_share"] > 0.5

@@ -1,0 +1,48 @@
+"""`sabiscale tokenizer report`: how well a tokenizer fits each language.
+
+Per language, over the answer texts of every task (prompt and answer for plain text alike):
+- fertility: tokens per whitespace-separated word (lower is better; ~1.3-1.6 is typical of
+  English-centric tokenizers on English),
+- bytes per token: UTF-8 bytes per token (higher means more text per step of compute),
+- byte-fallback share: tokens that are a lone byte of a multi-byte character, i.e. the byte-level
+  BPE found no merge for that character (a tonal mark split off its vowel shows up here); a
+  byte-level BPE has no unknown token, so this is its "unknown" rate.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .tasks import Example
+
+
+def _lone_byte_tokens(tok) -> set[int]:
+    """Ids of tokens whose bytes are not valid UTF-8 on their own: the byte-level decoder turns
+    them into U+FFFD."""
+    decoder = tok.backend_tokenizer.decoder
+    specials = set(tok.all_special_tokens)
+    return {index for token, index in tok.get_vocab().items()
+            if token not in specials and "\ufffd" in decoder.decode([token])}
+
+
+def tokenizer_report(tok, examples: list[Example]) -> dict[str, dict[str, float]]:
+    lone = _lone_byte_tokens(tok)
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # words, bytes, tokens, lone-byte tokens
+    texts = [(e.lang, e.answer.strip()) for e in examples]
+    encoded = tok.backend_tokenizer.encode_batch([t for _, t in texts], add_special_tokens=False)
+    for (lang, text), enc in zip(texts, encoded):
+        entry = totals[lang]
+        entry[0] += len(text.split())
+        entry[1] += len(text.encode("utf-8"))
+        entry[2] += len(enc.ids)
+        entry[3] += sum(i in lone for i in enc.ids)
+    return {lang: {"words": w, "tokens": t, "fertility": t / max(w, 1), "bytes_per_token": b / max(t, 1),
+                   "byte_fallback_share": f / max(t, 1)} for lang, (w, b, t, f) in sorted(totals.items())}
+
+
+def format_tokenizer_report(report: dict[str, dict[str, float]]) -> str:
+    lines = ["| language | words | tokens | fertility (tokens/word) | bytes/token | byte-fallback share |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for lang, m in report.items():
+        lines.append(f"| {lang} | {m['words']} | {m['tokens']} | {m['fertility']:.2f} | {m['bytes_per_token']:.2f} "
+                     f"| {m['byte_fallback_share']:.2%} |")
+    return "\n".join(lines)
