@@ -261,8 +261,16 @@ def use_environment_toolchain() -> None:
         os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
 
 
+def fail_fast_tracking() -> None:
+    """MLflow's HTTP client retries a dead server for minutes by default; training must not wait
+    that long per metric (the tracker keeps metrics and retries on its own schedule)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 def main(argv: list[str] | None = None) -> int:
     use_environment_toolchain()
+    fail_fast_tracking()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -6,11 +6,14 @@ else MLFLOW_TRACKING_URI (resolved at the CLI edge), else a sqlite file in the r
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Protocol
 
 from .config import RunConfig, config_to_dict
+
+log = logging.getLogger("sabiscale.tracking")
 
 # MLflow refuses longer parameter values; those go into an artifact instead.
 MAX_PARAM_LENGTH = 6000
@@ -122,8 +125,85 @@ class MLflowTracker:
         self._mlflow.end_run(status=status)
 
 
+class ResilientTracker:
+    """MLflow that never stops training: when the store is unreachable it warns once, keeps the
+    metrics, retries every `retry_seconds`, sends them when it is back, and at the end writes what
+    could not be sent to `<output_dir>/tracking_fallback.jsonl`."""
+
+    def __init__(self, cfg: RunConfig, retry_seconds: float = 30.0) -> None:
+        self.fallback_path = cfg.output_dir / "tracking_fallback.jsonl"
+        self.retry_seconds = retry_seconds
+        self._pending: list[tuple[dict[str, float], int]] = []
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        try:
+            self.inner: MLflowTracker | None = MLflowTracker(cfg)
+        except Exception as err:  # noqa: BLE001 - any failure of the store must not stop training
+            self.inner = None
+            self._unreachable(err, cfg.tracking.uri or default_tracking_uri(cfg.output_dir))
+        self.run_id = self.inner.run_id if self.inner else None
+        self.uri = self.inner.uri if self.inner else None
+        self.experiment_id = self.inner.experiment_id if self.inner else None
+
+    def _unreachable(self, err: Exception, where: str | None = None) -> None:
+        if self._down_since is None:
+            log.warning("tracking store %s unreachable (%s): training continues; metrics are kept and sent "
+                        "when it is back, or written to %s", where or self.uri, err, self.fallback_path)
+            self._down_since = time.monotonic()
+        self._next_try = time.monotonic() + self.retry_seconds
+
+    def _call(self, method: str, *args) -> None:
+        if self.inner is None:
+            return
+        try:
+            getattr(self.inner, method)(*args)
+        except Exception as err:  # noqa: BLE001
+            self._unreachable(err)
+
+    def _flush(self, force: bool = False) -> None:
+        if self.inner is None or not self._pending or (not force and time.monotonic() < self._next_try):
+            return
+        try:
+            while self._pending:
+                self.inner.log_metrics(*self._pending[0])
+                self._pending.pop(0)
+        except Exception as err:  # noqa: BLE001
+            self._unreachable(err)
+            return
+        if self._down_since is not None:
+            log.warning("tracking store reachable again; buffered metrics sent")
+            self._down_since = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._pending.append(({k: float(v) for k, v in metrics.items()}, step))
+        self._flush()
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self._call("log_artifact", path, folder)
+
+    def log_json(self, data: dict, name: str) -> None:
+        self._call("log_json", data, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("set_tags", tags)
+
+    def log_checkpoint(self, path: Path, upload: bool) -> None:
+        self._call("log_checkpoint", path, upload)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._flush(force=True)
+        if self._pending:
+            self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.fallback_path.open("a", encoding="utf-8") as f:
+                for metrics, step in self._pending:
+                    f.write(json.dumps({"run_id": self.run_id, "step": step, "metrics": metrics}) + "\n")
+            log.warning("%d metric records could not reach the tracking store; they are in %s",
+                        len(self._pending), self.fallback_path)
+        self._call("finish", status)
+
+
 def make_tracker(cfg: RunConfig, rank: int) -> Tracker:
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    return MLflowTracker(cfg)
+    return ResilientTracker(cfg)
 

@@ -10,13 +10,14 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 from sabiscale.config import load_config
-from sabiscale.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, flatten, make_tracker
+from sabiscale.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, ResilientTracker, flatten, make_tracker
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -64,28 +65,36 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def _start_server(store: Path, port: int) -> subprocess.Popen:
+    """launch/mlflow-server.sh in its own process group, returned once /health answers."""
+    env = {**os.environ, "MLFLOW_BIN": str(BIN / "mlflow")}
+    log = open(store.parent / f"server-{port}.log", "a")
+    proc = subprocess.Popen([ROOT / "launch/mlflow-server.sh", str(store), str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            assert proc.poll() is None, (store.parent / f"server-{port}.log").read_text()
+            time.sleep(0.5)
+    _stop_server(proc)
+    pytest.fail(f"MLflow server did not come up:\n{(store.parent / f'server-{port}.log').read_text()}")
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = _free_port()
-    env = {**os.environ, "MLFLOW_BIN": str(BIN / "mlflow")}
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([ROOT / "launch/mlflow-server.sh", str(tmp_path / "server"), str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc = _start_server(tmp_path / "server", port)
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"MLflow server did not come up:\n{(tmp_path / 'server.log').read_text()}")
-        yield base
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        _stop_server(proc)
 
 
 def test_training_against_a_real_server_read_back_over_rest_and_in_the_browser(demo_cfg, mlflow_server, tmp_path):
@@ -148,3 +157,34 @@ def test_a_run_can_be_continued_by_id(tmp_path):
     assert len(client.search_runs([first.experiment_id])) == 1
     history = sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, "train/loss"))
     assert history == [(1, 2.0), (2, 1.0)]
+
+
+def test_an_unreachable_store_never_stops_training(tmp_path, monkeypatch, caplog):
+    """A real server goes away mid-run and comes back: nothing raises, one warning, every metric
+    arrives; what cannot arrive by the end lands in the local fallback file."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    port = _free_port()
+    store = tmp_path / "server"
+    base = f"http://127.0.0.1:{port}"
+    server = _start_server(store, port)
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"tracking.uri={base}", "tracking.system_metrics=false",
+                             "tracking.experiment=outage"])
+    tracker = ResilientTracker(cfg, retry_seconds=0)
+    tracker.log_metrics({"train/loss": 3.0}, step=1)
+    _stop_server(server)
+    with caplog.at_level("WARNING", logger="sabiscale.tracking"):
+        tracker.log_metrics({"train/loss": 2.0}, step=2)  # store down: kept
+        tracker.log_metrics({"train/loss": 1.5}, step=3)
+    assert sum("unreachable" in r.message for r in caplog.records) == 1
+    server = _start_server(store, port)
+    try:
+        tracker.log_metrics({"train/loss": 1.0}, step=4)  # back: everything kept is sent
+        history = _get(f"{base}/api/2.0/mlflow/metrics/get-history", {"run_id": tracker.run_id, "metric_key": "train/loss"})
+        assert sorted((m["step"], m["value"]) for m in history["metrics"]) == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)]
+    finally:
+        _stop_server(server)
+    tracker.log_metrics({"train/loss": 0.5}, step=5)
+    tracker.finish()  # store down at the end: the unsent record goes to the fallback file
+    lines = [json.loads(line) for line in tracker.fallback_path.read_text().splitlines()]
+    assert lines == [{"run_id": tracker.run_id, "step": 5, "metrics": {"train/loss": 0.5}}]
