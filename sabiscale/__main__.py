@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_config
@@ -83,6 +84,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     overrides = [f"output_dir={args.out}", *args.overrides] if args.out else args.overrides
     cfg = _resolve_paths(load_config(DEMO_RECIPE, overrides))
+    if cfg.output_dir.exists() and any(cfg.output_dir.iterdir()):
+        # a demo always starts from scratch, and never over an earlier one
+        cfg.output_dir = cfg.output_dir.with_name(f"{cfg.output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     _setup_logging(0)
     logging.getLogger("sabiscale").info("demo: preparing data in %s", cfg.output_dir)
     prepared = prepare(cfg)
