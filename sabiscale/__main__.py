@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (ConfigError, ValueError, OSError, FloatingPointError) as err:
         print(f"sabiscale {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -60,13 +60,14 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
             os.rename(partial, final)
             _write_atomically(checkpoint_dir / "latest", tag)
             prune(checkpoint_dir, keep_last, keep_every)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         previous = latest_complete(checkpoint_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-        raise OSError(err.errno, f"could not write checkpoint {final} ({err.strerror}); {kept}; "
-                      "free disk space (or point output_dir elsewhere) and resume") from err
+        free = shutil.disk_usage(checkpoint_dir).free / 2**20
+        raise OSError(f"could not write checkpoint {final} ({err}; {free:.1f} MiB free there); {kept}; "
+                      "free disk space (or point output_dir elsewhere) and run the same command to resume") from err
     barrier()
     return final
 

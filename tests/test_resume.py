@@ -113,3 +113,35 @@ def test_prune_keeps_the_newest_and_every_nth(tmp_path):
     (tmp_path / "step_00000009.partial").mkdir()  # never counted as a checkpoint
     prune(tmp_path, keep_last=2, keep_every=3)
     assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(s) for s in (3, 6, 7, 8)]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 6 MiB tmpfs: room for one checkpoint of the tiny model (~4 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to run out of disk ({done.stderr.strip()}); needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(demo_cfg, tmp_path, tiny_disk):
+    from sabiscale.checkpoint import load_trained_lm
+
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    (out / "checkpoints").symlink_to(tiny_disk)
+    proc = subprocess.run([str(BIN / "sabiscale"), "train", str(ROOT / "launch/recipes/demo.yaml"),
+                           *tiny_overrides(out), f"train.max_steps={STEPS}", "optim.warmup_steps=1",
+                           "train.eval_batches=1", "train.checkpoint_every=2", "tracking.system_metrics=false"],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    saved = sorted(p.name for p in tiny_disk.iterdir() if p.name.startswith("step_"))
+    assert saved and not any(name.endswith(".partial") for name in saved)  # the failed save is cleaned up
+    newest = saved[-1]
+    assert newest != f"step_{STEPS:08d}"  # the disk did fill up before the end
+    assert "could not write checkpoint" in proc.stderr and f"{newest} is intact" in proc.stderr
+    assert (tiny_disk / "latest").read_text() == newest
+    _, _, meta = load_trained_lm(tiny_disk / newest)  # still whole and loadable
+    assert f"step_{meta['step']:08d}" == newest
