@@ -117,14 +117,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Held-out metrics of a checkpoint, per task and language."""
     import json
 
-    from .checkpoint import load_trained_lm, read_sidecar, resolve_checkpoint
+    from .checkpoint import load_trained_lm, resolve_checkpoint
+    from .config import build_config
     from .corpus import is_dev_record, is_validation, languages_in, read_examples
     from .evaluate import generation_metrics, teacher_forced
     from .tasks import special_tokens
 
     tag_dir = resolve_checkpoint(Path(args.checkpoint))
     lm, tok, meta = load_trained_lm(tag_dir)
-    _, cfg = read_sidecar(tag_dir)  # the run's own tasks, languages and held-out split
+    cfg = build_config(meta["config"], origin=str(tag_dir))  # the run's own tasks, languages, held-out split
     root = Path(args.data) if args.data else Path(cfg.data.jsonl_root or cfg.output_dir / "raw")
     reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
     keep = is_dev_record if args.split == "dev" else None

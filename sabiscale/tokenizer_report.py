@@ -1,6 +1,7 @@
 """`sabiscale tokenizer report`: how well a tokenizer fits each language.
 
-Per language, over the answer texts of every task (prompt and answer for plain text alike):
+Per language, over the answer text of every example (the part in that example's language; for
+translation the target side):
 - fertility: tokens per whitespace-separated word (lower is better; ~1.3-1.6 is typical of
   English-centric tokenizers on English),
 - bytes per token: UTF-8 bytes per token (higher means more text per step of compute),

@@ -94,6 +94,7 @@ def _progress(cfg: RunConfig, rank: int):
 
 def train(cfg: RunConfig, world: World) -> TrainResult:
     manifest = check_inputs(cfg)
+    manifest_sha256 = _file_hash(cfg.shards_dir / "manifest.json")  # recorded in every checkpoint
     vocab = Vocab.from_manifest(manifest)
     tok = load_tokenizer(cfg.tokenizer_path)
     lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
@@ -147,7 +148,7 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         client_state = {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "rng": rng_state(),
                         "world_size": world.world_size, "config": config_to_dict(cfg),
                         "tokenizer_sha256": manifest["tokenizer_sha256"],
-                        "manifest_sha256": _file_hash(cfg.shards_dir / "manifest.json"),
+                        "manifest_sha256": manifest_sha256,
                         "mlflow_run_id": tracker.run_id}
         path = save_checkpoint(engine, cfg.checkpoint_dir, step, client_state, cfg.tokenizer_path.parent,
                                world.rank, cfg.train.keep_last, cfg.train.keep_every,
