@@ -197,6 +197,22 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Reference losses of every answer token, written into new shards (for loss.kind=selective)."""
+    from .engine import barrier, ensure_launcher_env, init_distributed
+    from .score import score_shards
+
+    ensure_launcher_env()
+    world = init_distributed()
+    _setup_logging(world.rank)
+    manifest = score_shards(Path(args.reference), Path(args.shards), Path(args.out), world.rank, world.world_size,
+                            world.device, args.batch_size, barrier)
+    if world.rank == 0:
+        print(f"scored shards: {manifest.parent} (manifest {manifest}); train from them with "
+              f"data.shards_dir={manifest.parent} tokenizer.path=<the shards' tokenizer.json> loss.kind=selective")
+    return 0
+
+
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's JIT ops once, at install time."""
     from .engine import build_ops
@@ -250,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = shards.add_parser("verify", help="check every shard against manifest.json (sha256, counts, dtypes, shapes)")
     verify.add_argument("dir", help="a shards directory (with manifest.json)")
     verify.set_defaults(func=cmd_shards_verify)
+    score = sub.add_parser("score", help="reference losses of every answer token into new shards (Rho-1)")
+    score.add_argument("--reference", required=True, help="the reference model: a checkpoint (or checkpoints/ for the newest)")
+    score.add_argument("--shards", required=True, help="shards directory to score (with manifest.json)")
+    score.add_argument("--out", required=True, help="new directory for the scored shards (rerun to resume)")
+    score.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    score.set_defaults(func=cmd_score)
     ops = sub.add_parser("build-ops", help="compile DeepSpeed's CPU Adam and comm ops (run by make install)")
     ops.set_defaults(func=cmd_build_ops)
     return parser

@@ -12,8 +12,10 @@ checkpoint directory must be on a filesystem every rank sees (as on SLURM cluste
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -26,6 +28,11 @@ from .tokenizer import load_tokenizer
 
 CLIENT_STATE_VERSION = 1
 SIDECAR = "sabiscale.json"
+TAG_PATTERN = re.compile(r"step_[0-9]{8}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message says which file and what to do."""
 
 
 def step_tag(step: int) -> str:
@@ -52,6 +59,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
         barrier()
         if rank == 0:
             shutil.copytree(tokenizer_dir, partial / "tokenizer", dirs_exist_ok=True)
+            state["files"] = file_inventory(partial)  # every rank's files are written (barrier above)
             (partial / SIDECAR).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
             if kill_mid_write:
                 kill_self()
@@ -79,11 +87,12 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Tag directories with a sidecar (written last before the rename), oldest first."""
+    """Tag directories with a sidecar (written last before the rename), oldest first. Only exact
+    `step_NNNNNNNN` names count, so a directory moved aside (`step_..damaged`) is never resumed."""
     if not checkpoint_dir.is_dir():
         return []
-    return sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir() and (p / SIDECAR).is_file()
-                  and not p.name.endswith(".partial"))
+    return sorted(p for p in checkpoint_dir.glob("step_*") if TAG_PATTERN.fullmatch(p.name) and p.is_dir()
+                  and (p / SIDECAR).is_file())
 
 
 def latest_complete(checkpoint_dir: Path) -> Path | None:
@@ -100,6 +109,51 @@ def prune(checkpoint_dir: Path, keep_last: int, keep_every: int) -> None:
         step = json.loads((path / SIDECAR).read_text())["step"]
         if not (keep_every and step % keep_every == 0):
             shutil.rmtree(path)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_inventory(tag_dir: Path) -> dict[str, dict]:
+    """relative path -> size and sha256 of every file of a checkpoint (but the sidecar itself).
+    Recorded at save, checked before any load: a truncated or altered file is then named with
+    its expected size instead of surfacing as an unpickling error deep inside DeepSpeed."""
+    return {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != SIDECAR}
+
+
+def damaged_files(tag_dir: Path, recorded: dict[str, dict]) -> list[str]:
+    """What differs from the inventory recorded at save, one line per file ([] = intact)."""
+    problems = []
+    for rel, want in recorded.items():
+        path = tag_dir / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif (size := path.stat().st_size) != want["bytes"]:
+            problems.append(f"{rel}: {size} bytes, {want['bytes']} when saved (truncated or overwritten)")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{rel}: content differs from what was saved (sha256 mismatch)")
+    return problems
+
+
+def check_intact(tag_dir: Path, meta: dict) -> None:
+    """Raise CheckpointError naming each damaged file and the way out; checkpoints written before
+    the inventory existed are let through (DeepSpeed's own load errors are wrapped instead)."""
+    problems = damaged_files(tag_dir, meta.get("files", {}))
+    if problems:
+        raise CheckpointError(f"checkpoint {tag_dir} is damaged; nothing was loaded or changed:\n  "
+                              + "\n  ".join(problems) + "\n" + way_out(tag_dir))
+
+
+def way_out(tag_dir: Path) -> str:
+    """What to do with an unusable checkpoint: fall back to the previous one by moving this aside."""
+    older = [p for p in complete_checkpoints(tag_dir.parent) if p.name < tag_dir.name]
+    if older:
+        return (f"the previous complete checkpoint is {older[-1]}: move the damaged one aside "
+                f"(mv {tag_dir} {tag_dir}.damaged) and run the same command to continue from {older[-1].name}")
+    return "there is no earlier checkpoint here: restore the files from a copy, or start again in a new output_dir"
 
 
 def remove_partial(checkpoint_dir: Path) -> list[Path]:
@@ -131,7 +185,11 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def read_sidecar(tag_dir: Path) -> tuple[dict, RunConfig]:
-    meta = json.loads((tag_dir / SIDECAR).read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((tag_dir / SIDECAR).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{tag_dir / SIDECAR} is not valid JSON ({err}); the checkpoint is damaged. "
+                              + way_out(tag_dir)) from None
     return meta, build_config(meta["config"], origin=str(tag_dir / SIDECAR))
 
 
@@ -142,12 +200,17 @@ def load_trained_lm(path: Path):
 
     tag_dir = resolve_checkpoint(path)
     meta, cfg = read_sidecar(tag_dir)
+    check_intact(tag_dir, meta)
     tok = load_tokenizer(tag_dir / "tokenizer" / "tokenizer.json")
     lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
     state = consolidated_state_dict(tag_dir.parent, tag_dir.name)
     # the engine wrapped the LM in the loss objective: its keys carry an "lm." prefix
     state = {k.removeprefix("lm."): v for k, v in state.items()}
-    missing, unexpected = lm.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = lm.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ: the sidecar's model config is not the one trained
+        raise CheckpointError(f"{tag_dir}: the weights do not fit the model described in its {SIDECAR} "
+                              f"({str(err).splitlines()[-1].strip()}); was the sidecar copied from another run?") from None
     missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"{tag_dir}: checkpoint does not fit the model in its config "

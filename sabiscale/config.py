@@ -37,6 +37,9 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     num_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(64, ge=0)
+    # Train from these shards instead of <output_dir>/shards, e.g. shards carrying reference
+    # losses written by `sabiscale score` (then also set tokenizer.path to their tokenizer).
+    shards_dir: Path | None = None
 
 
 class TokenizerConfig(_Section):
@@ -69,8 +72,15 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    # masked: only answer tokens count (SabiYarn); clm: every real token counts.
-    kind: Literal["masked", "clm"] = "masked"
+    # masked: only answer tokens count (SabiYarn); clm: every real token counts;
+    # selective: Rho-1 - of the answer tokens of each micro-batch, only the `ratio` share with the
+    # highest excess loss (current minus reference loss) counts.
+    kind: Literal["masked", "clm", "selective"] = "masked"
+    ratio: float = Field(0.6, gt=0, le=1)
+    # Where selective training gets reference losses: "shards" (written once by `sabiscale score`)
+    # or "online" (a frozen reference model on the same device scores every micro-batch).
+    reference: Literal["shards", "online"] = "shards"
+    reference_checkpoint: Path | None = None  # for reference=online: a sabiscale checkpoint
     # Per-task multipliers of each token's loss (default 1). A weight of 0 drops the task's tokens
     # from the loss and from the head's compute; the loss is divided by the count of weighted tokens.
     task_weights: dict[str, float] = {}
@@ -92,6 +102,10 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     micro_batch_size: int = Field(8, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
+    # Sequences per optimizer step over all ranks. When set, grad_accum_steps follows from it and
+    # the world size at launch (global = micro x accumulation x ranks), so one recipe keeps its
+    # batch on 1 GPU or 64; a global batch the world cannot split evenly is an error.
+    global_batch_size: int | None = Field(None, gt=0)
     max_steps: int = Field(200, gt=0)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
@@ -159,6 +173,12 @@ class RunConfig(_Section):
         unknown = set(self.loss.task_weights) - set(self.data.tasks)
         if unknown:
             raise ValueError(f"loss.task_weights names tasks not in data.tasks: {sorted(unknown)}")
+        if self.loss.kind == "selective" and self.loss.reference == "online" and self.loss.reference_checkpoint is None:
+            raise ValueError("loss.reference is 'online' but loss.reference_checkpoint is not set")
+        t = self.train
+        if t.global_batch_size is not None and t.global_batch_size % t.micro_batch_size:
+            raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                             f"train.micro_batch_size ({t.micro_batch_size})")
         if self.optim.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must be below "
@@ -173,11 +193,33 @@ class RunConfig(_Section):
 
     @property
     def shards_dir(self) -> Path:
-        return self.output_dir / "shards"
+        return self.data.shards_dir or self.output_dir / "shards"
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
+
+
+def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
+    """The config with grad_accum_steps derived from train.global_batch_size for this world size."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        fits = [n for n in range(1, t.global_batch_size // t.micro_batch_size + 1)
+                if t.global_batch_size % (t.micro_batch_size * n) == 0]
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size "
+            f"({t.micro_batch_size}) x {world_size} ranks = {per_step}; with this micro-batch it splits over "
+            f"{fits} ranks; change global_batch_size, micro_batch_size or the number of ranks")
+    accum = t.global_batch_size // per_step
+    if t.grad_accum_steps not in (1, accum):
+        raise ConfigError(f"train.grad_accum_steps ({t.grad_accum_steps}) contradicts train.global_batch_size "
+                          f"({t.global_batch_size} = {t.micro_batch_size} x {accum} x {world_size} ranks); set only one")
+    resolved = cfg.model_copy(deep=True)
+    resolved.train.grad_accum_steps = accum
+    return resolved
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

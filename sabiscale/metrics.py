@@ -12,24 +12,51 @@ from .data.batch import Batch, Vocab
 from .loss.masked import TokenLosses
 
 
+def selection_sums(out: TokenLosses) -> torch.Tensor:
+    """(5,) float64 [candidates, selected, excess sum of selected, excess sum of rejected, rejected]
+    of one micro-batch; zeros unless the loss was selective."""
+    if out.excess is None:
+        return torch.zeros(5, dtype=torch.float64, device=out.per_token.device)
+    keep = out.selected[out.candidates]  # which candidates won, in candidate order
+    excess = out.excess.double()
+    return torch.stack([torch.tensor(float(len(excess)), dtype=torch.float64, device=excess.device),
+                        keep.sum().double(), excess[keep].sum(), excess[~keep].sum(), (~keep).sum().double()])
+
+
+def selection_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """Per step, from the rank-reduced selection_sums: selected fraction and mean excess loss of
+    selected vs rejected tokens."""
+    candidates, selected, ex_sel, ex_rej, rejected = (float(v) for v in sums)
+    return {"select/selected_fraction": selected / max(candidates, 1.0),
+            "select/excess_selected": ex_sel / max(selected, 1.0),
+            "select/excess_rejected": ex_rej / max(rejected, 1.0),
+            "select/candidates": candidates}
+
+
 class TokenStats:
     """Sums of unweighted token losses and token counts per task and per language."""
 
     def __init__(self, vocab: Vocab, device: torch.device) -> None:
         self.vocab = vocab
-        self.task = torch.zeros(2, len(vocab.tasks), dtype=torch.float64, device=device)  # [sum, count]
-        self.lang = torch.zeros(2, len(vocab.langs), dtype=torch.float64, device=device)
+        # [loss sum, count, candidates]; candidates only differ from count under the selective loss
+        self.task = torch.zeros(3, len(vocab.tasks), dtype=torch.float64, device=device)
+        self.lang = torch.zeros(3, len(vocab.langs), dtype=torch.float64, device=device)
 
     def add(self, batch: Batch, out: TokenLosses) -> None:
         losses = out.per_token.to(torch.float64)
+        candidates = out.candidates if out.candidates is not None else out.selected
         for table, ids in ((self.task, batch.task_ids), (self.lang, batch.lang_ids)):
             idx = ids[:, 1:][out.selected]
             keep = idx >= 0
             table[0].index_add_(0, idx[keep], losses[keep])
             table[1].index_add_(0, idx[keep], torch.ones_like(losses[keep]))
+            ranked = ids[:, 1:][candidates]
+            ranked = ranked[ranked >= 0]
+            table[2].index_add_(0, ranked, torch.ones_like(ranked, dtype=torch.float64))
 
-    def metrics(self, prefix: str, all_reduce) -> dict[str, float]:
-        """Reduced over ranks: `{prefix}/loss/task/<t>`, `{prefix}/supervised_tokens/task/<t>`, same for lang."""
+    def metrics(self, prefix: str, all_reduce, selective: bool = False) -> dict[str, float]:
+        """Reduced over ranks: `{prefix}/loss/task/<t>`, `{prefix}/supervised_tokens/task/<t>`, same for
+        lang; with `selective`, also `{prefix}/selection_rate/task/<t>` (selected / candidate tokens)."""
         out: dict[str, float] = {}
         for kind, table, names in (("task", self.task, self.vocab.tasks), ("lang", self.lang, self.vocab.langs)):
             total = all_reduce(table.clone())
@@ -37,6 +64,8 @@ class TokenStats:
                 if total[1, i] > 0:
                     out[f"{prefix}/loss/{kind}/{name}"] = float(total[0, i] / total[1, i])
                     out[f"{prefix}/supervised_tokens/{kind}/{name}"] = float(total[1, i])
+                if selective and total[2, i] > 0:
+                    out[f"{prefix}/selection_rate/{kind}/{name}"] = float(total[1, i] / total[2, i])
         return out
 
     def reset(self) -> None:

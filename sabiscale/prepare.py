@@ -8,7 +8,6 @@ Writes into the run directory:
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .demo_data import generate_demo_corpus
 from .shards.pack import Document, PackStats, pack_documents
 from .shards.write import write_manifest, write_split
 from .tasks import Example, special_tokens
-from .tokenizer import encode_examples, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+from .tokenizer import adopt_tokenizer, encode_examples, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 
 
 @dataclass
@@ -48,11 +47,8 @@ def load_split_examples(cfg: RunConfig, root: Path, reserved: list[str]) -> tupl
 
 def _tokenizer(cfg: RunConfig, train: list[Example], specials: list[str]):
     if cfg.tokenizer.path is not None:
-        target = cfg.tokenizer_path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if Path(cfg.tokenizer.path).resolve() != target.resolve():
-            shutil.copyfile(cfg.tokenizer.path, target)
-        return load_tokenizer(target)
+        adopt_tokenizer(Path(cfg.tokenizer.path), cfg.tokenizer_path)
+        return load_tokenizer(cfg.tokenizer_path)
     texts = (e.prompt + e.answer for e in train)
     tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, specials)
     save_tokenizer(tok, cfg.tokenizer_path)
@@ -66,6 +62,9 @@ def _documents(tok, examples: list[Example], seed: int) -> list[Document]:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
+    if cfg.data.shards_dir is not None and (cfg.data.shards_dir / "manifest.json").is_file():
+        raise FileExistsError(f"data.shards_dir {cfg.data.shards_dir} already holds shards, which `prepare` would "
+                              "overwrite; unset data.shards_dir to prepare into <output_dir>/shards (nothing was changed)")
     root = data_root(cfg)
     specials = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
     train, val = load_split_examples(cfg, root, specials)

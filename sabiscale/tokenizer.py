@@ -5,6 +5,7 @@ with task and language tags as special tokens. Saved as a transformers tokenizer
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,6 +44,17 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer {path} does not exist; run `sabiscale prepare` first")
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=PAD)
+
+
+def adopt_tokenizer(source: Path, target: Path) -> None:
+    """Use an existing tokenizer.json (tokenizer.path) as this run's: copied into the run, so its
+    checkpoints carry it; a missing file is named."""
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"tokenizer.path {source} does not exist; point it at a tokenizer.json "
+                                "(a run's tokenizer/tokenizer.json)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if Path(source).resolve() != target.resolve():
+        shutil.copyfile(source, target)
 
 
 def tokenizer_hash(path: Path) -> str:

@@ -18,18 +18,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (kill_self, latest_complete, read_sidecar, remove_partial, restore_rng, rng_state,
-                         save_checkpoint, step_tag)
-from .config import RunConfig, config_to_dict
+from .checkpoint import (CheckpointError, check_intact, kill_self, latest_complete, read_sidecar, remove_partial,
+                         restore_rng, rng_state, save_checkpoint, step_tag, way_out)
+from .config import RunConfig, config_to_dict, resolve_batch
 from .data.batch import Vocab
 from .data.loader import check_resumable, make_loader, shard_urls
 from .engine import World, all_reduce_sum, barrier, engine_dtype, initialize, load_ds_config, resolve_precision
 from .loss.masked import TokenLossObjective
-from .metrics import MetricHistory, TokenStats, measure_matmul_peak, memory_in_use
+from .metrics import (MetricHistory, TokenStats, measure_matmul_peak, memory_in_use, selection_metrics,
+                      selection_sums)
 from .model import build_model, count_parameters, flops_per_token
 from .plots import loss_plots
 from .shards.write import read_manifest
-from .tokenizer import load_tokenizer, tokenizer_hash
+from .tokenizer import adopt_tokenizer, load_tokenizer, tokenizer_hash
 from .tracking import make_tracker
 
 log = logging.getLogger("sabiscale.train")
@@ -51,16 +52,23 @@ class TrainResult:
 
 
 def check_inputs(cfg: RunConfig) -> dict:
-    """The shards must come from the tokenizer we are about to train with."""
+    """The shards must come from the tokenizer we are about to train with (and, for the selective
+    loss, carry reference losses unless a reference model scores online)."""
+    if not cfg.tokenizer_path.is_file() and cfg.tokenizer.path is not None:
+        adopt_tokenizer(Path(cfg.tokenizer.path), cfg.tokenizer_path)
     manifest = read_manifest(cfg.shards_dir)
     ours = tokenizer_hash(cfg.tokenizer_path)
     if manifest["tokenizer_sha256"] != ours:
         raise ValueError(f"{cfg.shards_dir}/manifest.json was written with tokenizer "
                          f"{manifest['tokenizer_sha256'][:12]} but {cfg.tokenizer_path} is {ours[:12]}; "
-                         "re-run `sabiscale prepare` so shards and tokenizer match")
+                         "re-run `sabiscale prepare` so shards and tokenizer match (or set tokenizer.path to theirs)")
     if manifest["seq_len"] != cfg.data.seq_len:
         raise ValueError(f"shards have seq_len {manifest['seq_len']} but data.seq_len is {cfg.data.seq_len}; "
                          "re-run `sabiscale prepare` or set data.seq_len to match")
+    if cfg.loss.kind == "selective" and cfg.loss.reference == "shards" and "reference" not in manifest:
+        raise ValueError(f"loss.kind=selective reads reference losses from the shards, but {cfg.shards_dir} has none; "
+                         f"score them: `sabiscale score --reference REF_CHECKPOINT --shards {cfg.shards_dir} --out NEW_DIR` "
+                         "and set data.shards_dir=NEW_DIR (or set loss.reference=online with loss.reference_checkpoint)")
     return manifest
 
 
@@ -93,19 +101,20 @@ def _progress(cfg: RunConfig, rank: int):
 
 
 def train(cfg: RunConfig, world: World) -> TrainResult:
+    cfg = resolve_batch(cfg, world.world_size)
     manifest = check_inputs(cfg)
     manifest_sha256 = _file_hash(cfg.shards_dir / "manifest.json")  # recorded in every checkpoint
     vocab = Vocab.from_manifest(manifest)
     tok = load_tokenizer(cfg.tokenizer_path)
     lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
     objective = TokenLossObjective(lm, cfg.loss.kind, cfg.loss.chunk_size, tok.pad_token_id,
-                                   task_weight_table(cfg, vocab))
+                                   task_weight_table(cfg, vocab), cfg.loss.ratio)
     precision = resolve_precision(cfg.engine.precision)
     ds_config = load_ds_config(cfg, world.world_size, precision)
     engine = initialize(objective, ds_config)
     resumed = find_resume_point(cfg, world, manifest)
     if resumed is not None:
-        engine.load_checkpoint(str(cfg.checkpoint_dir), tag=step_tag(resumed["step"]))
+        load_engine_state(engine, cfg.checkpoint_dir / step_tag(resumed["step"]))
         restore_rng(resumed["rng"])
         if cfg.tracking.run_id is None:  # keep logging into the run that wrote the checkpoint
             cfg = cfg.model_copy(deep=True)
@@ -122,6 +131,7 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
     val_loader = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
                              world.world_size, cfg.seed, 0, 0)
     val_batches = [next(val_loader) for _ in range(cfg.train.eval_batches)]
+    reference = online_reference(cfg, manifest, world.device)
 
     tracker = make_tracker(cfg, world.rank)
     tracker.log_json(ds_config, "config/deepspeed.json")
@@ -166,6 +176,7 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         run_eval(0)
     peak = cfg.train.peak_flops_per_s or measure_matmul_peak(world.device, engine_dtype(precision))
     gas = cfg.train.grad_accum_steps
+    selective = cfg.loss.kind == "selective"
     stats = TokenStats(vocab, world.device)
     trace = open_trace(cfg, world.rank)
     nonfinite_in_row = 0
@@ -183,9 +194,12 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         # sum(token losses) / global supervised count, whatever the split.
         scale = gas * world.world_size / n_global
         sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, answer loss, answer tokens
+        selection = torch.zeros(5, dtype=torch.float64, device=world.device)
         skipped_before = engine.skipped_steps
         for batch in micro:
-            out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids)
+            if reference is not None:
+                batch.ref_loss = reference.score(batch)
+            out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids, batch.ref_loss)
             if fault == ("nan_loss", step):
                 out.loss_sum = out.loss_sum * float("nan")
             engine.backward(out.loss_sum * scale)
@@ -195,8 +209,9 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
             answer = batch.loss_mask[:, 1:][out.selected]  # which selected targets are answer tokens
             sums += torch.stack([out.loss_sum.detach().double(), out.per_token[answer].sum().double(),
                                  answer.sum().double()])
+            selection += selection_sums(out)
             stats.add(batch, out)
-        sums = all_reduce_sum(sums)
+        sums, selection = all_reduce_sum(torch.cat([sums, selection])).split([3, 5])
         nonfinite_in_row = check_finite(engine, skipped_before, sums, step, micro, nonfinite_in_row,
                                         cfg.train.max_nonfinite_steps)
         t1 = time.monotonic()
@@ -213,11 +228,13 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                    "train/supervised_tokens_per_s": float(n_global) / (t1 - t0),
                    "train/mfu": flops / (t1 - t0) / (peak * world.world_size),
                    "train/mem": memory_in_use(world.device), "train/skipped_steps": engine.skipped_steps}
+        if selective:
+            metrics.update(selection_metrics(selection))
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            metrics.update(stats.metrics("train", all_reduce_sum))  # averaged since the last log line
+            metrics.update(stats.metrics("train", all_reduce_sum, selective))  # averaged since the last log line
             stats.reset()
             if bar.disable and world.rank == 0:  # plain lines for SLURM logs and pipes
                 log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f mfu %.1f%%", step, cfg.train.max_steps,
@@ -247,6 +264,19 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         result.checkpoint = cfg.checkpoint_dir / step_tag(start_step)
     tracker.finish()
     return result
+
+
+def online_reference(cfg: RunConfig, manifest: dict, device: torch.device):
+    """The frozen reference model that scores each micro-batch at training time, when the shards
+    carry no reference losses and the recipe asks for it (costs one more forward per micro-batch)."""
+    if cfg.loss.kind != "selective" or cfg.loss.reference != "online":
+        return None
+    from .score import Reference
+
+    reference = Reference(Path(cfg.loss.reference_checkpoint), device, cfg.loss.chunk_size)
+    reference.check_tokenizer(manifest, cfg.shards_dir)
+    log.info("online reference model: %s (step %d)", reference.tag_dir, reference.meta["step"])
+    return reference
 
 
 def check_finite(engine, skipped_before: int, sums: torch.Tensor, step: int, micro: list, in_row: int,
@@ -281,7 +311,16 @@ def find_resume_point(cfg: RunConfig, world: World, manifest: dict) -> dict | No
     if cfg.train.resume == "never":
         raise FileExistsError(f"{cfg.checkpoint_dir} already holds checkpoints (newest {newest.name}) and "
                               "train.resume is 'never'; use a new output_dir or train.resume=auto")
-    meta, _ = read_sidecar(newest)
+    meta, saved_cfg = read_sidecar(newest)
+    # rank 0 reads every file once; all ranks learn the verdict, so none is left waiting in a collective
+    problem = ""
+    if world.rank == 0:
+        try:
+            check_intact(newest, meta)
+        except CheckpointError as err:
+            problem = str(err)
+    if all_reduce_sum(torch.tensor(float(bool(problem)), device=world.device)) > 0:
+        raise CheckpointError(problem or f"rank 0 found {newest} damaged (its log names the files)")
     missing = [k for k in ("world_size", "loader", "rng", "tokens_seen", "tokenizer_sha256") if k not in meta]
     if missing:
         raise ValueError(f"{newest}/sabiscale.json lacks {missing}: it cannot be resumed exactly (written by an "
@@ -290,6 +329,10 @@ def find_resume_point(cfg: RunConfig, world: World, manifest: dict) -> dict | No
         raise ValueError(f"{newest} was trained with tokenizer {meta['tokenizer_sha256'][:12]}, but the shards in "
                          f"{cfg.shards_dir} use {manifest['tokenizer_sha256'][:12]}; resume with the original "
                          "shards, or start a new run in a new output_dir")
+    changed = config_changes(saved_cfg.model, cfg.model)
+    if changed:
+        raise CheckpointError(f"{newest} holds a model with other dimensions than this run's recipe ({', '.join(changed)}); "
+                              "resume with the model settings it was trained with, or start a new output_dir")
     if meta["world_size"] != world.world_size:
         raise ValueError(
             f"{newest} was written by {meta['world_size']} ranks and this run has {world.world_size}: ZeRO "
@@ -298,6 +341,22 @@ def find_resume_point(cfg: RunConfig, world: World, manifest: dict) -> dict | No
             f"{newest}_universal` and load that with DeepSpeed's universal checkpoint support "
             "(the data position in sabiscale.json is valid for any world size)")
     return meta
+
+
+def config_changes(saved, current, prefix: str = "model") -> list[str]:
+    """`field: saved -> current` for each field of a config section that differs."""
+    old, new = saved.model_dump(mode="json"), current.model_dump(mode="json")
+    return [f"{prefix}.{k}: {old[k]} in the checkpoint, {new[k]} now" for k in old if old[k] != new.get(k)]
+
+
+def load_engine_state(engine, tag_dir: Path) -> None:
+    """DeepSpeed's load, with its low-level failures (unpickling, zip, size mismatch) turned into
+    one message naming the checkpoint and the way out."""
+    try:
+        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as err:  # noqa: BLE001 - re-raised with context, never swallowed
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}\n{way_out(tag_dir)}") from err
 
 
 def parse_fault(spec: str | None) -> tuple[str, int] | None:

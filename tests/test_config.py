@@ -51,3 +51,20 @@ def test_override_syntax_errors():
         load_config(None, ["train.max_steps"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config(None, ["seed=1", "seed.x=1"])
+
+
+def test_global_batch_size_derives_accumulation_or_says_what_divides():
+    from sabiscale.config import resolve_batch
+
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=24"])
+    assert resolve_batch(cfg, 1).train.grad_accum_steps == 6
+    assert resolve_batch(cfg, 2).train.grad_accum_steps == 3
+    assert resolve_batch(cfg, 6).train.grad_accum_steps == 1
+    with pytest.raises(ConfigError) as err:
+        resolve_batch(cfg, 4)  # 24 sequences cannot be split into 4 ranks x 4
+    assert "4 ranks = 16" in str(err.value) and "[1, 2, 3, 6]" in str(err.value)
+    contradicting = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=24", "train.grad_accum_steps=2"])
+    with pytest.raises(ConfigError, match="contradicts"):
+        resolve_batch(contradicting, 1)
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
+        load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=10"])

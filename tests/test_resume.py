@@ -145,3 +145,62 @@ def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(demo_cfg, tmp_pa
     assert (tiny_disk / "latest").read_text() == newest
     _, _, meta = load_trained_lm(tiny_disk / newest)  # still whole and loadable
     assert f"step_{meta['step']:08d}" == newest
+
+
+def _resume_attempt(out, extra=()):
+    return subprocess.run([str(BIN / "sabiscale"), "train", str(ROOT / "launch/recipes/demo.yaml"),
+                           *tiny_overrides(out), "train.max_steps=6", "optim.warmup_steps=1", "train.eval_batches=1",
+                           "train.checkpoint_every=2", "train.keep_last=0", "tracking.system_metrics=false", *extra],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_damaged_or_mismatched_checkpoints_are_refused_by_name_and_the_previous_one_resumes(demo_cfg, tmp_path):
+    from sabiscale.checkpoint import CheckpointError, load_trained_lm
+
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    _train(out, ["train.max_steps=4", "train.keep_last=0"])
+    checkpoints = out / "checkpoints"
+    newest, previous = checkpoints / "step_00000004", checkpoints / "step_00000002"
+    before = {p: p.read_bytes() for p in sorted(newest.rglob("*")) if p.is_file()}
+
+    # another model size in the recipe: named field by field, before DeepSpeed sees a tensor
+    proc = _resume_attempt(out, ["model.hidden_size=32", "model.intermediate_size=64"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.hidden_size: 64 in the checkpoint, 32 now" in proc.stderr
+    assert "model.intermediate_size: 128 in the checkpoint, 64 now" in proc.stderr
+
+    # a bit flipped in the optimizer states (same size): found by the sha256 recorded at save
+    optim_file = next(newest.glob("*optim_states.pt"))
+    data = bytearray(optim_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optim_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_trained_lm(newest)
+    optim_file.write_bytes(before[optim_file])
+
+    # the model file cut short, as by a full disk or an interrupted copy
+    model_file = next(newest.glob("*model_states.pt"))
+    model_file.write_bytes(before[model_file][: len(before[model_file]) // 3])
+    proc = _resume_attempt(out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"checkpoint {newest} is damaged" in proc.stderr
+    assert f"{model_file.name}: {len(before[model_file]) // 3} bytes, {len(before[model_file])} when saved" in proc.stderr
+    assert f"mv {newest} {newest}.damaged" in proc.stderr and "step_00000002" in proc.stderr
+    assert (checkpoints / "latest").read_text() == "step_00000004"  # nothing was changed
+    assert model_file.stat().st_size == len(before[model_file]) // 3
+
+    # an older checkpoint without the inventory: DeepSpeed's own failure, wrapped with the way out
+    sidecar = newest / "sabiscale.json"
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    proc = _resume_attempt(out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"DeepSpeed could not load checkpoint {newest}" in proc.stderr and f"mv {newest}" in proc.stderr
+
+    # following the advice resumes from the previous checkpoint and finishes; the damaged one is kept
+    newest.rename(newest.with_name(newest.name + ".damaged"))
+    proc = _resume_attempt(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {previous}" in proc.stdout + proc.stderr
+    assert (checkpoints / "step_00000004.damaged").is_dir() and (checkpoints / "step_00000006").is_dir()
+    assert load_trained_lm(checkpoints / "step_00000006")[2]["step"] == 6

@@ -16,11 +16,14 @@ class Batch:
     lang_ids: torch.Tensor      # (B, T) int64, index into the run's language codes; -1 = padding
     index: int = 0              # position of this micro-batch in the global micro-batch stream
     keys: tuple[str, ...] = ()  # WebDataset sample keys, for tracing which samples were trained on
+    # (B, T) float32, a reference model's loss of each answer token (NaN elsewhere); from shards
+    # scored by `sabiscale score`, for the selective loss
+    ref_loss: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
-        move = lambda t: t.to(device)  # noqa: E731
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return Batch(move(self.input_ids), move(self.loss_mask), move(self.position_ids),
-                     move(self.task_ids), move(self.lang_ids), self.index, self.keys)
+                     move(self.task_ids), move(self.lang_ids), self.index, self.keys, move(self.ref_loss))
 
     @property
     def num_tokens(self) -> int:
@@ -54,7 +57,12 @@ def collate(samples: list[dict], index: int, vocab: Vocab) -> Batch:
     seq_len = len(samples[0]["input_ids"])
     task_ids = np.stack([_doc_index_array(s["docs"], seq_len, 2, vocab.tasks) for s in samples])
     lang_ids = np.stack([_doc_index_array(s["docs"], seq_len, 3, vocab.langs) for s in samples])
+    scored = {"ref_loss" in s for s in samples}
+    if len(scored) > 1:
+        raise ValueError(f"micro-batch {index} mixes samples with and without ref_loss ({[s['key'] for s in samples]}); "
+                         "score every shard of the run with `sabiscale score`")
     return Batch(
+        ref_loss=stack("ref_loss", np.float32) if scored == {True} else None,
         input_ids=stack("input_ids", np.int64),
         loss_mask=stack("loss_mask", np.bool_),
         position_ids=stack("position_ids", np.int64),

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..shards.write import check_aligned
 from .batch import Batch, Vocab, collate
 
 NPY_FIELDS = ("input_ids", "loss_mask", "position_ids")
@@ -47,6 +48,9 @@ def decode_sample(raw: dict) -> dict:
     lengths = {len(out[name]) for name in NPY_FIELDS}
     if len(lengths) != 1:
         raise ValueError(f"{where}: fields have different lengths {lengths}")
+    if "ref_loss.npy" in raw:
+        out["ref_loss"] = np.load(io.BytesIO(raw["ref_loss.npy"]), allow_pickle=False)
+        check_aligned(out["ref_loss"], out["loss_mask"], where)
     return out
 
 

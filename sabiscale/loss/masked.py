@@ -23,6 +23,34 @@ class TokenLosses:
     count: torch.Tensor      # () number of selected target tokens
     per_token: torch.Tensor  # (N,) detached, unweighted loss of each selected target
     selected: torch.Tensor   # (B, T-1) bool, which next-token targets were selected
+    # selective loss only: the candidates ranked (B, T-1) and their excess losses (C,), detached
+    candidates: torch.Tensor | None = None
+    excess: torch.Tensor | None = None
+
+
+def selected_count(candidates: int, ratio: float) -> int:
+    """How many of a micro-batch's candidates the selective loss keeps (round half up)."""
+    return int(candidates * ratio + 0.5)
+
+
+def top_excess(excess: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(C,) bool: the `selected_count` candidates with the highest excess loss. Ties go to the
+    earlier token (stable sort), so a selection never depends on the sort kernel."""
+    keep = torch.zeros_like(excess, dtype=torch.bool)
+    order = torch.sort(excess, descending=True, stable=True).indices
+    keep[order[:selected_count(len(excess), ratio)]] = True
+    return keep
+
+
+@torch.no_grad()
+def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(N,) cross-entropy per target without gradient, one (chunk, V) logits block at a time."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = (hidden[start:start + chunk] @ weight.T).float()
+        t = targets[start:start + chunk]
+        losses[start:start + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
+    return losses
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -71,10 +99,19 @@ class SupervisedHead(torch.nn.Linear):
     export); `head(x, targets=...)` gives the fused loss without materializing logits. Calling it
     as a module keeps DeepSpeed ZeRO-3's parameter gathering working."""
 
-    def forward(self, hidden, targets=None, token_weights=None, chunk: int = 2048):
+    def forward(self, hidden, targets=None, token_weights=None, chunk: int = 2048, reference=None, ratio=None):
+        """With `reference` (C,) losses: rank the C candidates by excess loss without gradient,
+        then run the fused loss on the top `ratio` only; returns (sum, losses, keep, excess). One
+        module call, so ZeRO-3 gathers the weight once for both passes."""
         if targets is None:
             return super().forward(hidden)
-        return FusedLinearCrossEntropy.apply(hidden, self.weight, targets, token_weights, chunk)
+        if reference is None:
+            return FusedLinearCrossEntropy.apply(hidden, self.weight, targets, token_weights, chunk)
+        excess = chunked_token_losses(hidden.detach(), self.weight.detach(), targets, chunk) - reference
+        keep = top_excess(excess, ratio)
+        weights = token_weights[keep] if token_weights is not None else None
+        loss_sum, losses = FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep], weights, chunk)
+        return loss_sum, losses, keep, excess
 
 
 def install_supervised_head(lm: torch.nn.Module) -> torch.nn.Module:
@@ -92,10 +129,11 @@ def target_selection(loss_mask: torch.Tensor, input_ids: torch.Tensor, position_
                      kind: str, pad_id: int) -> torch.Tensor:
     """(B, T-1) bool: the next-token targets the loss counts.
 
-    masked: the packed loss_mask (answer tokens and EOS). clm: every real token that is not the
-    first of its document (nothing in its document predicts it) and not padding.
+    masked (and the candidates of selective): the packed loss_mask (answer tokens and EOS). clm:
+    every real token that is not the first of its document (nothing in its document predicts it)
+    and not padding.
     """
-    if kind == "masked":
+    if kind in ("masked", "selective"):
         return loss_mask[:, 1:]
     return (position_ids[:, 1:] != 0) & (input_ids[:, 1:] != pad_id)
 
@@ -104,10 +142,10 @@ class TokenLossObjective(torch.nn.Module):
     """Wraps a causal LM; forward returns the TokenLosses of one micro-batch."""
 
     def __init__(self, lm: torch.nn.Module, kind: str, chunk_size: int, pad_id: int,
-                 task_weights: list[float] | None = None) -> None:
+                 task_weights: list[float] | None = None, ratio: float = 1.0) -> None:
         super().__init__()
         self.lm = install_supervised_head(lm)
-        self.kind, self.chunk_size, self.pad_id = kind, chunk_size, pad_id
+        self.kind, self.chunk_size, self.pad_id, self.ratio = kind, chunk_size, pad_id, ratio
         # index = task id of the run's Vocab; None = every task weighs 1
         self.task_weights = task_weights
 
@@ -126,16 +164,36 @@ class TokenLossObjective(torch.nn.Module):
         return selected, weights
 
     def count_targets(self, input_ids, position_ids, loss_mask, task_ids=None) -> torch.Tensor:
-        """How many targets forward() will count, without running the model."""
-        return self.select(input_ids, position_ids, loss_mask, task_ids)[0].sum()
+        """How many targets forward() will count, without running the model: for the selective
+        loss that is a fixed share of the candidates, whichever tokens win."""
+        candidates = self.select(input_ids, position_ids, loss_mask, task_ids)[0].sum()
+        if self.kind == "selective":
+            return torch.tensor(selected_count(int(candidates), self.ratio), device=candidates.device)
+        return candidates
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor,
-                task_ids: torch.Tensor | None = None, kind: str | None = None) -> TokenLosses:
-        """kind overrides the training kind, e.g. "masked" to measure answer-token loss of a CLM run."""
+                task_ids: torch.Tensor | None = None, ref_loss: torch.Tensor | None = None,
+                kind: str | None = None) -> TokenLosses:
+        """kind overrides the training kind, e.g. "masked" to measure answer-token loss of a CLM run.
+        ref_loss (B, T): the reference model's loss of each token, needed by the selective loss.
+
+        Selection is per micro-batch, among its candidates: a micro-batch is the unit of the
+        world-size-invariant data stream, so a selective run picks the same tokens on 1 rank with
+        accumulation as on many ranks, and no collective is needed inside the forward."""
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         selected, weights = self.select(input_ids, position_ids, loss_mask, task_ids, kind)
         h = hidden[:, :-1][selected]          # (N, H)
         targets = input_ids[:, 1:][selected]  # (N,)
         token_weights = weights[selected].float() if weights is not None else None
-        loss_sum, losses = self.lm.lm_head(h, targets=targets, token_weights=token_weights, chunk=self.chunk_size)
-        return TokenLosses(loss_sum, selected.sum(), losses, selected)
+        if (kind or self.kind) != "selective":
+            loss_sum, losses = self.lm.lm_head(h, targets=targets, token_weights=token_weights, chunk=self.chunk_size)
+            return TokenLosses(loss_sum, selected.sum(), losses, selected)
+        if ref_loss is None:
+            raise ValueError("the selective loss needs reference losses: train from shards written by "
+                             "`sabiscale score`, or set loss.reference=online")
+        reference = ref_loss[:, 1:][selected].float()
+        loss_sum, losses, keep, excess = self.lm.lm_head(h, targets=targets, token_weights=token_weights,
+                                                         chunk=self.chunk_size, reference=reference, ratio=self.ratio)
+        chosen = torch.zeros_like(selected)
+        chosen[selected] = keep
+        return TokenLosses(loss_sum, keep.sum(), losses, chosen, candidates=selected, excess=excess)

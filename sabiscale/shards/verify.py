@@ -14,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .write import FIELDS, read_manifest, sha256_file
+from .write import FIELDS, check_aligned, read_manifest, sha256_file
 
-DTYPES = {"input_ids": np.uint32, "loss_mask": np.uint8, "position_ids": np.int32}
+DTYPES = {"input_ids": np.uint32, "loss_mask": np.uint8, "position_ids": np.int32, "ref_loss": np.float16}
 
 
-def _check_sample(shard: str, key: str, members: dict[str, bytes], seq_len: int, problems: list[str]) -> tuple[int, int]:
+def _check_sample(shard: str, key: str, members: dict[str, bytes], seq_len: int, problems: list[str],
+                  fields: tuple[str, ...] = FIELDS) -> tuple[int, int]:
     """(tokens, supervised tokens) of one sample; appends what is wrong with it."""
     arrays = {}
-    for field in FIELDS:
+    for field in fields:
         name = f"{key}.{field}.npy"
         if name not in members:
             problems.append(f"{shard}: member {name} is missing")
@@ -44,6 +45,11 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], seq_len: int,
     if any(start < 0 or start + length > seq_len for start, length, *_ in docs):
         problems.append(f"{shard}: member {key}.docs.json has a document outside the sequence")
     mask = arrays.get("loss_mask")
+    if "ref_loss" in arrays and mask is not None and arrays["ref_loss"].shape == mask.shape:
+        try:
+            check_aligned(arrays["ref_loss"], mask, f"{shard}: member {key}")
+        except ValueError as err:
+            problems.append(str(err))
     return sum(d[1] for d in docs), int(mask.sum()) if mask is not None else 0
 
 
@@ -68,6 +74,7 @@ def verify_shards(shards_dir: Path) -> tuple[list[str], dict]:
     """(problems, totals per split); no problems means every shard matches the manifest."""
     manifest = read_manifest(shards_dir)
     seq_len = manifest["seq_len"]
+    fields = FIELDS + tuple(manifest.get("fields", {}))
     problems: list[str] = []
     totals = {}
     listed = set()
@@ -87,7 +94,7 @@ def verify_shards(shards_dir: Path) -> tuple[list[str], dict]:
             if len(samples) != shard["sequences"]:
                 problems.append(f"{shard['name']}: {len(samples)} samples, manifest.json says {shard['sequences']}")
             for key, members in sorted(samples.items()):
-                t, s = _check_sample(shard["name"], key, members, seq_len, problems)
+                t, s = _check_sample(shard["name"], key, members, seq_len, problems, fields)
                 tokens, supervised = tokens + t, supervised + s
             sequences += len(samples)
         counts = entry["counts"]

@@ -5,10 +5,13 @@ Sample layout (one tar member per field, `.npy` written with numpy, never pickle
     {key}.loss_mask.npy     (T,) uint8   1 = supervised target token
     {key}.position_ids.npy  (T,) int32   restarts at 0 per document
     {key}.docs.json         [[start, length, task, lang], ...]
+    {key}.ref_loss.npy      (T,) float16 optional, added by `sabiscale score`: the reference loss of
+                            token t at answer tokens, NaN elsewhere (see check_aligned)
 
 manifest.json (format_version 1):
     format_version, tokenizer_sha256, seq_len, nfc, pad_id,
     splits: {train|val: {shards: [{name, sha256, sequences}], counts: {...}}}
+and, for scored shards, fields and reference (see sabiscale/score.py);
 where counts hold sequences, tokens, padding, split_documents and per "task/lang":
 documents, tokens, supervised_tokens. Tar members carry mtime 0, so the same input gives
 byte-identical shards.
@@ -95,6 +98,21 @@ def write_manifest(out_dir: Path, tokenizer_sha256: str, seq_len: int, pad_id: i
     path = out_dir / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def check_aligned(ref_loss: np.ndarray, loss_mask: np.ndarray, where: str) -> None:
+    """A per-token float field must hold a finite value exactly at the answer tokens it scores
+    (and NaN elsewhere): a shifted, truncated or foreign array fails this, not silently trains."""
+    if ref_loss.shape != loss_mask.shape:
+        raise ValueError(f"{where}: ref_loss has shape {list(ref_loss.shape)} but input_ids {list(loss_mask.shape)}; "
+                         "the scored shard is damaged: score the shards again with `sabiscale score`")
+    scored, targets = np.isfinite(ref_loss[1:]), loss_mask[1:].astype(bool)
+    if not np.array_equal(scored, targets):
+        first = int(np.flatnonzero(scored != targets)[0]) + 1
+        raise ValueError(f"{where}: ref_loss is not aligned with the answer tokens (first difference at token "
+                         f"{first}: {'a value' if scored[first - 1] else 'no value'} where the token is "
+                         f"{'an answer' if targets[first - 1] else 'not an answer'}); score the shards again "
+                         "with `sabiscale score`")
 
 
 def read_manifest(shards_dir: Path) -> dict:

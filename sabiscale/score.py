@@ -1,0 +1,170 @@
+"""`sabiscale score`: a reference model's loss of every answer token, computed once and written
+into new shards beside `input_ids` (Rho-1's reference losses, for `loss.kind: selective`).
+
+    sabiscale score --reference runs/ref/checkpoints --shards runs/x/shards --out runs/x/shards-scored
+
+Each output sample is the input sample plus `ref_loss.npy`: float16 (T,), the reference loss of
+token t at every answer token t and NaN elsewhere (the loader refuses any other alignment). The
+output manifest is the input's with new shard hashes, `fields` and `reference` (checkpoint path,
+step, content hash of its files, tokenizer hash). Shards are split over the ranks of a
+`deepspeed` launch (shard i on rank i mod world size); each output shard is written to
+`<name>.partial` and renamed when complete, so a rerun of the same command skips finished shards
+and resumes the rest; manifest.json is written last, by rank 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from .checkpoint import load_trained_lm, resolve_checkpoint
+from .data.batch import Batch, Vocab, collate
+from .data.loader import decode_sample
+from .loss.masked import TokenLossObjective
+from .shards.write import read_manifest, sha256_file
+
+log = logging.getLogger("sabiscale.score")
+REF_FIELD = "ref_loss"
+
+
+class Reference:
+    """A frozen sabiscale checkpoint that gives the per-token loss of a batch's answer tokens."""
+
+    def __init__(self, checkpoint: Path, device: torch.device, chunk_size: int = 2048) -> None:
+        lm, tok, meta = load_trained_lm(checkpoint)
+        self.tag_dir = resolve_checkpoint(checkpoint)
+        self.meta = meta
+        self.objective = TokenLossObjective(lm, "masked", chunk_size, tok.pad_token_id).to(device).eval()
+        for p in self.objective.parameters():
+            p.requires_grad_(False)
+
+    def identity(self) -> dict:
+        """What the scored manifest records: the checkpoint's files are hashed at save, so a hash
+        of that inventory names its content without reading the weights again."""
+        files = json.dumps(self.meta.get("files", {}), sort_keys=True).encode()
+        return {"checkpoint": str(self.tag_dir), "step": self.meta["step"],
+                "checkpoint_sha256": hashlib.sha256(files).hexdigest(),
+                "tokenizer_sha256": self.meta["tokenizer_sha256"]}
+
+    def check_tokenizer(self, manifest: dict, where: Path) -> None:
+        if self.meta["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
+            raise ValueError(f"reference {self.tag_dir} was trained with tokenizer {self.meta['tokenizer_sha256'][:12]} "
+                             f"but {where} uses {manifest['tokenizer_sha256'][:12]}: its losses would be of other "
+                             "tokens; train the reference on shards made with the same tokenizer (tokenizer.path=...)")
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> torch.Tensor:
+        """(B, T) float32: the loss of token t given its prefix, at answer tokens; NaN elsewhere."""
+        out = self.objective(batch.input_ids, batch.position_ids, batch.loss_mask, kind="masked")
+        ref = torch.full(batch.input_ids.shape, float("nan"), device=batch.input_ids.device)
+        ref[:, 1:][out.selected] = out.per_token
+        return ref
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def score_shard(reference: Reference, src: Path, dst: Path, vocab: Vocab, batch_size: int, device: torch.device,
+                bar) -> int:
+    """Write `dst` = `src` with ref_loss added to every sample; returns the number of samples."""
+    partial = dst.with_name(dst.name + ".partial")
+    writer = wds.TarWriter(str(partial), encoder=False, mtime=0)
+    samples = wds.tarfile_samples(iter([{"url": str(src)}]))
+    n = 0
+    try:
+        while raw_group := [s for _, s in zip(range(batch_size), samples)]:
+            batch = collate([decode_sample({k: v for k, v in r.items() if k != f"{REF_FIELD}.npy"}) for r in raw_group],
+                            0, vocab).to(device)
+            ref = reference.score(batch).cpu().numpy().astype(np.float16)
+            for raw, row in zip(raw_group, ref):
+                members = {k: v for k, v in raw.items() if not k.startswith("__") and k != f"{REF_FIELD}.npy"}
+                writer.write({"__key__": raw["__key__"], **members, f"{REF_FIELD}.npy": _npy(row)})
+            n += len(raw_group)
+            bar.update(len(raw_group))
+    finally:
+        writer.close()
+    os.replace(partial, dst)
+    return n
+
+
+def score_shards(checkpoint: Path, in_dir: Path, out_dir: Path, rank: int, world_size: int, device: torch.device,
+                 batch_size: int = 8, barrier=lambda: None) -> Path:
+    """Score every shard of every split; returns the output manifest path."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if out_dir.resolve() == in_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the input directory; scored shards go to a new directory "
+                         "(the original shards stay as they are)")
+    manifest = read_manifest(in_dir)
+    reference = Reference(checkpoint, device)
+    reference.check_tokenizer(manifest, in_dir)
+    identity = reference.identity()
+    if (out_dir / "manifest.json").is_file():
+        done = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8")).get("reference")
+        raise FileExistsError(f"{out_dir} already holds scored shards (reference {done and done['checkpoint']}); "
+                              "choose a new --out directory (nothing was overwritten)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir / "scoring.json", identity, in_dir, rank, barrier)
+    vocab = Vocab.from_manifest(manifest)
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    mine = [s for i, s in enumerate(shards) if i % world_size == rank]
+    todo = [s for s in mine if not (out_dir / s["name"]).is_file()]
+    if len(todo) < len(mine):
+        log.info("rank %d: %d of its %d shards were scored before; resuming with the rest", rank,
+                 len(mine) - len(todo), len(mine))
+    bar = tqdm(total=sum(s["sequences"] for s in todo), unit="seq", desc=f"score rank {rank}",
+               disable=not sys.stderr.isatty())
+    for shard in todo:
+        src = in_dir / shard["name"]
+        if sha256_file(src) != shard["sha256"]:
+            raise ValueError(f"{src}: sha256 differs from {in_dir}/manifest.json (changed or damaged); "
+                             f"run `sabiscale shards verify {in_dir}`")
+        n = score_shard(reference, src, out_dir / shard["name"], vocab, batch_size, device, bar)
+        if n != shard["sequences"]:
+            raise ValueError(f"{src}: {n} samples, manifest.json says {shard['sequences']}; the shard is damaged")
+        log.info("rank %d: scored %s (%d sequences)", rank, shard["name"], n)
+    bar.close()
+    barrier()
+    if rank == 0:
+        _write_scored_manifest(manifest, out_dir, identity)
+    barrier()
+    return out_dir / "manifest.json"
+
+
+def _claim(path: Path, identity: dict, in_dir: Path, rank: int, barrier) -> None:
+    """Record which reference and inputs this directory is being scored with; a rerun with other
+    ones would mix two references' losses in one set of shards."""
+    claim = {"reference": identity, "input": str(in_dir.resolve())}
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != claim:
+            raise ValueError(f"{path.parent} holds a partial scoring with reference {before['reference']['checkpoint']} "
+                             f"of {before['input']}; resume it with the same --reference and --shards, or use a new --out")
+    barrier()
+    if rank == 0 and not path.is_file():
+        path.write_text(json.dumps(claim, indent=2) + "\n", encoding="utf-8")
+    barrier()
+
+
+def _write_scored_manifest(manifest: dict, out_dir: Path, identity: dict) -> None:
+    scored = json.loads(json.dumps(manifest))
+    for split in scored["splits"].values():
+        for shard in split["shards"]:
+            shard["sha256"] = sha256_file(out_dir / shard["name"])
+    scored["fields"] = {REF_FIELD: {"dtype": "float16", "aligned_with": "input_ids",
+                                    "meaning": "reference loss of token t at answer tokens, NaN elsewhere"}}
+    scored["reference"] = identity
+    tmp = out_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(scored, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "manifest.json")

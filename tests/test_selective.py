@@ -1,0 +1,249 @@
+"""Selective language modeling (Rho-1): selection rules, exactness against the masked loss,
+scoring shards with a real reference checkpoint, and selective training on 1 and 2 real ranks."""
+import dataclasses
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
+from sabiscale.data.batch import Vocab
+from sabiscale.data.loader import make_loader, shard_urls
+from sabiscale.loss.masked import TokenLossObjective, selected_count, top_excess
+from sabiscale.model import build_model
+from sabiscale.shards.verify import verify_shards
+from sabiscale.shards.write import read_manifest
+from sabiscale.tokenizer import load_tokenizer
+
+RATIO = 0.6
+
+
+def test_top_excess_on_hand_computed_cases_and_ties():
+    excess = torch.tensor([0.5, -1.0, 2.0, 0.5, 0.1])
+    assert selected_count(5, 0.6) == 3 and selected_count(5, 0.5) == 3 and selected_count(5, 0.4) == 2
+    assert top_excess(excess, 0.6).tolist() == [True, False, True, True, False]
+    assert top_excess(excess, 0.2).tolist() == [False, False, True, False, False]
+    # ties: the earlier token wins, whatever the sort kernel does
+    assert top_excess(torch.ones(4), 0.5).tolist() == [True, True, False, False]
+    assert top_excess(torch.tensor([0.0, 3.0, 3.0, 3.0]), 0.5).tolist() == [False, True, True, False]
+    assert top_excess(excess, 1.0).all() and not top_excess(torch.zeros(0), 0.6).any()
+
+
+@pytest.fixture(scope="module")
+def parts(demo_cfg):
+    tok = load_tokenizer(demo_cfg.tokenizer_path)
+    manifest = read_manifest(demo_cfg.shards_dir)
+    vocab = Vocab.from_manifest(manifest)
+    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
+    return tok, batch
+
+
+def _grads(objective, batch, **kw):
+    objective.zero_grad()
+    out = objective(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids, **kw)
+    out.loss_sum.backward()
+    return out, {n: p.grad.clone() for n, p in objective.named_parameters()}
+
+
+def _objective(demo_cfg, tok, kind, ratio=1.0):
+    lm = build_model(demo_cfg.model, len(tok), demo_cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, 0)
+    return TokenLossObjective(lm, kind, 64, tok.pad_token_id, ratio=ratio)
+
+
+def test_ratio_one_is_exactly_the_masked_loss(demo_cfg, parts):
+    tok, batch = parts
+    ref_loss = torch.rand(batch.input_ids.shape) * 5
+    masked, g_masked = _grads(_objective(demo_cfg, tok, "masked"), batch)
+    selective, g_sel = _grads(_objective(demo_cfg, tok, "selective", 1.0), batch, ref_loss=ref_loss)
+    assert torch.equal(masked.loss_sum, selective.loss_sum) and torch.equal(masked.selected, selective.selected)
+    assert all(torch.equal(g_masked[n], g_sel[n]) for n in g_masked)
+
+
+def test_selective_trains_exactly_the_top_excess_tokens(demo_cfg, parts):
+    """Reference losses are built so that every token's excess is known; the selective loss and its
+    gradients must equal the masked loss over exactly those tokens."""
+    tok, batch = parts
+    objective = _objective(demo_cfg, tok, "selective", RATIO)
+    with torch.no_grad():
+        current = objective(batch.input_ids, batch.position_ids, batch.loss_mask, kind="masked")
+    candidates = batch.loss_mask[:, 1:]
+    n = int(candidates.sum())
+    wanted_excess = torch.randperm(n, generator=torch.Generator().manual_seed(0)).float() / n  # distinct
+    ref_loss = torch.full(batch.input_ids.shape, float("nan"))
+    ref_loss[:, 1:][candidates] = current.per_token - wanted_excess
+    out, g_sel = _grads(objective, batch, ref_loss=ref_loss)
+    k = selected_count(n, RATIO)
+    winners = torch.zeros(n, dtype=torch.bool)
+    winners[torch.argsort(wanted_excess, descending=True)[:k]] = True
+    assert int(out.count) == k == int(objective.count_targets(batch.input_ids, batch.position_ids, batch.loss_mask))
+    assert torch.equal(out.selected[candidates], winners)
+    assert torch.allclose(out.excess, wanted_excess, atol=1e-5)
+
+    only_winners = dataclasses.replace(batch, loss_mask=batch.loss_mask.clone())
+    only_winners.loss_mask[:, 1:] = out.selected
+    masked = _objective(demo_cfg, tok, "masked")
+    expected, g_masked = _grads(masked, only_winners)
+    assert torch.allclose(out.loss_sum, expected.loss_sum, rtol=1e-6)
+    for name in g_masked:
+        assert torch.allclose(g_sel[name], g_masked[name], rtol=1e-5, atol=1e-7), name
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_cfg, world, tmp_path_factory):
+    """A short real masked run: its checkpoint is the reference model ("self-reference")."""
+    from sabiscale.train import train
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path_factory.mktemp("reference"))
+    cfg.tracking.enabled = False
+    cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 8, 1, 1
+    return train(cfg, world).checkpoint
+
+
+@pytest.fixture(scope="module")
+def scored(demo_cfg, world, reference_run, tmp_path_factory):
+    from sabiscale.score import score_shards
+
+    out = tmp_path_factory.mktemp("scored") / "shards"
+    score_shards(reference_run, demo_cfg.shards_dir, out, world.rank, world.world_size, world.device, batch_size=8)
+    return out
+
+
+def test_scored_shards_carry_the_reference_losses_aligned(demo_cfg, reference_run, scored, world, tmp_path):
+    from sabiscale.score import Reference, score_shards
+
+    manifest = read_manifest(scored)
+    assert manifest["reference"]["checkpoint"] == str(reference_run)
+    assert manifest["reference"]["tokenizer_sha256"] == manifest["tokenizer_sha256"]
+    assert verify_shards(scored)[0] == []
+    vocab = Vocab.from_manifest(manifest)
+    batch = next(make_loader(shard_urls(scored, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
+    expected = Reference(reference_run, world.device).score(batch)
+    finite = torch.isfinite(batch.ref_loss)
+    assert torch.equal(finite[:, 1:], batch.loss_mask[:, 1:]) and not finite[:, 0].any()
+    assert torch.allclose(batch.ref_loss[finite], expected[finite], rtol=2e-3, atol=2e-3)  # float16 storage
+
+    # resuming: a shard already scored is kept as it is, the rest is written; the result is byte-identical
+    again = tmp_path / "again"
+    again.mkdir()
+    first = manifest["splits"]["train"]["shards"][0]["name"]
+    (again / first).write_bytes((scored / first).read_bytes())
+    (again / "scoring.json").write_text((scored / "scoring.json").read_text())
+    score_shards(reference_run, demo_cfg.shards_dir, again, 0, 1, world.device, batch_size=3)
+    assert (again / "manifest.json").read_text() == (scored / "manifest.json").read_text()
+    with pytest.raises(FileExistsError, match="already holds scored shards"):
+        score_shards(reference_run, demo_cfg.shards_dir, again, 0, 1, world.device)
+
+
+def test_misaligned_reference_losses_are_refused_by_member(scored, tmp_path):
+    """A ref_loss array shifted by one token, as a scoring bug or a foreign tool would write it."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(scored, bad)
+    shard = bad / read_manifest(bad)["splits"]["train"]["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    victim = next(m.name for m, _ in members if m.name.endswith(".ref_loss.npy"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name == victim:
+                data_io = io.BytesIO()
+                np.save(data_io, np.roll(np.load(io.BytesIO(data)), 1), allow_pickle=False)
+                data = data_io.getvalue()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    problems = verify_shards(bad)[0]
+    key = victim.removesuffix(".ref_loss.npy")
+    assert any(f"member {key}" in p and "not aligned" in p for p in problems), problems
+    manifest = read_manifest(bad)
+    loader = make_loader(shard_urls(bad, manifest, "train"), Vocab.from_manifest(manifest), 4, 0, 1, 0, 0, 0)
+    with pytest.raises(ValueError, match=f"{key}: ref_loss is not aligned"):
+        for _ in range(100):
+            next(loader)
+
+
+def test_a_reference_of_another_tokenizer_is_refused(demo_cfg, reference_run, world, tmp_path):
+    import shutil
+
+    from sabiscale.score import score_shards
+
+    other = tmp_path / "shards"
+    shutil.copytree(demo_cfg.shards_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="trained with tokenizer .* but .* uses 000000000000"):
+        score_shards(reference_run, other, tmp_path / "out", 0, 1, world.device)
+    assert not (tmp_path / "out").exists()
+
+
+def _selection_history(store: str) -> tuple[dict, dict]:
+    client = MlflowClient(tracking_uri=store)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    run = runs[0]
+    fraction = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "select/selected_fraction")}
+    return fraction, run.data.metrics
+
+
+def _selective_overrides(demo_cfg, scored, out, store):
+    return tiny_overrides(out) + [
+        f"data.shards_dir={scored}", f"tokenizer.path={demo_cfg.tokenizer_path}", "loss.kind=selective",
+        f"loss.ratio={RATIO}", "train.max_steps=6", "optim.warmup_steps=1", "train.eval_batches=1",
+        "train.log_every=3", f"tracking.uri={store}", "tracking.system_metrics=false"]
+
+
+def test_selective_training_two_ranks_equal_one_rank_with_accumulation(demo_cfg, scored, world, tmp_path):
+    """Selection is per micro-batch, the unit of the world-size-invariant stream: 2 gloo ranks x 1
+    micro-batch select the same tokens and make the same updates as 1 rank x 2 accumulation steps."""
+    from sabiscale.config import load_config
+    from sabiscale.train import train
+
+    store2 = f"sqlite:///{tmp_path / 'two.db'}"
+    run_cli([BIN / "deepspeed", "--num_gpus", "2", "--master_port", "29737", "--module", "sabiscale", "train",
+             str(ROOT / "launch/recipes/demo.yaml"), *_selective_overrides(demo_cfg, scored, tmp_path / "two", store2)])
+    fraction2, metrics2 = _selection_history(store2)
+
+    store1 = f"sqlite:///{tmp_path / 'one.db'}"
+    cfg = load_config(ROOT / "launch/recipes/demo.yaml",
+                      _selective_overrides(demo_cfg, scored, tmp_path / "one", store1) + ["train.grad_accum_steps=2"])
+    cfg.engine.ds_config = ROOT / cfg.engine.ds_config
+    one = train(cfg, world)
+    fraction1, metrics1 = _selection_history(store1)
+
+    client = MlflowClient(tracking_uri=store2)
+    run2 = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    two_losses = [m.value for m in sorted(client.get_metric_history(run2.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert one.train_losses == pytest.approx(two_losses, rel=1e-5, abs=1e-6)
+    assert fraction1 == fraction2 and sorted(fraction1) == list(range(1, 7))
+    for value in fraction1.values():  # a fixed share of each micro-batch's answer tokens
+        assert value == pytest.approx(RATIO, abs=0.01)
+    assert metrics1["select/excess_selected"] > metrics1["select/excess_rejected"]
+    rates = {k: v for k, v in metrics1.items() if k.startswith("train/selection_rate/task/")}
+    assert set(rates) == {f"train/selection_rate/task/{t}" for t in Vocab.from_manifest(read_manifest(scored)).tasks}
+    assert all(0 < v <= 1 for v in rates.values())
+
+
+def test_selective_needs_scored_shards_or_an_online_reference(demo_cfg, reference_run, world, tmp_path):
+    from sabiscale.config import load_config
+    from sabiscale.train import train
+
+    plain = load_config(ROOT / "launch/recipes/demo.yaml", tiny_overrides(fresh_run_dir(demo_cfg, tmp_path / "a"))
+                        + ["loss.kind=selective", "tracking.enabled=false"])
+    with pytest.raises(ValueError, match="sabiscale score --reference"):
+        train(plain, world)
+
+    store = f"sqlite:///{tmp_path / 'online.db'}"
+    online = load_config(ROOT / "launch/recipes/demo.yaml", tiny_overrides(fresh_run_dir(demo_cfg, tmp_path / "b")) + [
+        "loss.kind=selective", f"loss.ratio={RATIO}", "loss.reference=online",
+        f"loss.reference_checkpoint={reference_run}", "train.max_steps=3", "optim.warmup_steps=1",
+        "train.eval_batches=1", "train.log_every=3", f"tracking.uri={store}", "tracking.system_metrics=false"])
+    online.engine.ds_config = ROOT / online.engine.ds_config
+    train(online, world)
+    fraction, metrics = _selection_history(store)
+    assert sorted(fraction) == [1, 2, 3] and all(v == pytest.approx(RATIO, abs=0.01) for v in fraction.values())
