@@ -70,12 +70,12 @@ class RssSampler:
         return max(during) - (before[-1] if before else during[0])
 
 
-def _config(profile: str = "zero2_offload"):
+def _config(profile: str = "zero2_offload", extra: list[str] = ()):
     from sabiscale.__main__ import _resolve_paths
     from sabiscale.config import load_config
 
-    extra = [f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}", f"engine.ds_config=ds_configs/{profile}.json"]
-    return _resolve_paths(load_config(RECIPE, WORKLOAD + extra))
+    fixed = [f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}", f"engine.ds_config=ds_configs/{profile}.json"]
+    return _resolve_paths(load_config(RECIPE, WORKLOAD + fixed + list(extra)))
 
 
 def _summarize(times, counts, flops, sampler, warmup):
@@ -94,13 +94,13 @@ def _summarize(times, counts, flops, sampler, warmup):
             "transient_bytes_per_token": sampler.transient(times[0][0], times[-1][1]) / (real / len(times))}
 
 
-def run_ours(steps: int, warmup: int, profile: str) -> dict:
+def run_ours(steps: int, warmup: int, profile: str, extra: list[str] = ()) -> dict:
     from sabiscale.engine import ensure_launcher_env, init_distributed
     from sabiscale.model import build_model, flops_per_token
     from sabiscale.tokenizer import load_tokenizer
     from sabiscale.train import train
 
-    cfg = _config(profile)
+    cfg = _config(profile, list(extra))
     cfg.train.max_steps = steps + warmup
     shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # the benchmark's own run directory: always start fresh
     ensure_launcher_env()

@@ -247,3 +247,34 @@ def test_selective_needs_scored_shards_or_an_online_reference(demo_cfg, referenc
     train(online, world)
     fraction, metrics = _selection_history(store)
     assert sorted(fraction) == [1, 2, 3] and all(v == pytest.approx(RATIO, abs=0.01) for v in fraction.values())
+
+
+def test_rho1_on_real_data_reference_on_the_high_quality_subset_score_and_train(shared_data, tmp_path):
+    """The workflow as users run it, through the console script on ../shared/data: prepare the
+    mix; train a reference on the translation + NER subset with the same tokenizer; score the
+    mix's shards with it; train selective; the logged selection fraction is the ratio."""
+    recipe = str(ROOT / "launch/recipes/shared_data.yaml")
+    common = [f"data.jsonl_root={shared_data}", "data.max_records_per_file=40", "data.seq_len=256",
+              "data.sequences_per_shard=32", "data.val_fraction=0.1", "tokenizer.vocab_size=1000",
+              "model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=128",
+              "train.eval_batches=1", "optim.warmup_steps=1", "train.eval_every=0", "tracking.system_metrics=false"]
+    mix, ref, sel = tmp_path / "mix", tmp_path / "reference", tmp_path / "selective"
+    run_cli([BIN / "sabiscale", "prepare", recipe, f"output_dir={mix}", *common])
+    tokenizer = mix / "tokenizer" / "tokenizer.json"
+    subset = [f"output_dir={ref}", f"tokenizer.path={tokenizer}", "data.tasks=[translation, ner]", "train.max_steps=8"]
+    run_cli([BIN / "sabiscale", "prepare", recipe, *common, *subset])
+    run_cli([BIN / "sabiscale", "train", recipe, *common, *subset])
+    proc = run_cli([BIN / "sabiscale", "score", "--reference", str(ref / "checkpoints"), "--shards", str(mix / "shards"),
+                    "--out", str(tmp_path / "scored")])
+    assert "scored shards" in proc.stdout
+    manifest = read_manifest(tmp_path / "scored")
+    assert manifest["reference"]["checkpoint"] == str(ref / "checkpoints" / "step_00000008")
+    run_cli([BIN / "sabiscale", "train", recipe, *common, f"output_dir={sel}", f"tokenizer.path={tokenizer}",
+             f"data.shards_dir={tmp_path / 'scored'}", "loss.kind=selective", "loss.ratio=0.7", "train.max_steps=4",
+             "train.log_every=2"])
+    fraction, metrics = _selection_history(f"sqlite:///{sel / 'mlflow.db'}")
+    assert sorted(fraction) == [1, 2, 3, 4]
+    assert all(v == pytest.approx(0.7, abs=0.01) for v in fraction.values()), fraction
+    # every task of the mix is ranked, also those the reference never saw
+    rates = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("train/selection_rate/task/")}
+    assert {"translation", "ner", "sentiment", "text"} <= set(rates), rates
