@@ -89,6 +89,11 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
+    # adamw: DeepSpeed's (fused on GPUs, DeepSpeedCPUAdam under optimizer offload), from the JSON.
+    # adamw8bit / paged_adamw8bit: bitsandbytes' 8-bit AdamW as a client optimizer: moments in
+    # 1 byte each instead of 4, also on the host under optimizer offload; the paged variant lets
+    # CUDA page its states to host memory under pressure (not with offload, where they live there).
+    kind: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
@@ -116,6 +121,9 @@ class TrainConfig(_Section):
     # auto: continue from the newest complete checkpoint in output_dir if there is one;
     # must: the same, but it is an error if there is none; never: refuse to run over checkpoints.
     resume: Literal["auto", "must", "never"] = "auto"
+    # Recompute each layer's activations in backward instead of keeping them: less memory for
+    # ~1/3 more compute (transformers' non-reentrant gradient checkpointing).
+    activation_checkpointing: bool = False
     # Write the sample keys of every step to <output_dir>/trace/rank<N>.jsonl (audits, tests).
     trace_samples: bool = False
     # Fault injection for tests: "mid_step:N", "between_steps:N" or "mid_checkpoint:N" makes the

@@ -128,14 +128,48 @@ def load_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise EngineConfigError(f"{path}: not valid JSON: {err}") from None
-    return fill_ds_config(raw, cfg, world_size, precision, str(path))
+    filled = fill_ds_config(raw, cfg, world_size, precision, str(path))
+    if cfg.optim.kind != "adamw":
+        filled = client_optimizer_config(filled, cfg.optim.kind)
+    return filled
 
 
-def initialize(objective: torch.nn.Module, ds_config: dict):
-    """Build the DeepSpeed engine (optimizer and LR schedule come from the JSON)."""
+def initialize(objective: torch.nn.Module, ds_config: dict, optim=None):
+    """Build the DeepSpeed engine. The LR schedule comes from the JSON; the optimizer too for
+    optim.kind=adamw, otherwise it is bitsandbytes' 8-bit AdamW handed over as a client optimizer."""
     params = [p for p in objective.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, config=ds_config)
+    if optim is None or optim.kind == "adamw":
+        engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, config=ds_config)
+        return engine
+    optimizer = eight_bit_adamw(params, optim)
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
     return engine
+
+
+def client_optimizer_config(ds_config: dict, kind: str) -> dict:
+    """The DeepSpeed JSON adjusted for a bitsandbytes client optimizer, or an error saying why the
+    combination is refused."""
+    zero = ds_config.get("zero_optimization", {})
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if kind == "paged_adamw8bit" and offloaded:
+        raise EngineConfigError(
+            "optim.kind=paged_adamw8bit with optimizer offload: offload already keeps the optimizer states in host "
+            "memory, so there is nothing to page; use optim.kind=adamw8bit (8-bit states on the host) or a profile "
+            "without offload_optimizer")
+    out = copy.deepcopy(ds_config)
+    out.pop("optimizer", None)  # the JSON's optimizer block describes DeepSpeed's own AdamW
+    out["zero_allow_untested_optimizer"] = True
+    if offloaded:
+        # otherwise DeepSpeed insists on its own CPU Adam for offloaded states
+        out["zero_force_ds_cpu_optimizer"] = False
+    return out
+
+
+def eight_bit_adamw(params, optim) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[optim.kind]
+    return cls(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,9 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                                    task_weight_table(cfg, vocab), cfg.loss.ratio)
     precision = resolve_precision(cfg.engine.precision)
     ds_config = load_ds_config(cfg, world.world_size, precision)
-    engine = initialize(objective, ds_config)
+    if cfg.train.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine = initialize(objective, ds_config, cfg.optim)
     resumed = find_resume_point(cfg, world, manifest)
     if resumed is not None:
         load_engine_state(engine, cfg.checkpoint_dir / step_tag(resumed["step"]))

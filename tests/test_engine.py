@@ -84,3 +84,50 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(demo_cfg, world, tmp_
 def test_non_finite_steps_in_a_row_stop_training_with_the_batches_named(demo_cfg, world, tmp_path):
     with pytest.raises(FloatingPointError, match=r"1 optimizer steps in a row .* step 2, global micro-batches \[1\]"):
         _train_in_process(demo_cfg, world, tmp_path / "nan", {"train.fault": "nan_loss:2", "train.max_nonfinite_steps": 1})
+
+
+@pytest.mark.parametrize("profile,kind", [("zero1", "adamw8bit"), ("zero2", "paged_adamw8bit"),
+                                          ("zero2_offload", "adamw8bit"), ("zero3_offload", "adamw8bit")])
+def test_eight_bit_adamw_trains_under_zero_also_with_states_offloaded(demo_cfg, world, tmp_path, profile, kind):
+    """bitsandbytes' 8-bit AdamW as DeepSpeed's client optimizer, including ZeRO optimizer offload
+    with the 8-bit states held in host memory; it must learn and stay near fp32 AdamW."""
+    import torch
+
+    result = _train_in_process(demo_cfg, world, tmp_path / "8bit", {
+        "engine.ds_config": ROOT / "ds_configs" / f"{profile}.json", "optim.kind": kind})
+    reference = _train_in_process(demo_cfg, world, tmp_path / "fp32", {
+        "engine.ds_config": ROOT / "ds_configs" / f"{profile}.json"})
+    assert result.train_losses[-1] < result.train_losses[0]
+    assert result.train_losses[0] == pytest.approx(reference.train_losses[0], rel=1e-6)  # same data, same init
+    assert result.train_losses == pytest.approx(reference.train_losses, rel=0.05)  # 8-bit moments, close
+    # the optimizer states in the checkpoint are bitsandbytes' uint8 moments
+    states = [torch.load(p, map_location="cpu", weights_only=False)
+              for p in sorted(result.checkpoint.glob("*optim_states.pt"))]
+    assert torch.uint8 in _tensor_dtypes(states)
+
+
+def _tensor_dtypes(tree) -> set:
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return {tree.dtype}
+    children = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return set().union(*(_tensor_dtypes(c) for c in children)) if children else set()
+
+
+def test_paged_eight_bit_with_optimizer_offload_is_refused_with_the_reason(demo_cfg):
+    from sabiscale.engine import load_ds_config
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.optim.kind = "paged_adamw8bit"
+    with pytest.raises(EngineConfigError, match="nothing to page; use optim.kind=adamw8bit"):
+        load_ds_config(cfg, 1, "fp32")
+    cfg.optim.kind = "adamw8bit"
+    adjusted = load_ds_config(cfg, 1, "fp32")
+    assert "optimizer" not in adjusted and adjusted["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_activation_checkpointing_recomputes_to_the_same_losses(demo_cfg, world, tmp_path):
+    plain = _train_in_process(demo_cfg, world, tmp_path / "plain", {})
+    recomputed = _train_in_process(demo_cfg, world, tmp_path / "ckpt", {"train.activation_checkpointing": True})
+    assert recomputed.train_losses == pytest.approx(plain.train_losses, rel=1e-5, abs=1e-6)
