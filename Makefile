@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser cluster demo test bench clean
 
 install: $(STAMP)
 
@@ -31,7 +31,14 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium could not be installed: the MLflow browser check will be skipped"
 
-test: install browser
+# Best effort: Debian's Slurm and munge, so the tests can start a real two-node Slurm cluster on
+# this host and sbatch launch/slurm.sbatch (without root/apt those tests skip and say why).
+cluster:
+	@command -v slurmctld >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get update -qq || true; } && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  slurm-wlm munge >/dev/null; } || echo "slurm could not be installed: the Slurm test will be skipped"
+
+test: install browser cluster
 	$(BIN)/pytest -q tests
 
 # Benchmarks are commands, not tests: sabiscale vs the HF Trainer peer on the standard workload.

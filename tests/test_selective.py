@@ -49,25 +49,27 @@ def _grads(objective, batch, **kw):
     return out, {n: p.grad.clone() for n, p in objective.named_parameters()}
 
 
-def _objective(demo_cfg, tok, kind, ratio=1.0):
+def _objective(demo_cfg, tok, kind, ratio=1.0, chunk=64):
     lm = build_model(demo_cfg.model, len(tok), demo_cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, 0)
-    return TokenLossObjective(lm, kind, 64, tok.pad_token_id, ratio=ratio)
+    return TokenLossObjective(lm, kind, chunk, tok.pad_token_id, ratio=ratio)
 
 
-def test_ratio_one_is_exactly_the_masked_loss(demo_cfg, parts):
+@pytest.mark.parametrize("chunk", [64, 4096], ids=["chunked", "one_block"])
+def test_ratio_one_is_exactly_the_masked_loss(demo_cfg, parts, chunk):
     tok, batch = parts
     ref_loss = torch.rand(batch.input_ids.shape) * 5
-    masked, g_masked = _grads(_objective(demo_cfg, tok, "masked"), batch)
-    selective, g_sel = _grads(_objective(demo_cfg, tok, "selective", 1.0), batch, ref_loss=ref_loss)
+    masked, g_masked = _grads(_objective(demo_cfg, tok, "masked", chunk=chunk), batch)
+    selective, g_sel = _grads(_objective(demo_cfg, tok, "selective", 1.0, chunk=chunk), batch, ref_loss=ref_loss)
     assert torch.equal(masked.loss_sum, selective.loss_sum) and torch.equal(masked.selected, selective.selected)
     assert all(torch.equal(g_masked[n], g_sel[n]) for n in g_masked)
 
 
-def test_selective_trains_exactly_the_top_excess_tokens(demo_cfg, parts):
+@pytest.mark.parametrize("chunk", [64, 4096], ids=["chunked", "one_block"])
+def test_selective_trains_exactly_the_top_excess_tokens(demo_cfg, parts, chunk):
     """Reference losses are built so that every token's excess is known; the selective loss and its
     gradients must equal the masked loss over exactly those tokens."""
     tok, batch = parts
-    objective = _objective(demo_cfg, tok, "selective", RATIO)
+    objective = _objective(demo_cfg, tok, "selective", RATIO, chunk=chunk)
     with torch.no_grad():
         current = objective(batch.input_ids, batch.position_ids, batch.loss_mask, kind="masked")
     candidates = batch.loss_mask[:, 1:]
@@ -85,11 +87,11 @@ def test_selective_trains_exactly_the_top_excess_tokens(demo_cfg, parts):
 
     only_winners = dataclasses.replace(batch, loss_mask=batch.loss_mask.clone())
     only_winners.loss_mask[:, 1:] = out.selected
-    masked = _objective(demo_cfg, tok, "masked")
+    masked = _objective(demo_cfg, tok, "masked", chunk=chunk)
     expected, g_masked = _grads(masked, only_winners)
     assert torch.allclose(out.loss_sum, expected.loss_sum, rtol=1e-6)
-    for name in g_masked:
-        assert torch.allclose(g_sel[name], g_masked[name], rtol=1e-5, atol=1e-7), name
+    for name in g_masked:  # the ranking's log-sum-exp is reused: equal up to fp32 rounding
+        assert (g_sel[name] - g_masked[name]).norm() <= 1e-5 * g_masked[name].norm(), name
 
 
 @pytest.fixture(scope="module")

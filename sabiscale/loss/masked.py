@@ -43,14 +43,33 @@ def top_excess(excess: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(N,) cross-entropy per target without gradient, one (chunk, V) logits block at a time."""
+def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses, log-sum-exp) per target without gradient, one (chunk, V) logits block at a time.
+    The log-sum-exp is kept so the fused pass over the selected tokens need not recompute it."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(losses)
     for start in range(0, hidden.shape[0], chunk):
         logits = (hidden[start:start + chunk] @ weight.T).float()
         t = targets[start:start + chunk]
-        losses[start:start + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
-    return losses
+        target_logit = logits.gather(1, t[:, None]).squeeze(1)
+        lse[start:start + chunk] = softmax_in_place(logits, normalize=False)[1]
+        losses[start:start + chunk] = lse[start:start + chunk] - target_logit
+    return losses, lse
+
+
+def softmax_in_place(logits: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax written over `logits`, log-sum-exp per row). torch.logsumexp allocates a
+    temporary as large as the logits and costs about as much as the head's matmul on a CPU; this
+    reuses the block in place (max, subtract, exp, sum) at under half the cost. Without
+    `normalize` the block is left as exp(logits - max) (enough for the log-sum-exp)."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(row_max).exp_()
+    total = exp.sum(dim=-1, keepdim=True)
+    lse = (row_max + total.log()).squeeze(1)
+    if normalize:
+        exp.div_(total)
+    return exp, lse
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -60,21 +79,35 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     (chunk, V) block is ever alive and the head's matmuls run exactly three times per token (logits,
     d hidden, d weight), with no recomputation. The upstream gradient is a scalar, so backward only
     scales what forward stored. Returns (weighted sum, per-token losses); the latter is detached.
+    A ranking pass (selective loss) may hand over what it computed: `lse_known`, each row's
+    log-sum-exp, or `known` = (softmax rows, losses) of all rows when they fit in one block, which
+    skips the logits matmul and the softmax altogether.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, chunk: int):
+    def forward(ctx, hidden, weight, targets, token_weights, chunk: int, lse_known=None, known=None):
         needs_grad = hidden.requires_grad or weight.requires_grad
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        if known is not None:
+            chunk = max(1, hidden.shape[0])  # one block, already computed
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = (h @ weight.T).float()  # (chunk, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            losses[start:start + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            if known is not None:
+                probs = known[0]
+                losses.copy_(known[1])
+            else:
+                logits = (h @ weight.T).float()  # (chunk, V)
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)
+                if lse_known is None:
+                    probs, lse = softmax_in_place(logits, normalize=needs_grad)
+                else:
+                    lse = lse_known[start:start + chunk]
+                    probs = logits.sub_(lse[:, None]).exp_() if needs_grad else None
+                losses[start:start + chunk] = lse - target_logit
             if needs_grad:
-                d_logits = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
+                d_logits = probs
                 d_logits[torch.arange(len(t), device=t.device), t] -= 1
                 if token_weights is not None:
                     d_logits.mul_(token_weights[start:start + chunk, None])
@@ -91,7 +124,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_sum, grad_losses):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_sum.to(grad_hidden.dtype), (grad_weight * grad_sum).to(ctx.weight_dtype),
-                None, None, None)
+                None, None, None, None, None)
 
 
 class SupervisedHead(torch.nn.Linear):
@@ -107,10 +140,31 @@ class SupervisedHead(torch.nn.Linear):
             return super().forward(hidden)
         if reference is None:
             return FusedLinearCrossEntropy.apply(hidden, self.weight, targets, token_weights, chunk)
-        excess = chunked_token_losses(hidden.detach(), self.weight.detach(), targets, chunk) - reference
+        weights = token_weights
+        if hidden.shape[0] <= chunk:
+            # one block: rank with the softmax rows the gradient needs, then keep only the winners'
+            # rows (at most 1 + ratio blocks alive), so the selected tokens cost no second matmul
+            with torch.no_grad():
+                logits = (hidden.detach() @ self.weight.detach().T).float()
+                target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+                probs, lse = softmax_in_place(logits)
+                current = lse - target_logit
+                excess = current - reference
+                keep = top_excess(excess, ratio)
+                known = (probs[keep], current[keep])
+                del logits, probs
+            return (*FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep],
+                                                   weights[keep] if weights is not None else None, chunk, None, known),
+                    keep, excess)
+        current, lse = chunked_token_losses(hidden.detach(), self.weight.detach(), targets, chunk)
+        excess = current - reference
         keep = top_excess(excess, ratio)
-        weights = token_weights[keep] if token_weights is not None else None
-        loss_sum, losses = FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep], weights, chunk)
+        # reusing the ranking's log-sum-exp changes the last bits of the softmax; at ratio 1 the
+        # result must be the masked loss exactly, so it is recomputed there
+        lse_known = lse[keep] if ratio < 1 else None
+        loss_sum, losses = FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep],
+                                                         weights[keep] if weights is not None else None, chunk,
+                                                         lse_known)
         return loss_sum, losses, keep, excess
 
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Start sabiscale on THIS node of a multi-node job: one DeepSpeed per-node launcher, which starts
+# one rank per local GPU (or GPUS_PER_NODE CPU ranks) and sets RANK/LOCAL_RANK/WORLD_SIZE.
+# Needs no ssh: run it once on every node (slurm.sbatch does that through srun).
+#
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/node.sh RECIPE [key=value ...]   # on node 0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/node.sh RECIPE [key=value ...]   # on node 1
+#
+# Environment: NNODES, NODE_RANK, MASTER_ADDR (an address every node reaches), MASTER_PORT
+# (default 29500), GPUS_PER_NODE (default: GPUs nvidia-smi sees, else 1), SABISCALE_COMMAND
+# (default train; e.g. score), and GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME when a node has several
+# interfaces (gloo otherwise advertises the loopback address and the other node cannot connect).
+set -euo pipefail
+: "${NNODES:?set NNODES (number of nodes)}" "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
+: "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+  GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  [[ "$GPUS_PER_NODE" -gt 0 ]] || GPUS_PER_NODE=1
+fi
+[[ $# -ge 1 ]] || { echo "usage: launch/node.sh RECIPE [key=value ...]" >&2; exit 2; }
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${SABISCALE_PYTHON:-$here/../.venv/bin/python}"
+[[ -x "$python" ]] || python=python3
+
+# world_info: every node's local device ids, in node-rank order (DeepSpeed derives global ranks from it)
+world_info=$("$python" -c '
+import base64, json, sys
+nodes, per_node = int(sys.argv[1]), int(sys.argv[2])
+info = {f"node{i}": list(range(per_node)) for i in range(nodes)}
+print(base64.urlsafe_b64encode(json.dumps(info).encode()).decode())' "$NNODES" "$GPUS_PER_NODE")
+
+echo "sabiscale node $NODE_RANK/$NNODES on ${SLURMD_NODENAME:-$(hostname)}: $GPUS_PER_NODE rank(s), master $MASTER_ADDR:$MASTER_PORT"
+exec "$python" -m deepspeed.launcher.launch --world_info="$world_info" --node_rank="$NODE_RANK" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --module sabiscale "${SABISCALE_COMMAND:-train}" "$@"

@@ -1,0 +1,227 @@
+"""`sabiscale plan`: how much GPU and host memory each DeepSpeed profile needs for a recipe's
+model, and the cheapest profile that fits.
+
+Per profile (ds_configs/*.json: ZeRO stage, optimizer/parameter offload, bucket sizes) and
+optimizer (DeepSpeed AdamW or bitsandbytes 8-bit AdamW), per device (one GPU of N):
+- parameters in the compute dtype (bf16/fp16 on GPUs, fp32 on the CPU), split over ranks by ZeRO-3;
+- gradients in the compute dtype, split by ZeRO-2/3 (under optimizer offload only the reduce
+  bucket stays on the device);
+- optimizer: fp32 master weights, fp32 gradient partition, moments (8 bytes per parameter for
+  AdamW, 2 for 8-bit AdamW), split over ranks from ZeRO-1 on, on the host under optimizer offload
+  - the same 16 (AdamW) bytes per parameter DeepSpeed's own estimators count;
+- DeepSpeed's communication buckets (reduce / all-gather bucket sizes from the JSON);
+- activations saved for backward, per layer and token, from the Llama layer's actual saved
+  tensors (norm inputs and outputs, q/k/v, attention output, the SwiGLU MLP's four I-sized
+  tensors), or only each layer's input with activation checkpointing plus one layer recomputed;
+- the fused loss head's buffers (fp32 weight gradient, one chunk of logits, hidden-state grads);
+- a margin: 10% + 1 GiB on a GPU (CUDA context, allocator fragmentation), 10% on the host.
+Every term is in `Plan.device` / `Plan.host`, so the printout says where memory goes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RunConfig
+
+GiB = 2**30
+PROFILES = ("zero1", "zero2", "zero2_offload", "zero3_offload")  # cheapest (fastest) first
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    largest_layer: int  # parameters of the biggest single module (ZeRO-3 gathers one at a time)
+    hidden: int
+    kv_hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, vocab: int) -> "ModelShape":
+        """Exact parameter count from the transformers model built on the meta device (no memory)."""
+        import torch
+        from transformers import LlamaForCausalLM
+
+        from .model import llama_config
+
+        with torch.device("meta"):
+            lm = LlamaForCausalLM(llama_config(cfg.model, vocab, cfg.data.seq_len, 0, 1))
+        params = sum(p.numel() for p in lm.parameters())
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in lm.modules())
+        m = cfg.model
+        kv = (m.num_kv_heads or m.num_heads) * (m.hidden_size // m.num_heads)
+        return cls(params, largest, m.hidden_size, kv, m.intermediate_size, m.num_layers, vocab)
+
+
+@dataclass
+class Plan:
+    profile: str
+    optimizer: str
+    activation_checkpointing: bool
+    device: dict[str, float] = field(default_factory=dict)  # bytes per GPU (or the CPU process)
+    host: dict[str, float] = field(default_factory=dict)    # bytes per node on the host
+
+    @property
+    def device_total(self) -> float:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
+
+
+def zero_settings(ds_config: dict) -> dict:
+    zero = ds_config.get("zero_optimization", {})
+    return {"stage": int(zero.get("stage", 0)),
+            "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None),
+            "offload_param": zero.get("offload_param", {}).get("device", "none") not in ("none", None),
+            "reduce_bucket": float(zero.get("reduce_bucket_size", 5e8)),
+            "allgather_bucket": float(zero.get("allgather_bucket_size", 5e8)),
+            "prefetch_bucket": float(zero.get("stage3_prefetch_bucket_size", 5e7))}
+
+
+def model_state_bytes(shape: ModelShape, z: dict, optimizer: str, ranks: int, dtype_bytes: int) -> tuple[dict, dict]:
+    """(device, host) bytes of parameters, gradients, optimizer states and DeepSpeed buffers."""
+    p, b = shape.params, dtype_bytes
+    device: dict[str, float] = {}
+    host: dict[str, float] = {}
+    # parameters
+    if z["stage"] >= 3:
+        gathered = b * min(p, shape.largest_layer + z["prefetch_bucket"])  # working set gathered for compute
+        (host if z["offload_param"] else device)["parameters"] = b * p / ranks
+        device["parameters (gathered working set)"] = gathered
+    else:
+        device["parameters"] = b * p
+    # gradients in the compute dtype
+    grads = b * p if z["stage"] <= 1 else b * p / ranks
+    if z["offload_optimizer"]:
+        device["gradient buckets"] = b * min(p, z["reduce_bucket"])
+    else:
+        device["gradients"] = grads
+    # optimizer: fp32 master copy + fp32 gradient partition + moments, split from ZeRO-1 on
+    split = ranks if z["stage"] >= 1 else 1
+    moments = 8 if optimizer == "adamw" else 2 + 8 / 256  # 8-bit: uint8 m and v + fp32 absmax per 256-block
+    where = host if z["offload_optimizer"] else device
+    where["optimizer: fp32 master weights"] = 4 * p / split
+    where["optimizer: fp32 gradient partition"] = 4 * p / split
+    where[f"optimizer: moments ({'fp32' if optimizer == 'adamw' else '8-bit'})"] = moments * p / split
+    if 1 <= z["stage"] <= 2 and not z["offload_optimizer"]:
+        device["communication buckets"] = b * min(p, z["reduce_bucket"]) + b * min(p, z["allgather_bucket"])
+    return device, host
+
+
+def activation_bytes(shape: ModelShape, tokens: int, supervised: int, seq_len: int, micro_batch: int,
+                     dtype_bytes: int, checkpointing: bool, chunk: int) -> dict:
+    """Bytes held for backward during one micro-batch, and the loss head's buffers."""
+    b, h = dtype_bytes, shape.hidden
+    # saved per token by one decoder layer: norm input, normalized and output (x2 norms), q/k/v,
+    # attention output, SwiGLU gate/up/act/product
+    per_layer = (8 * h + 2 * shape.kv_hidden + 4 * shape.intermediate) * b * tokens
+    if b < 4:  # RMSNorm computes in fp32: each of the two norms keeps an fp32 copy of its input
+        per_layer += 2 * 4 * h * tokens
+    out = {}
+    if checkpointing:
+        out["activations (layer inputs, checkpointed)"] = shape.layers * h * b * tokens
+        out["activations (one layer recomputed)"] = per_layer
+    else:
+        out["activations"] = shape.layers * per_layer
+    out["activation gradients (backward working set)"] = per_layer
+    out["attention mask (packed, block-diagonal)"] = micro_batch * seq_len * seq_len * b
+    out["embeddings and final norm"] = 4 * h * b * tokens
+    out["loss head: fp32 weight gradient"] = 4 * shape.vocab * h
+    out["loss head: one chunk of logits"] = min(chunk, supervised) * shape.vocab * (4 + 4 + b)
+    out["loss head: hidden states and their gradients"] = 2 * supervised * h * b
+    return out
+
+
+def plan_profile(cfg: RunConfig, shape: ModelShape, profile: str, ds_config: dict, optimizer: str,
+                 checkpointing: bool, ranks: int, gpus_per_node: int, on_gpu: bool = True) -> Plan:
+    dtype_bytes = 2 if on_gpu else 4
+    z = zero_settings(ds_config)
+    device, host = model_state_bytes(shape, z, optimizer, ranks, dtype_bytes)
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    device.update(activation_bytes(shape, tokens, tokens, cfg.data.seq_len, cfg.train.micro_batch_size, dtype_bytes,
+                                   checkpointing, cfg.loss.chunk_size))
+    plan = Plan(profile, optimizer, checkpointing)
+    # the host holds what each of its GPUs offloads
+    plan.host = {k: v * gpus_per_node for k, v in host.items()}
+    if not on_gpu:  # one CPU process: "device" and host are the same memory
+        plan.host = {**plan.host, **{f"{k}": v for k, v in device.items()}}
+        plan.device = {}
+        plan.host["margin (10%)"] = 0.1 * sum(plan.host.values())
+        return plan
+    plan.device = device
+    plan.device["margin (CUDA context, fragmentation)"] = GiB + 0.1 * sum(device.values())
+    if plan.host:
+        plan.host["margin (10%, pinned buffers)"] = 0.1 * sum(plan.host.values())
+    return plan
+
+
+def load_profile(name: str, ds_dir: Path) -> dict:
+    return json.loads((ds_dir / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def plan_all(cfg: RunConfig, vocab: int, gpu_bytes: float, host_bytes: float | None, ranks: int,
+             gpus_per_node: int, ds_dir: Path) -> tuple[list[Plan], Plan | None]:
+    """Every profile x optimizer x checkpointing, and the cheapest that fits (in PROFILES order,
+    AdamW before 8-bit, no checkpointing before checkpointing), or None."""
+    shape = ModelShape.from_config(cfg, vocab)
+    plans = [plan_profile(cfg, shape, profile, load_profile(profile, ds_dir), opt, ckpt, ranks, gpus_per_node)
+             for profile in PROFILES for ckpt in (False, True) for opt in OPTIMIZERS]
+
+    def fits(p: Plan) -> bool:
+        return p.device_total <= gpu_bytes and (host_bytes is None or p.host_total <= host_bytes)
+
+    return plans, next((p for p in plans if fits(p)), None)
+
+
+def largest_fitting_model(cfg: RunConfig, vocab: int, profile: str, ds_dir: Path, optimizer: str, checkpointing: bool,
+                          gpu_bytes: float, ranks: int = 1) -> tuple[int, RunConfig]:
+    """The biggest model of the recipe's shape family (hidden grows with depth as in common
+    Llama sizes: head dim 64, MLP 8/3 hidden) that fits `gpu_bytes` on this profile."""
+    best = (0, cfg)
+    for hidden, layers in ((512, 8), (768, 12), (1024, 16), (1024, 24), (1536, 24), (2048, 24), (2048, 32),
+                           (2560, 32), (3072, 32), (4096, 32), (5120, 40), (6144, 48), (8192, 80)):
+        trial = cfg.model_copy(deep=True)
+        trial.model.hidden_size, trial.model.num_layers = hidden, layers
+        trial.model.num_heads, trial.model.num_kv_heads = hidden // 64, None
+        trial.model.intermediate_size = int(8 * hidden / 3 / 64 + 0.999) * 64
+        shape = ModelShape.from_config(trial, vocab)
+        plan = plan_profile(trial, shape, profile, load_profile(profile, ds_dir), optimizer, checkpointing, ranks, 1)
+        if plan.device_total <= gpu_bytes:
+            best = (shape.params, trial)
+    return best
+
+
+def parse_size(text: str) -> float:
+    """'24GiB', '24GB', '24G', '16000MiB' -> bytes."""
+    units = {"gib": GiB, "gb": 1e9, "g": GiB, "mib": 2**20, "mb": 1e6, "m": 2**20, "tib": 2**40, "tb": 1e12}
+    t = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            return float(t[: -len(unit)]) * units[unit]
+    return float(t)
+
+
+def format_plans(plans: list[Plan], best: Plan | None, gpu_bytes: float, host_bytes: float | None) -> str:
+    lines = [f"{'profile':<15}{'optimizer':<11}{'act. ckpt':<11}{'GPU GiB':>9}{'host GiB':>10}  fits"]
+    for p in plans:
+        ok = p.device_total <= gpu_bytes and (host_bytes is None or p.host_total <= host_bytes)
+        lines.append(f"{p.profile:<15}{p.optimizer:<11}{'yes' if p.activation_checkpointing else 'no':<11}"
+                     f"{p.device_total / GiB:>9.2f}{p.host_total / GiB:>10.2f}  {'yes' if ok else 'no'}")
+    if best is None:
+        lines.append("\nNothing fits: lower train.micro_batch_size or data.seq_len, use more GPUs (ZeRO splits the "
+                     "states over them), or choose a smaller model.")
+        return "\n".join(lines)
+    lines += ["", f"recommended: engine.ds_config=ds_configs/{best.profile}.json optim.kind={best.optimizer}"
+              f"{' train.activation_checkpointing=true' if best.activation_checkpointing else ''}", "",
+              f"where the GPU memory goes ({best.device_total / GiB:.2f} GiB):"]
+    lines += [f"  {k:<48}{v / GiB:>8.3f} GiB" for k, v in best.device.items()]
+    if best.host:
+        lines += [f"host memory ({best.host_total / GiB:.2f} GiB per node):"]
+        lines += [f"  {k:<48}{v / GiB:>8.3f} GiB" for k, v in best.host.items()]
+    return "\n".join(lines)

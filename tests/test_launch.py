@@ -1,0 +1,187 @@
+"""Scale-out with real processes: the launch scripts on two hosts with their own addresses
+(network namespaces), and a real Slurm cluster with two slurmd "nodes" running slurm.sbatch."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, child_env, fresh_run_dir, tiny_overrides
+
+STEPS = 4
+
+
+def _overrides(out: Path) -> list[str]:
+    return tiny_overrides(out) + [f"train.max_steps={STEPS}", "optim.warmup_steps=1", "train.eval_batches=1",
+                                  "train.trace_samples=true", "tracking.system_metrics=false"]
+
+
+def _assert_trained_on_two_ranks(out: Path) -> None:
+    """Both ranks trained every step, on disjoint samples, and the checkpoint knows it was 2 ranks."""
+    meta = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "sabiscale.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == STEPS
+    keys = {}
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (out / "trace" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+        keys[rank] = {k for r in records for _, batch in r["batches"] for k in batch}
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture
+def two_hosts():
+    """node_a (10.77.0.1) and node_b (10.77.0.2), joined by a veth pair and nothing else."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    suffix = str(os.getpid())[-5:]
+    ns = (f"sabi_a{suffix}", f"sabi_b{suffix}")
+    veth = (f"sva{suffix}", f"svb{suffix}")
+    setup = [["ip", "netns", "add", ns[0]], ["ip", "netns", "add", ns[1]],
+             ["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]],
+             ["ip", "link", "set", veth[0], "netns", ns[0]], ["ip", "link", "set", veth[1], "netns", ns[1]],
+             ["ip", "-n", ns[0], "addr", "add", "10.77.0.1/24", "dev", veth[0]],
+             ["ip", "-n", ns[1], "addr", "add", "10.77.0.2/24", "dev", veth[1]]]
+    for n, v in zip(ns, veth):
+        setup += [["ip", "-n", n, "link", "set", "lo", "up"], ["ip", "-n", n, "link", "set", v, "up"]]
+    for cmd in setup:
+        done = _run(cmd)
+        if done.returncode != 0:
+            for n in ns:
+                _run(["ip", "netns", "del", n])
+            pytest.skip(f"cannot create network namespaces here ({' '.join(cmd)}: {done.stderr.strip()})")
+    yield ns, veth
+    for n in ns:
+        for pid in _run(["ip", "netns", "pids", n]).stdout.split():
+            _run(["kill", "-9", pid])
+        _run(["ip", "netns", "del", n])
+
+
+def test_two_hosts_one_launcher_each(demo_cfg, two_hosts, tmp_path):
+    """launch/node.sh on each of two hosts with their own addresses: one per-node DeepSpeed
+    launcher each, rendezvous at node 0's address over the veth link only."""
+    (ns_a, ns_b), (veth_a, veth_b) = two_hosts
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    procs = []
+    for rank, (ns, ifname) in enumerate(((ns_a, veth_a), (ns_b, veth_b))):
+        env = child_env({"NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "10.77.0.1", "MASTER_PORT": "29765",
+                         "GPUS_PER_NODE": "1", "GLOO_SOCKET_IFNAME": ifname, "SABISCALE_PYTHON": sys.executable})
+        procs.append(subprocess.Popen(["timeout", "600", "ip", "netns", "exec", ns, str(ROOT / "launch/node.sh"),
+                                       str(ROOT / "launch/recipes/demo.yaml"), *_overrides(out)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate()[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"node {rank} failed:\n{log[-4000:]}"
+    assert "sabiscale node 0/2" in logs[0] and "sabiscale node 1/2" in logs[1]
+    assert "master 10.77.0.1:29765" in logs[1]
+    _assert_trained_on_two_ranks(out)
+
+
+SLURM_CONF = """ClusterName=sabitest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+AuthType=auth/munge
+CryptoType=crypto/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+ReturnToService=2
+MinJobAge=300
+KillWait=5
+NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={port1} CPUs=1 RealMemory=9000 State=UNKNOWN
+NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={port2} CPUs=1 RealMemory=9000 State=UNKNOWN
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """A real Slurm cluster on this host: slurmctld and two slurmd "nodes" (n1, n2), munge auth."""
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None
+               and not Path(f"/usr/sbin/{b}").exists()]
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing); `make test` installs slurm-wlm and "
+                    "munge from Debian when run as root with apt")
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmd needs root")
+    d = tmp_path / "slurm"
+    for sub in ("state", "spool", "log"):
+        (d / sub).mkdir(parents=True)
+    host = socket.gethostname().split(".")[0]
+    conf = d / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=host, d=d, ctld_port=_free_port(), port1=_free_port(), port2=_free_port()))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    started_munge = False
+    if _run(["pgrep", "-x", "munged"]).returncode != 0:
+        _run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"])
+        done = _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
+        assert done.returncode == 0, f"munged did not start: {done.stderr}"
+        started_munge = True
+    for cmd in (["/usr/sbin/slurmctld", "-f", str(conf)], ["/usr/sbin/slurmd", "-f", str(conf), "-N", "n1"],
+                ["/usr/sbin/slurmd", "-f", str(conf), "-N", "n2"]):
+        done = _run(cmd, env=env)
+        assert done.returncode == 0, f"{cmd[0]} did not start: {done.stderr}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env).stdout.split()
+        if states.count("idle") == 2:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the two slurmd nodes did not become idle: {states}\n{(d / 'log' / 'slurmctld.log').read_text()[-2000:]}")
+    yield env, d
+    _run(["scontrol", "shutdown"], env=env)
+    if started_munge:
+        _run(["/usr/sbin/munged", "--stop"])
+
+
+def test_sbatch_trains_on_two_slurm_nodes(demo_cfg, slurm, tmp_path):
+    env, d = slurm
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    job_env = {**child_env(env), "SABISCALE_PYTHON": sys.executable}
+    submitted = _run(["sbatch", "--parsable", f"--output={d}/job-%j.out", "launch/slurm.sbatch",
+                      str(ROOT / "launch/recipes/demo.yaml"), *_overrides(out)], cwd=ROOT, env=job_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    deadline, state = time.monotonic() + 600, ""
+    while time.monotonic() < deadline:
+        shown = _run(["scontrol", "show", "job", job], env=env).stdout
+        state = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("JobState=")), "")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(2)
+    log = (d / f"job-{job}.out").read_text() if (d / f"job-{job}.out").exists() else "(no job output)"
+    assert state == "COMPLETED", f"job {job} ended {state or 'not in time'}:\n{log[-4000:]}"
+    assert "nodes n[1-2]" in log and "master 127.0.0.1:" in log
+    assert "sabiscale node 0/2 on n1" in log and "sabiscale node 1/2 on n2" in log
+    _assert_trained_on_two_ranks(out)
