@@ -213,6 +213,46 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """GPU and host memory per DeepSpeed profile for the recipe's model; the cheapest that fits."""
+    from .plan import GiB, format_plans, largest_fitting_model, parse_size, plan_all, PROFILES
+
+    cfg = _config(args)
+    vocab = _planned_vocab(cfg)
+    gpu, host = parse_size(args.gpu_memory), parse_size(args.host_memory) if args.host_memory else None
+    ranks = args.gpus_per_node * args.nodes
+    ds_dir = PROJECT_ROOT / "ds_configs"
+    plans, best = plan_all(cfg, vocab, gpu, host, ranks, args.gpus_per_node, ds_dir)
+    print(f"{cfg.name}: {_params_line(cfg, vocab)}; micro-batch {cfg.train.micro_batch_size} x "
+          f"{cfg.data.seq_len} tokens; {ranks} GPU(s) of {gpu / GiB:.1f} GiB\n")
+    print(format_plans(plans, best, gpu, host))
+    if args.largest:
+        print(f"\nlargest model of this shape family that fits one {gpu / GiB:.0f} GiB GPU "
+              f"(micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}):")
+        for profile in PROFILES:
+            for opt in ("adamw", "adamw8bit"):
+                params, trial, fit = largest_fitting_model(cfg, vocab, profile, ds_dir, opt, True, gpu)
+                m = trial.model
+                print(f"  {profile:<15}{opt:<11}{params / 1e6:>9.0f}M parameters"
+                      + (f" (hidden {m.hidden_size}, {m.num_layers} layers, activation checkpointing; "
+                         f"host memory {fit.host_total / GiB:.0f} GiB)" if fit else ""))
+    return 0 if best is not None else 1
+
+
+def _planned_vocab(cfg) -> int:
+    from .tokenizer import load_tokenizer
+
+    if cfg.tokenizer_path.is_file():
+        return len(load_tokenizer(cfg.tokenizer_path))
+    return cfg.tokenizer.vocab_size
+
+
+def _params_line(cfg, vocab: int) -> str:
+    from .plan import ModelShape
+
+    return f"{ModelShape.from_config(cfg, vocab).params / 1e6:.1f}M parameters (vocabulary {vocab})"
+
+
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's JIT ops once, at install time."""
     from .engine import build_ops
@@ -272,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="new directory for the scored shards (rerun to resume)")
     score.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     score.set_defaults(func=cmd_score)
+    plan = sub.add_parser("plan", help="memory each DeepSpeed profile needs for a recipe; the cheapest that fits")
+    plan.add_argument("recipe", help="YAML recipe (its model, micro-batch and sequence length)")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides")
+    plan.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU (default 24GiB)")
+    plan.add_argument("--host-memory", default=None, help="host memory per node (default: not checked)")
+    plan.add_argument("--gpus-per-node", type=int, default=1)
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--largest", action="store_true", help="also the largest model that fits, per profile")
+    plan.set_defaults(func=cmd_plan)
     ops = sub.add_parser("build-ops", help="compile DeepSpeed's CPU Adam and comm ops (run by make install)")
     ops.set_defaults(func=cmd_build_ops)
     return parser

@@ -180,10 +180,10 @@ def plan_all(cfg: RunConfig, vocab: int, gpu_bytes: float, host_bytes: float | N
 
 
 def largest_fitting_model(cfg: RunConfig, vocab: int, profile: str, ds_dir: Path, optimizer: str, checkpointing: bool,
-                          gpu_bytes: float, ranks: int = 1) -> tuple[int, RunConfig]:
+                          gpu_bytes: float, ranks: int = 1) -> tuple[int, RunConfig, Plan | None]:
     """The biggest model of the recipe's shape family (hidden grows with depth as in common
     Llama sizes: head dim 64, MLP 8/3 hidden) that fits `gpu_bytes` on this profile."""
-    best = (0, cfg)
+    best: tuple[int, RunConfig, Plan | None] = (0, cfg, None)
     for hidden, layers in ((512, 8), (768, 12), (1024, 16), (1024, 24), (1536, 24), (2048, 24), (2048, 32),
                            (2560, 32), (3072, 32), (4096, 32), (5120, 40), (6144, 48), (8192, 80)):
         trial = cfg.model_copy(deep=True)
@@ -193,7 +193,7 @@ def largest_fitting_model(cfg: RunConfig, vocab: int, profile: str, ds_dir: Path
         shape = ModelShape.from_config(trial, vocab)
         plan = plan_profile(trial, shape, profile, load_profile(profile, ds_dir), optimizer, checkpointing, ranks, 1)
         if plan.device_total <= gpu_bytes:
-            best = (shape.params, trial)
+            best = (shape.params, trial, plan)
     return best
 
 

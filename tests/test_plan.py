@@ -1,0 +1,81 @@
+"""The memory planner: its model-state terms equal DeepSpeed's own estimators where they overlap,
+and its recommendation follows from the numbers (measured against real RSS in benchmarks/)."""
+from pathlib import Path
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from conftest import BIN, ROOT, run_cli
+from sabiscale.config import load_config
+from sabiscale.plan import GiB, ModelShape, load_profile, parse_size, plan_all, plan_profile
+
+DS = ROOT / "ds_configs"
+STATES = ("parameters", "gradients", "optimizer")  # model states, as DeepSpeed's estimators count them
+
+
+def _states(part: dict) -> float:
+    return sum(v for k, v in part.items() if k.startswith(STATES) and "gathered" not in k)
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_config(ROOT / "launch/recipes/shared_data.yaml", ["model.hidden_size=1024", "model.num_layers=16",
+                                                                  "model.num_heads=16", "model.intermediate_size=2752"])
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_model_states_equal_deepspeeds_estimators(recipe, gpus):
+    shape = ModelShape.from_config(recipe, 16384)
+    assert 230e6 < shape.params < 240e6 and shape.largest_layer == 16384 * 1024
+    P = shape.params
+
+    zero2 = plan_profile(recipe, shape, "zero2", load_profile("zero2", DS), "adamw", False, gpus, gpus)
+    _, ds_gpu = estimate_zero2_model_states_mem_needs(P, gpus, 1, cpu_offload=False, additional_buffer_factor=1.0)
+    assert _states(zero2.device) == pytest.approx(ds_gpu, rel=1e-6)
+
+    offload = plan_profile(recipe, shape, "zero2_offload", load_profile("zero2_offload", DS), "adamw", False, gpus, gpus)
+    ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(P, gpus, 1, cpu_offload=True, additional_buffer_factor=1.0)
+    assert _states(offload.device) == pytest.approx(ds_gpu, rel=1e-6)  # the 16-bit parameters
+    if gpus == 1:  # DeepSpeed floors the host figure at 4 bytes x GPUs per parameter for many GPUs
+        assert _states(offload.host) == pytest.approx(ds_cpu, rel=1e-6)
+
+    zero3 = plan_profile(recipe, shape, "zero3_offload", load_profile("zero3_offload", DS), "adamw", False, gpus, gpus)
+    ds_cpu, ds_gpu, largest = estimate_zero3_model_states_mem_needs(P, shape.largest_layer, gpus, 1, cpu_offload=True,
+                                                                    cpu_offload_params=True, zero_init=True,
+                                                                    additional_buffer_factor=1.0)
+    assert _states(zero3.host) == pytest.approx(ds_cpu, rel=1e-6)
+    assert _states(zero3.device) == 0  # everything offloaded: only the gathered working set stays
+    assert zero3.device["parameters (gathered working set)"] >= largest / 2  # 16-bit copy of the largest layer
+
+
+def test_eight_bit_moments_and_checkpointing_shrink_what_they_should(recipe):
+    shape = ModelShape.from_config(recipe, 16384)
+    profile = load_profile("zero2", DS)
+    full = plan_profile(recipe, shape, "zero2", profile, "adamw", False, 1, 1)
+    small = plan_profile(recipe, shape, "zero2", profile, "adamw8bit", True, 1, 1)
+    assert full.device["optimizer: moments (fp32)"] == 8 * shape.params
+    assert small.device["optimizer: moments (8-bit)"] == pytest.approx(2 * shape.params, rel=0.02)
+    assert small.device["activations (layer inputs, checkpointed)"] < full.device["activations"] / 8
+
+
+def test_the_recommendation_is_the_cheapest_profile_that_fits(recipe):
+    plans, best = plan_all(recipe, 16384, parse_size("24GiB"), None, 1, 1, DS)
+    assert best.profile == "zero1" and best.optimizer == "adamw" and not best.activation_checkpointing
+    assert best.device_total <= 24 * GiB
+    plans, best = plan_all(recipe, 16384, parse_size("4GiB"), None, 1, 1, DS)
+    assert best is not None and best.device_total <= 4 * GiB
+    assert all(p.device_total > 4 * GiB for p in plans[:plans.index(best)])  # nothing cheaper fits
+    _, none = plan_all(recipe, 16384, parse_size("1GiB"), None, 1, 1, DS)
+    assert none is None
+    assert parse_size("24GB") == 24e9 and parse_size("16000MiB") == 16000 * 2**20
+
+
+def test_plan_command_prints_the_breakdown_and_the_largest_models():
+    proc = run_cli([BIN / "sabiscale", "plan", str(ROOT / "launch/recipes/shared_data.yaml"), "--gpu-memory", "24GiB",
+                    "--largest"])
+    out = proc.stdout
+    assert "recommended: engine.ds_config=ds_configs/zero1.json optim.kind=adamw" in out
+    assert "optimizer: moments (fp32)" in out and "loss head: one chunk of logits" in out
+    largest = [line for line in out.splitlines() if "M parameters (hidden" in line]
+    assert len(largest) == 8  # every profile x optimizer
