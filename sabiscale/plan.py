@@ -14,6 +14,10 @@ optimizer (DeepSpeed AdamW or bitsandbytes 8-bit AdamW), per device (one GPU of 
   tensors (norm inputs and outputs, q/k/v, attention output, the SwiGLU MLP's four I-sized
   tensors), or only each layer's input with activation checkpointing plus one layer recomputed;
 - the fused loss head's buffers (fp32 weight gradient, one chunk of logits, hidden-state grads);
+- what DeepSpeed's estimators leave out: under ZeRO-1/2 optimizer offload a compute-dtype
+  staging copy of the parameters on the host and a largest-parameter gradient buffer each side;
+  with 8-bit AdamW stepping on the CPU, bitsandbytes' fp32 temporaries (its CPU update
+  dequantizes a whole tensor at once, and ZeRO's partition is one tensor);
 - a margin: 10% + 1 GiB on a GPU (CUDA context, allocator fragmentation), 10% on the host.
 Every term is in `Plan.device` / `Plan.host`, so the printout says where memory goes.
 """
@@ -84,8 +88,10 @@ def zero_settings(ds_config: dict) -> dict:
             "prefetch_bucket": float(zero.get("stage3_prefetch_bucket_size", 5e7))}
 
 
-def model_state_bytes(shape: ModelShape, z: dict, optimizer: str, ranks: int, dtype_bytes: int) -> tuple[dict, dict]:
-    """(device, host) bytes of parameters, gradients, optimizer states and DeepSpeed buffers."""
+def model_state_bytes(shape: ModelShape, z: dict, optimizer: str, ranks: int, dtype_bytes: int,
+                      optimizer_on_host: bool = False) -> tuple[dict, dict]:
+    """(device, host) bytes of parameters, gradients, optimizer states and DeepSpeed buffers.
+    `optimizer_on_host`: the optimizer step runs on the CPU (offload, or a CPU-only run)."""
     p, b = shape.params, dtype_bytes
     device: dict[str, float] = {}
     host: dict[str, float] = {}
@@ -111,6 +117,18 @@ def model_state_bytes(shape: ModelShape, z: dict, optimizer: str, ranks: int, dt
     where[f"optimizer: moments ({'fp32' if optimizer == 'adamw' else '8-bit'})"] = moments * p / split
     if 1 <= z["stage"] <= 2 and not z["offload_optimizer"]:
         device["communication buckets"] = b * min(p, z["reduce_bucket"]) + b * min(p, z["allgather_bucket"])
+    if z["stage"] <= 2 and z["offload_optimizer"]:
+        # DeepSpeed's ZeRO-1/2 offload keeps a compute-dtype copy of the partition on the host (to
+        # send updated weights back) and one largest-parameter gradient buffer on each side;
+        # its estimators leave these out
+        host["offload: parameter staging copy"] = b * p / split
+        host["offload: gradient staging buffer"] = b * shape.largest_layer
+        device["offload: gradient staging buffer"] = b * shape.largest_layer
+    if optimizer != "adamw" and optimizer_on_host:
+        # bitsandbytes' CPU 8-bit update works on whole tensors, and ZeRO hands it one flat
+        # partition: it dequantizes both moments to fp32 (8 B/param), copies the gradient (4) and
+        # builds the denominator through two temporaries (8) before requantizing
+        host["optimizer step: bitsandbytes CPU fp32 temporaries"] = 20 * p / split
     return device, host
 
 
@@ -142,7 +160,8 @@ def plan_profile(cfg: RunConfig, shape: ModelShape, profile: str, ds_config: dic
                  checkpointing: bool, ranks: int, gpus_per_node: int, on_gpu: bool = True) -> Plan:
     dtype_bytes = 2 if on_gpu else 4
     z = zero_settings(ds_config)
-    device, host = model_state_bytes(shape, z, optimizer, ranks, dtype_bytes)
+    device, host = model_state_bytes(shape, z, optimizer, ranks, dtype_bytes,
+                                     optimizer_on_host=z["offload_optimizer"] or not on_gpu)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     device.update(activation_bytes(shape, tokens, tokens, cfg.data.seq_len, cfg.train.micro_batch_size, dtype_bytes,
                                    checkpointing, cfg.loss.chunk_size))

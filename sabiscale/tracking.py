@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Protocol
@@ -71,13 +72,25 @@ def default_run_name(cfg: RunConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
+def set_tracking_uri_quietly(mlflow, uri: str) -> None:
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into this process's environment
+    "so that subprocesses inherit it": a run started in-process (a notebook, a test) would then
+    send every later sabiscale command's metrics to this run's store. Keep the environment as it was."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 class MLflowTracker:
     def __init__(self, cfg: RunConfig) -> None:
         import mlflow  # only rank 0 pays the import
 
         self._mlflow = mlflow
         self.uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
-        mlflow.set_tracking_uri(self.uri)
+        set_tracking_uri_quietly(mlflow, self.uri)
         mlflow.set_experiment(cfg.tracking.experiment or cfg.name)
         if cfg.tracking.run_id:  # a continued run keeps its parameters; metrics go on from its last step
             self._run = mlflow.start_run(run_id=cfg.tracking.run_id, log_system_metrics=cfg.tracking.system_metrics)

@@ -188,3 +188,20 @@ def test_an_unreachable_store_never_stops_training(tmp_path, monkeypatch, caplog
     tracker.finish()  # store down at the end: the unsent record goes to the fallback file
     lines = [json.loads(line) for line in tracker.fallback_path.read_text().splitlines()]
     assert lines == [{"run_id": tracker.run_id, "step": 5, "metrics": {"train/loss": 0.5}}]
+
+
+def test_an_in_process_run_leaves_the_environment_as_it_was(demo_cfg, world, tmp_path):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; after an in-process run, later
+    commands started from this process must still log into their own run directory."""
+    import os
+
+    from sabiscale.train import train
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "run")
+    cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 2, 1, 1
+    cfg.tracking.system_metrics = False
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    train(cfg, world)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    assert (cfg.output_dir / "mlflow.db").is_file()
