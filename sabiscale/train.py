@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointError, check_intact, kill_self, latest_comple
                          restore_rng, rng_state, save_checkpoint, step_tag, way_out)
 from .config import RunConfig, config_to_dict, resolve_batch
 from .data.batch import Vocab
-from .data.loader import check_resumable, make_loader, shard_urls
+from .data.loader import check_resumable, expected_counts, make_loader, shard_urls
 from .engine import World, all_reduce_sum, barrier, engine_dtype, initialize, load_ds_config, resolve_precision
 from .loss.masked import TokenLossObjective
 from .metrics import (MetricHistory, TokenStats, measure_matmul_peak, memory_in_use, selection_metrics,
@@ -129,7 +129,8 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         check_resumable(resumed["loader"], micro_bs, cfg.seed, cfg.data.shuffle_buffer, train_urls)
     loader = make_loader(train_urls, vocab, micro_bs, world.rank, world.world_size, cfg.seed,
                          cfg.data.shuffle_buffer, cfg.data.num_workers,
-                         start=resumed["loader"]["position"] if resumed else 0)
+                         start=resumed["loader"]["position"] if resumed else 0,
+                         expected=expected_counts(cfg.shards_dir, manifest))
     val_loader = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
                              world.world_size, cfg.seed, 0, 0)
     val_batches = [next(val_loader) for _ in range(cfg.train.eval_batches)]

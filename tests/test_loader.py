@@ -82,3 +82,34 @@ def test_exact_resume_with_workers_ranks_and_a_new_world_size(demo_cfg):
     assert sorted(b.index for b in seen) == uninterrupted  # no repeats, no gaps
     for b in seen:
         assert torch.equal(b.input_ids, reference[b.index].input_ids) and b.keys == reference[b.index].keys
+
+
+def test_a_truncated_shard_is_named_not_silently_shortened(demo_cfg, tmp_path):
+    """A shard cut at a 512-byte tar block boundary reads as a shorter but valid tar: the loader
+    compares each shard with its manifest entry as soon as it has been read."""
+    import shutil
+
+    import pytest
+
+    from sabiscale.data.loader import expected_counts
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_cfg.shards_dir, shards)
+    manifest = read_manifest(shards)
+    victim = shards / manifest["splits"]["train"]["shards"][0]["name"]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: (len(data) // 2) // 512 * 512])  # whole blocks: tarfile sees a clean end
+    urls = shard_urls(shards, manifest, "train")
+    loader = make_loader(urls, 4, 0, 1, seed=0, shuffle_buffer=0, num_workers=0,
+                         expected=expected_counts(shards, manifest))
+    with pytest.raises(ValueError, match=f"{victim}: [0-9]+ samples, its manifest lists "
+                                         f"{manifest['splits']['train']['shards'][0]['sequences']}"):
+        for _ in range(1000):
+            next(loader)
+    # cut inside a member: tarfile raises; the error names the shard
+    victim.write_bytes(data[: len(data) // 2 + 100])
+    loader = make_loader(urls, 4, 0, 1, seed=0, shuffle_buffer=0, num_workers=0,
+                         expected=expected_counts(shards, manifest))
+    with pytest.raises(ValueError, match=f"{victim}"):
+        for _ in range(1000):
+            next(loader)

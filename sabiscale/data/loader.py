@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import tarfile
 from collections.abc import Iterator
 from itertools import count, islice
 from pathlib import Path
@@ -59,18 +60,20 @@ class ShardLoader(torch.utils.data.IterableDataset):
     DataLoader(batch_size=None) for workers."""
 
     def __init__(self, urls: list[str], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle_buffer: int = 64, num_workers: int = 0, start: int = 0) -> None:
+                 shuffle_buffer: int = 64, num_workers: int = 0, start: int = 0,
+                 expected: dict[str, int] | None = None) -> None:
         super().__init__()
         self.urls, self.vocab, self.batch_size, self.seed = list(urls), vocab, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.num_workers, self.start = shuffle_buffer, num_workers, start
+        self.expected = expected or {}  # url -> samples the manifest lists for it
 
     def _samples(self) -> Iterator[dict]:
         for epoch in count():
             rng = random.Random(self.seed * 1_000_003 + epoch)
             urls = self.urls[:]
             rng.shuffle(urls)
-            samples = wds.tarfile_samples(iter([{"url": u} for u in urls]))
+            samples = counted_samples(urls, self.expected)
             if self.shuffle_buffer > 1:
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
             yield from samples
@@ -92,6 +95,41 @@ class ShardLoader(torch.utils.data.IterableDataset):
             raw = list(islice(samples, self.batch_size))
             if self._owns(batch_index, worker):
                 yield collate([decode_sample(r) for r in raw], batch_index, self.vocab)
+
+
+class ShardEndedEarly(ValueError):
+    """A shard yielded fewer samples than its manifest entry lists."""
+
+
+def counted_samples(urls: list[str], expected: dict[str, int]) -> Iterator[dict]:
+    """Raw samples of `urls` in order, checking each shard, as soon as it is read, against the
+    sample count its manifest lists: tarfile stops quietly at a shard cut at a block boundary,
+    which would otherwise shorten the epoch without a word. Read errors name the shard."""
+    reading: dict = {"url": None}
+    seen: dict[str, int] = {}
+
+    def check(url: str | None) -> None:
+        if url is not None and url in expected and seen.get(url, 0) != expected[url]:
+            raise ShardEndedEarly(f"{url}: {seen.get(url, 0)} samples, its manifest lists {expected[url]}: the shard "
+                                  "is truncated or was replaced; run `sabiscale shards verify` on its directory and "
+                                  "restore or re-write it")
+
+    def sources():
+        for url in urls:
+            check(reading["url"])  # the previous shard has been read to its end
+            reading["url"] = url
+            yield {"url": url}
+        check(reading["url"])
+
+    try:
+        for sample in wds.tarfile_samples(sources()):
+            seen[sample["__url__"]] = seen.get(sample["__url__"], 0) + 1
+            yield sample
+    except ShardEndedEarly:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"{reading['url']}: the shard cannot be read ({type(err).__name__}: {err}); it is truncated "
+                         f"or corrupted: run `sabiscale shards verify` on its directory and restore or re-write it") from err
 
 
 class BatchStream:
@@ -136,5 +174,12 @@ def check_resumable(state: dict, batch_size: int, seed: int, shuffle_buffer: int
 
 
 def make_loader(urls: list[str], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
-                shuffle_buffer: int, num_workers: int, start: int = 0) -> BatchStream:
-    return BatchStream(ShardLoader(urls, vocab, batch_size, rank, world_size, seed, shuffle_buffer, num_workers, start))
+                shuffle_buffer: int, num_workers: int, start: int = 0,
+                expected: dict[str, int] | None = None) -> BatchStream:
+    return BatchStream(ShardLoader(urls, vocab, batch_size, rank, world_size, seed, shuffle_buffer, num_workers, start,
+                                   expected))
+
+
+def expected_counts(shards_dir: Path, manifest: dict) -> dict[str, int]:
+    """url -> samples, as `shard_urls` names the shards, for the loader's truncation check."""
+    return {str(shards_dir / s["name"]): s["sequences"] for split in manifest["splits"].values() for s in split["shards"]}
