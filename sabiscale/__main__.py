@@ -253,6 +253,18 @@ def _params_line(cfg, vocab: int) -> str:
     return f"{ModelShape.from_config(cfg, vocab).params / 1e6:.1f}M parameters (vocabulary {vocab})"
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Token-level loss trajectories of one or more runs (code in analysis/)."""
+    from analysis.trajectories import log_to_runs, write_report
+
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else runs[0] / "analysis"
+    report = write_report(runs, out, args.threshold, args.x_axis)
+    logged = log_to_runs(runs, out) if args.log else []
+    print(f"report: {report}" + (f"\nlogged to MLflow run(s) {', '.join(logged)} under analysis/" if logged else ""))
+    return 0
+
+
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's JIT ops once, at install time."""
     from .engine import build_ops
@@ -321,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--nodes", type=int, default=1)
     plan.add_argument("--largest", action="store_true", help="also the largest model that fits, per profile")
     plan.set_defaults(func=cmd_plan)
+    analyze = sub.add_parser("analyze", help="token-level loss trajectories (L->L, H->L, H->H, L->H) of runs, side by side")
+    analyze.add_argument("runs", nargs="+", help="run directories trained with train.probe_every=N")
+    analyze.add_argument("--out", default=None, help="report directory (default: <first run>/analysis)")
+    analyze.add_argument("--threshold", type=float, default=0.2, help="slope (nats over the run) for H->L / L->H")
+    analyze.add_argument("--x-axis", choices=["fraction", "ordinal"], default="fraction")
+    analyze.add_argument("--no-log", dest="log", action="store_false", help="do not log the report to MLflow")
+    analyze.set_defaults(func=cmd_analyze)
     ops = sub.add_parser("build-ops", help="compile DeepSpeed's CPU Adam and comm ops (run by make install)")
     ops.set_defaults(func=cmd_build_ops)
     return parser

@@ -124,6 +124,10 @@ class TrainConfig(_Section):
     # Recompute each layer's activations in backward instead of keeping them: less memory for
     # ~1/3 more compute (transformers' non-reentrant gradient checkpointing).
     activation_checkpointing: bool = False
+    # Per-token losses of a fixed probe set (the first probe_batches validation micro-batches)
+    # every N steps, for `sabiscale analyze` (0 = off).
+    probe_every: int = Field(0, ge=0)
+    probe_batches: int = Field(4, gt=0)
     # Write the sample keys of every step to <output_dir>/trace/rank<N>.jsonl (audits, tests).
     trace_samples: bool = False
     # Fault injection for tests: "mid_step:N", "between_steps:N" or "mid_checkpoint:N" makes the

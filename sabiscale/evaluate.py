@@ -116,7 +116,7 @@ def generation_metrics(lm, tok, examples: list[Example], per_group: int, seed: i
     """Per "task/lang" (translation: "translation/eng-<lang>"), at most `per_group` examples each."""
     groups: dict[str, list[Example]] = defaultdict(list)
     for e in examples:
-        if e.task in ("translation", "ner", "sentiment"):
+        if e.task in ("translation", "ner", "sentiment", "descramble"):
             groups[f"{e.task}/{e.lang}"].append(e)
     rng = random.Random(seed)
     results = {}
@@ -129,6 +129,8 @@ def generation_metrics(lm, tok, examples: list[Example], per_group: int, seed: i
         if task == "translation":
             scores = translation_scores(outputs, gold)
             key = f"translation/eng-{key.split('/')[1]}"
+        elif task == "descramble":
+            scores = {"exact_match": sum(o.split() == g.split() for o, g in zip(outputs, gold)) / len(gold)}
         elif task == "ner":
             n_words = [len(g.split()) for g in gold]
             scores = ner_scores([parse_ner(o, n) for o, n in zip(outputs, n_words)], [g.split() for g in gold])

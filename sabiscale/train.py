@@ -150,6 +150,7 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                          experiment_id=getattr(tracker, "experiment_id", None))
 
     history = MetricHistory()
+    probe = make_probe(cfg, manifest, vocab, world.rank, tracker)
 
     def run_eval(step: int) -> None:
         metrics = evaluate(engine.module, val_batches, vocab, world.device)
@@ -177,6 +178,8 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
     tokens_seen = resumed["tokens_seen"] if resumed else 0
     if resumed is None:
         run_eval(0)
+        if probe is not None:
+            probe.record(0, engine.module, world.device)
     peak = cfg.train.peak_flops_per_s or measure_matmul_peak(world.device, engine_dtype(precision))
     gas = cfg.train.grad_accum_steps
     selective = cfg.loss.kind == "selective"
@@ -253,6 +256,8 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
             trace.flush()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             run_eval(step)
+        if probe is not None and (step % cfg.train.probe_every == 0 or step == cfg.train.max_steps):
+            probe.record(step, engine.module, world.device)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != cfg.train.max_steps:
             result.checkpoint = checkpoint(step)
         if fault == ("between_steps", step):
@@ -267,6 +272,18 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         result.checkpoint = cfg.checkpoint_dir / step_tag(start_step)
     tracker.finish()
     return result
+
+
+def make_probe(cfg: RunConfig, manifest: dict, vocab: Vocab, rank: int, tracker):
+    """The fixed probe set: the first validation micro-batches, read alike on every rank."""
+    if not cfg.train.probe_every:
+        return None
+    from .probe import ProbeRecorder
+
+    stream = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, cfg.train.micro_batch_size, 0, 1,
+                         cfg.seed, 0, 0)
+    return ProbeRecorder([next(stream) for _ in range(cfg.train.probe_batches)], vocab, cfg.output_dir / "probe",
+                         rank, tracker)
 
 
 def online_reference(cfg: RunConfig, manifest: dict, device: torch.device):

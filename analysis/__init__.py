@@ -1,0 +1,1 @@
+"""Reads what sabiscale runs leave behind; never imported by the sabiscale library."""

@@ -1,0 +1,80 @@
+"""Token-level loss trajectories: the classification rule on hand-made cases, and `sabiscale
+analyze` on real runs that recorded probe losses through the training loop."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis.trajectories import CATEGORIES, Trajectories, classify, fractions, slopes
+from conftest import BIN, fresh_run_dir, run_cli
+
+
+def _traj(losses, steps=(0, 50, 100)):
+    losses = np.array(losses, dtype=np.float32).T  # tokens given as rows -> (S, N)
+    return Trajectories(Path("x"), np.array(steps), losses, {})
+
+
+def test_categories_follow_the_slope_and_the_final_mean():
+    traj = _traj([[5, 3, 1], [1, 1.5, 2], [4, 4, 4], [0.5, 0.5, 0.5], [2.1, 2.0, 2.0]])
+    assert slopes(traj) == pytest.approx([-4, 1, 0, 0, -0.1], abs=1e-5)
+    names = [CATEGORIES[c] for c in classify(traj, threshold=0.2)]
+    # final mean = (1 + 2 + 4 + 0.5 + 2) / 5 = 1.9: the flat 4.0 is high, the flat 0.5 low, 2.0 high
+    assert names == ["H->L", "L->H", "H->H", "L->L", "H->H"]
+    assert [CATEGORIES[c] for c in classify(traj, threshold=5.0)][:2] == ["L->L", "H->H"]  # all flat now
+    assert sum(fractions(classify(traj)).values()) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def probed_runs(demo_cfg, world, tmp_path_factory):
+    """A masked and an all-token (clm) run of the same data and seed, probing every 5 steps."""
+    from sabiscale.train import train
+
+    runs = []
+    for kind in ("masked", "clm"):
+        cfg = demo_cfg.model_copy(deep=True)
+        cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path_factory.mktemp(kind) / kind)
+        cfg.loss.kind = kind
+        cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 12, 1, 1
+        cfg.train.probe_every, cfg.train.probe_batches = 5, 2
+        cfg.tracking.system_metrics = False
+        train(cfg, world)
+        runs.append(cfg.output_dir)
+    return runs
+
+
+def test_training_records_the_probe_and_analyze_compares_runs(probed_runs, tmp_path):
+    masked, clm = probed_runs
+    steps = sorted(int(p.stem.split("_")[1]) for p in (masked / "probe").glob("loss_*.npy"))
+    assert steps == [0, 5, 10, 12]
+    meta = np.load(masked / "probe" / "meta.npz")
+    assert len(np.load(masked / "probe" / "loss_00000000.npy")) == len(meta["token_id"]) > 0
+    assert (meta["answer_position"] >= 0).all() and (meta["answer_position"] == 0).any()
+
+    out = tmp_path / "report"
+    proc = run_cli([BIN / "sabiscale", "analyze", str(masked), str(clm), "--out", str(out)])
+    report = (out / "report.md").read_text()
+    assert "## Side by side" in report and "By task" in report and "By answer position" in report
+    assert "Examples" in report and (out / "comparison.png").is_file() and (out / f"categories_{masked.name}.png").is_file()
+    for run in (masked, clm):
+        client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+        run_id = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])][0].info.run_id
+        logged = {a.path for a in client.list_artifacts(run_id, "analysis")}
+        assert "analysis/report.md" in logged, logged
+        assert "probe/meta.npz" in {a.path for a in client.list_artifacts(run_id, "probe")}
+    assert "logged to MLflow" in proc.stdout
+
+
+def test_runs_probed_on_different_tokens_are_not_compared(probed_runs, tmp_path):
+    import shutil
+
+    masked, _ = probed_runs
+    other = tmp_path / "other"
+    shutil.copytree(masked, other)
+    meta = dict(np.load(other / "probe" / "meta.npz"))
+    meta["token_id"] = meta["token_id"][::-1].copy()
+    np.savez(other / "probe" / "meta.npz", **meta)
+    from analysis.trajectories import write_report
+
+    with pytest.raises(ValueError, match="probed on different tokens"):
+        write_report([masked, other], tmp_path / "r")
