@@ -16,7 +16,7 @@ The clean corpus is the same records without noise. Steps:
    reach the all-token run's final clean loss, and the token-level trajectories of a probe of the
    (noisy) validation shards.
 
-    .venv/bin/python analysis/exp_rho1_noise.py                 # ~10 minutes on 2 CPU cores
+    .venv/bin/python analysis/exp_rho1_noise.py                 # ~10-15 minutes on 2 CPU cores
     .venv/bin/python analysis/exp_rho1_noise.py --steps 60      # a quick look
 
 Writes analysis/results/rho1_noise.{md,json,png} and the trajectory report beside them; the runs

@@ -112,7 +112,7 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
     precision = resolve_precision(cfg.engine.precision)
     ds_config = load_ds_config(cfg, world.world_size, precision)
     if cfg.train.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lm)
     engine = initialize(objective, ds_config, cfg.optim)
     resumed = find_resume_point(cfg, world, manifest)
     if resumed is not None:
@@ -272,6 +272,14 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         result.checkpoint = cfg.checkpoint_dir / step_tag(start_step)
     tracker.finish()
     return result
+
+
+def enable_activation_checkpointing(lm) -> None:
+    """Non-reentrant recomputation per decoder layer (transformers renamed the method in 5.x)."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def make_probe(cfg: RunConfig, manifest: dict, vocab: Vocab, rank: int, tracker):

@@ -86,7 +86,8 @@ def test_non_finite_steps_in_a_row_stop_training_with_the_batches_named(demo_cfg
         _train_in_process(demo_cfg, world, tmp_path / "nan", {"train.fault": "nan_loss:2", "train.max_nonfinite_steps": 1})
 
 
-@pytest.mark.parametrize("profile,kind", [("zero1", "adamw8bit"), ("zero2", "paged_adamw8bit"),
+@pytest.mark.parametrize("profile,kind", [("zero1", "adamw8bit"), ("zero1", "paged_adamw8bit"),
+                                          ("zero2", "adamw8bit"), ("zero2", "paged_adamw8bit"),
                                           ("zero2_offload", "adamw8bit"), ("zero3_offload", "adamw8bit")])
 def test_eight_bit_adamw_trains_under_zero_also_with_states_offloaded(demo_cfg, world, tmp_path, profile, kind):
     """bitsandbytes' 8-bit AdamW as DeepSpeed's client optimizer, including ZeRO optimizer offload

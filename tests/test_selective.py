@@ -280,3 +280,28 @@ def test_rho1_on_real_data_reference_on_the_high_quality_subset_score_and_train(
     # every task of the mix is ranked, also those the reference never saw
     rates = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("train/selection_rate/task/")}
     assert {"translation", "ner", "sentiment", "text"} <= set(rates), rates
+
+
+def test_scoring_on_two_ranks_writes_the_same_shards_as_one(demo_cfg, reference_run, scored, tmp_path):
+    """`deepspeed --num_gpus 2 --module sabiscale score`: shards split over the ranks (shard i on
+    rank i mod 2), rank 0 writes the manifest; every sample carries the same reference losses as
+    when one process scores (up to float16 rounding of a differently threaded matmul)."""
+    out = tmp_path / "two_ranks"
+    run_cli([BIN / "deepspeed", "--num_gpus", "2", "--master_port", "29743", "--module", "sabiscale", "score",
+             "--reference", str(reference_run), "--shards", str(demo_cfg.shards_dir), "--out", str(out)])
+    one, two = read_manifest(scored), read_manifest(out)
+    assert two["reference"] == one["reference"] and verify_shards(out)[0] == []
+    assert [s["name"] for sp in two["splits"].values() for s in sp["shards"]] == \
+        [s["name"] for sp in one["splits"].values() for s in sp["shards"]]
+    for shard in sorted(scored.glob("*.tar")):
+        a, b = _ref_losses(shard), _ref_losses(out / shard.name)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert np.array_equal(np.isnan(a[key]), np.isnan(b[key]))
+            assert np.allclose(a[key], b[key], rtol=2e-3, atol=2e-3, equal_nan=True), (shard.name, key)
+
+
+def _ref_losses(shard) -> dict:
+    with tarfile.open(shard) as tar:
+        return {m.name: np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False).astype(np.float32)
+                for m in tar if m.name.endswith(".ref_loss.npy")}
