@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from analysis.experiment import RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach  # noqa: E402
+
 WORK = ROOT / "runs" / "experiments" / "masked_descramble"
 RESULTS = ROOT / "analysis" / "results"
-RECIPE = ROOT / "launch" / "recipes" / "shared_data.yaml"
 
 
 def common(args) -> list[str]:
@@ -39,8 +39,6 @@ def common(args) -> list[str]:
             "optim.warmup_steps=20", "optim.lr=3e-3", "tracking.system_metrics=false", f"seed={args.seed}"]
 
 
-def sabiscale(*argv: str) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "sabiscale"), *argv], check=True, cwd=ROOT)
 
 
 def answer_loss_curve(run: Path) -> dict[int, float]:
@@ -61,39 +59,10 @@ def exact_match(run: Path, examples: list, limit: int, seed: int) -> float:
     return sum(s["exact_match"] * s["examples"] for s in scores.values()) / max(total, 1)
 
 
-def held_out_examples(run: Path, args) -> list:
-    from sabiscale.config import load_config
-    from sabiscale.corpus import is_validation, languages_in, read_examples
-    from sabiscale.tasks import special_tokens
-
-    cfg = load_config(RECIPE, common(args))
-    root = Path(cfg.data.jsonl_root)
-    reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
-    return [e for e, where in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed,
-                                            cfg.data.max_records_per_file)
-            if is_validation(where, cfg.data.val_fraction)]
 
 
-def steps_to_reach(curve: dict[int, float], target: float) -> int | None:
-    return next((s for s in sorted(curve) if curve[s] <= target), None)
 
 
-def plot(curves: dict[str, dict[int, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        ax.plot(sorted(curve), [curve[s] for s in sorted(curve)], marker="o", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out answer-token loss")
-    ax.set_title("descrambling: prompt masked vs not masked")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -115,13 +84,14 @@ def main() -> None:
                   f"data.shards_dir={data / 'shards'}", f"tokenizer.path={data / 'tokenizer' / 'tokenizer.json'}")
     curves = {kind: answer_loss_curve(run) for kind, run in runs.items()}
     target = curves["clm"][max(curves["clm"])]
-    held_out = held_out_examples(data, args)
+    held_out = held_out_examples(common(args))
     result = {kind: {"final_answer_loss": curves[kind][max(curves[kind])],
                      "steps_to_unmasked_final_loss": steps_to_reach(curves[kind], target),
                      "exact_match": exact_match(run, held_out, args.exact_match_examples, args.seed)}
               for kind, run in runs.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(curves, RESULTS / "masked_descramble.png")
+    plot_curves(curves, RESULTS / "masked_descramble.png", "held-out answer-token loss",
+                "descrambling: prompt masked vs not masked")
     from analysis.trajectories import fractions, classify, load_trajectories, write_report
 
     report = write_report([runs["masked"], runs["clm"]], RESULTS / "masked_descramble_trajectories")
@@ -156,5 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -30,15 +30,15 @@ import math
 import random
 import shutil
 import string
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from analysis.experiment import RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach  # noqa: E402
+
 WORK = ROOT / "runs" / "experiments" / "rho1_noise"
 RESULTS = ROOT / "analysis" / "results"
-RECIPE = ROOT / "launch" / "recipes" / "shared_data.yaml"
 BOILERPLATE = "Subscribe to our newsletter for the latest news and offers."
 GARBAGE_CHARS = string.ascii_letters + string.digits + "!#$%&()*+,-./:;=?@[]^_{}~"
 
@@ -86,20 +86,8 @@ def common(args) -> list[str]:
             "optim.warmup_steps=20", "optim.lr=3e-3", "tracking.system_metrics=false", f"seed={args.seed}"]
 
 
-def sabiscale(*argv: str) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "sabiscale"), *argv], check=True, cwd=ROOT)
 
 
-def clean_held_out(args) -> list:
-    from sabiscale.config import load_config
-    from sabiscale.corpus import is_validation, languages_in, read_examples
-    from sabiscale.tasks import special_tokens
-
-    cfg = load_config(RECIPE, common(args) + [f"data.jsonl_root={WORK / 'clean'}"])
-    root = Path(cfg.data.jsonl_root)
-    reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
-    return [e for e, where in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed)
-            if is_validation(where, cfg.data.val_fraction)]
 
 
 def clean_loss_curve(run: Path, examples: list) -> dict[int, float]:
@@ -116,22 +104,6 @@ def clean_loss_curve(run: Path, examples: list) -> dict[int, float]:
     return curve
 
 
-def plot(curves: dict[str, dict[int, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        ax.plot(sorted(curve), [curve[s] for s in sorted(curve)], marker="o", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss on held-out clean text")
-    ax.set_title("noisy corpus: all tokens vs selective (ratio 0.6)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -162,17 +134,18 @@ def main() -> None:
                   f"tokenizer.path={tokenizer}", f"train.max_steps={args.steps}",
                   f"train.checkpoint_every={args.checkpoint_every}", "train.keep_last=0",
                   f"train.probe_every={args.checkpoint_every}", "train.probe_batches=4")
-    held_out = clean_held_out(args)
+    held_out = held_out_examples(common(args) + [f"data.jsonl_root={WORK / 'clean'}"])
     curves = {name: clean_loss_curve(run, held_out) for name, run in runs.items()}
     base, sel = list(runs)
     target = curves[base][max(curves[base])]
-    reach = {name: next((s for s in sorted(c) if c[s] <= target), None) for name, c in curves.items()}
+    reach = {name: steps_to_reach(c, target) for name, c in curves.items()}
     from analysis.trajectories import classify, fractions, load_trajectories, write_report
 
     report = write_report(list(runs.values()), RESULTS / "rho1_noise_trajectories")
     categories = {name: fractions(classify(load_trajectories(run))) for name, run in runs.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(curves, RESULTS / "rho1_noise.png")
+    plot_curves(curves, RESULTS / "rho1_noise.png", "loss on held-out clean text",
+                f"noisy corpus: all tokens vs selective (ratio {args.ratio})")
     command = (f".venv/bin/python analysis/exp_rho1_noise.py --steps {args.steps} --reference-steps "
                f"{args.reference_steps} --checkpoint-every {args.checkpoint_every} --records {args.records} "
                f"--noise-share {args.noise_share} --ratio {args.ratio} --seed {args.seed}")
@@ -203,5 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

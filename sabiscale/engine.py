@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .config import RunConfig
+from .config import OptimConfig, RunConfig
 
 
 class EngineConfigError(ValueError):
@@ -134,11 +134,11 @@ def load_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
     return filled
 
 
-def initialize(objective: torch.nn.Module, ds_config: dict, optim=None):
+def initialize(objective: torch.nn.Module, ds_config: dict, optim: OptimConfig):
     """Build the DeepSpeed engine. The LR schedule comes from the JSON; the optimizer too for
     optim.kind=adamw, otherwise it is bitsandbytes' 8-bit AdamW handed over as a client optimizer."""
     params = [p for p in objective.parameters() if p.requires_grad]
-    if optim is None or optim.kind == "adamw":
+    if optim.kind == "adamw":
         engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, config=ds_config)
         return engine
     optimizer = eight_bit_adamw(params, optim)

@@ -38,6 +38,21 @@ def demo_cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def parts(demo_cfg):
+    """(tokenizer, the first train micro-batch of 4 demo sequences, vocab), unshuffled."""
+    from sabiscale.data.batch import Vocab
+    from sabiscale.data.loader import make_loader, shard_urls
+    from sabiscale.shards.write import read_manifest
+    from sabiscale.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(demo_cfg.tokenizer_path)
+    manifest = read_manifest(demo_cfg.shards_dir)
+    vocab = Vocab.from_manifest(manifest)
+    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
+    return tok, batch, vocab
+
+
+@pytest.fixture(scope="session")
 def world():
     """One rank, initialized once per test process (DeepSpeed keeps the process group)."""
     from sabiscale.engine import ensure_launcher_env, init_distributed

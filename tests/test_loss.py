@@ -4,21 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from sabiscale.data.batch import Vocab
-from sabiscale.data.loader import make_loader, shard_urls
 from sabiscale.loss.masked import TokenLossObjective, target_selection
 from sabiscale.model import build_model
-from sabiscale.shards.write import read_manifest
-from sabiscale.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def parts(demo_cfg):
-    tok = load_tokenizer(demo_cfg.tokenizer_path)
-    manifest = read_manifest(demo_cfg.shards_dir)
-    vocab = Vocab.from_manifest(manifest)
-    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
-    return tok, batch, vocab
 
 
 def _model(demo_cfg, tok, seed=0):

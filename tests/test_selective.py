@@ -17,7 +17,6 @@ from sabiscale.loss.masked import TokenLossObjective, selected_count, top_excess
 from sabiscale.model import build_model
 from sabiscale.shards.verify import verify_shards
 from sabiscale.shards.write import read_manifest
-from sabiscale.tokenizer import load_tokenizer
 
 RATIO = 0.6
 
@@ -31,15 +30,6 @@ def test_top_excess_on_hand_computed_cases_and_ties():
     assert top_excess(torch.ones(4), 0.5).tolist() == [True, True, False, False]
     assert top_excess(torch.tensor([0.0, 3.0, 3.0, 3.0]), 0.5).tolist() == [False, True, True, False]
     assert top_excess(excess, 1.0).all() and not top_excess(torch.zeros(0), 0.6).any()
-
-
-@pytest.fixture(scope="module")
-def parts(demo_cfg):
-    tok = load_tokenizer(demo_cfg.tokenizer_path)
-    manifest = read_manifest(demo_cfg.shards_dir)
-    vocab = Vocab.from_manifest(manifest)
-    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
-    return tok, batch
 
 
 def _grads(objective, batch, **kw):
@@ -56,7 +46,7 @@ def _objective(demo_cfg, tok, kind, ratio=1.0, chunk=64):
 
 @pytest.mark.parametrize("chunk", [64, 4096], ids=["chunked", "one_block"])
 def test_ratio_one_is_exactly_the_masked_loss(demo_cfg, parts, chunk):
-    tok, batch = parts
+    tok, batch, _ = parts
     ref_loss = torch.rand(batch.input_ids.shape) * 5
     masked, g_masked = _grads(_objective(demo_cfg, tok, "masked", chunk=chunk), batch)
     selective, g_sel = _grads(_objective(demo_cfg, tok, "selective", 1.0, chunk=chunk), batch, ref_loss=ref_loss)
@@ -68,7 +58,7 @@ def test_ratio_one_is_exactly_the_masked_loss(demo_cfg, parts, chunk):
 def test_selective_trains_exactly_the_top_excess_tokens(demo_cfg, parts, chunk):
     """Reference losses are built so that every token's excess is known; the selective loss and its
     gradients must equal the masked loss over exactly those tokens."""
-    tok, batch = parts
+    tok, batch, _ = parts
     objective = _objective(demo_cfg, tok, "selective", RATIO, chunk=chunk)
     with torch.no_grad():
         current = objective(batch.input_ids, batch.position_ids, batch.loss_mask, kind="masked")

@@ -1,0 +1,50 @@
+"""What the experiment scripts share: running the console script, the held-out examples of a
+corpus (the same hash split training uses), steps-to-reach, and loss-curve plots."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "launch" / "recipes" / "shared_data.yaml"
+
+
+def sabiscale(*argv: str) -> None:
+    subprocess.run([str(Path(sys.executable).parent / "sabiscale"), *argv], check=True, cwd=ROOT)
+
+
+def held_out_examples(overrides: list[str]) -> list:
+    """The validation-split examples of the recipe with these overrides (never trained on)."""
+    from sabiscale.config import load_config
+    from sabiscale.corpus import is_validation, languages_in, read_examples
+    from sabiscale.tasks import special_tokens
+
+    cfg = load_config(RECIPE, overrides)
+    root = Path(cfg.data.jsonl_root)
+    reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
+    return [e for e, where in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed,
+                                            cfg.data.max_records_per_file)
+            if is_validation(where, cfg.data.val_fraction)]
+
+
+def steps_to_reach(curve: dict[int, float], target: float) -> int | None:
+    return next((s for s in sorted(curve) if curve[s] <= target), None)
+
+
+def plot_curves(curves: dict[str, dict[int, float]], path: Path, ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(sorted(curve), [curve[s] for s in sorted(curve)], marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
