@@ -17,14 +17,10 @@ def sabiscale(*argv: str) -> None:
 def held_out_examples(overrides: list[str]) -> list:
     """The validation-split examples of the recipe with these overrides (never trained on)."""
     from sabiscale.config import load_config
-    from sabiscale.corpus import is_validation, languages_in, read_examples
-    from sabiscale.tasks import special_tokens
+    from sabiscale.corpus import is_validation, load_corpus
 
     cfg = load_config(RECIPE, overrides)
-    root = Path(cfg.data.jsonl_root)
-    reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
-    return [e for e, where in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed,
-                                            cfg.data.max_records_per_file)
+    return [e for e, where in load_corpus(cfg, Path(cfg.data.jsonl_root)).examples
             if is_validation(where, cfg.data.val_fraction)]
 
 

@@ -118,16 +118,13 @@ def run_peer(steps: int, warmup: int, profile: str) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from sabiscale.model import build_model, flops_per_token
-    from sabiscale.prepare import load_split_examples
-    from sabiscale.tasks import special_tokens
-    from sabiscale.corpus import languages_in
+    from sabiscale.corpus import load_corpus
+    from sabiscale.prepare import split_examples
     from sabiscale.tokenizer import encode_examples, load_tokenizer
 
     cfg = _config()
     tok = load_tokenizer(cfg.tokenizer_path)
-    root = Path(cfg.data.jsonl_root)
-    specials = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
-    train_examples, _ = load_split_examples(cfg, root, specials)
+    train_examples, _ = split_examples(cfg, load_corpus(cfg, Path(cfg.data.jsonl_root)))
     rows = []
     for ids, mask in encode_examples(tok, train_examples):
         ids, mask = ids[:512].astype("int64"), mask[:512].astype(bool)

@@ -50,10 +50,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import prepare
 
     cfg = _config(args)
+    if args.skip_bad:
+        cfg.data.skip_bad = True
     prepared = prepare(cfg)
     print(f"tokenizer: {prepared.tokenizer_path}\nshards:    {prepared.shards_dir} "
           f"({prepared.train_documents} train / {prepared.val_documents} val documents)\n"
           f"manifest:  {prepared.manifest}")
+    if prepared.skipped:
+        shown = "\n".join(f"  {s['where']}: {s['reason']}" for s in prepared.skipped[:10])
+        more = f"\n  ... and {len(prepared.skipped) - 10} more" if len(prepared.skipped) > 10 else ""
+        print(f"skipped {len(prepared.skipped)} bad record(s), all listed in {prepared.shards_dir / 'skipped.jsonl'}:\n"
+              f"{shown}{more}")
     return 0
 
 
@@ -119,22 +126,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_trained_lm, resolve_checkpoint
     from .config import build_config
-    from .corpus import is_dev_record, is_validation, languages_in, read_examples
+    from .corpus import is_dev_record, is_validation, load_corpus
     from .evaluate import generation_metrics, teacher_forced
-    from .tasks import special_tokens
 
     tag_dir = resolve_checkpoint(Path(args.checkpoint))
     lm, tok, meta = load_trained_lm(tag_dir)
     cfg = build_config(meta["config"], origin=str(tag_dir))  # the run's own tasks, languages, held-out split
-    root = Path(args.data) if args.data else Path(cfg.data.jsonl_root or cfg.output_dir / "raw")
-    reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
+    root = _data_root(cfg, args.data)
     keep = is_dev_record if args.split == "dev" else None
-    examples = [e for e, where in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed,
-                                                args.max_per_file, keep)
+    corpus = load_corpus(cfg, root, keep, args.max_per_file)
+    examples = [e for e, where in corpus.examples
                 if args.split != "val" or is_validation(where, cfg.data.val_fraction)]
     if not examples:
         raise ValueError(f"no {args.split} examples under {root}")
-    report = {"checkpoint": str(tag_dir), "data": str(root), "split": args.split, "step": meta["step"],
+    report = {"checkpoint": str(tag_dir), "data": str(root or "data.files"), "split": args.split, "step": meta["step"],
               "teacher_forced": teacher_forced(lm, tok, examples),
               "generation": generation_metrics(lm, tok, examples, args.generate, cfg.seed) if args.generate else {}}
     out = Path(args.out) if args.out else tag_dir / f"eval_{args.split}.json"
@@ -142,6 +147,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"\nfull report: {out}")
     return 0
+
+
+def _data_root(cfg: RunConfig, given: str | None) -> Path | None:
+    """The directory of a layout source (`--data` overrides it); None for data.source=files."""
+    if given:
+        return Path(given)
+    if cfg.data.source == "files":
+        return None
+    return Path(cfg.data.jsonl_root or cfg.output_dir / "raw")
 
 
 def format_report(report: dict) -> str:
@@ -181,18 +195,15 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_report(args: argparse.Namespace) -> int:
     """Fertility, bytes per token and byte-fallback share per language."""
-    from .corpus import languages_in, read_examples
-    from .tasks import special_tokens
+    from .corpus import load_corpus
     from .tokenizer import load_tokenizer
     from .tokenizer_report import format_tokenizer_report, tokenizer_report
 
     cfg = _config(args)
-    root = Path(args.data) if args.data else Path(cfg.data.jsonl_root or cfg.output_dir / "raw")
-    reserved = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
+    root = _data_root(cfg, args.data)
     tok = load_tokenizer(Path(args.tokenizer) if args.tokenizer else cfg.tokenizer_path)
-    examples = [e for e, _ in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed,
-                                            cfg.data.max_records_per_file)]
-    print(f"tokenizer {args.tokenizer or cfg.tokenizer_path} ({len(tok)} tokens) on {root}\n")
+    examples = [e for e, _ in load_corpus(cfg, root).examples]
+    print(f"tokenizer {args.tokenizer or cfg.tokenizer_path} ({len(tok)} tokens) on {root or 'data.files'}\n")
     print(format_tokenizer_report(tokenizer_report(tok, examples)))
     return 0
 
@@ -285,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", nargs="?" if not needs_recipe else None, help="YAML recipe (launch/recipes/)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
         p.set_defaults(func=func)
+        if name == "prepare":
+            p.add_argument("--skip-bad", action="store_true",
+                           help="skip bad input records instead of stopping; each is listed in <shards>/skipped.jsonl")
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint in output_dir (an error if there is none); "

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .tasks import BUILTIN_TASKS, TaskDef, task_registry
+
 
 class ConfigError(ValueError):
     """A recipe or override the user must fix; the message lists every problem found."""
@@ -22,15 +24,78 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class FileSource(_Section):
+    """One input of data.source=files: a file (or a glob of files) of one task."""
+
+    task: str
+    path: str                   # a file or a glob (sorted); relative to the working directory
+    format: Literal["jsonl", "tsv", "conll", "text"] = "jsonl"
+    lang: str | None = None     # the language of records that do not name one in their lang_field
+    fields: dict[str, str] = {}  # jsonl: task field -> key in the record, e.g. {text: body}
+    columns: list[str] = []     # tsv: the column names in order, e.g. [src, tgt]
+    header: bool = False        # tsv: the first line is a header (it names the columns if columns is empty)
+    documents: Literal["line", "paragraph"] = "line"  # text: one document per line, or per blank-line paragraph
+
+    @model_validator(mode="after")
+    def _format_options(self) -> "FileSource":
+        if self.format == "tsv" and not self.columns and not self.header:
+            raise ValueError("a tsv source needs columns (e.g. [src, tgt]) or header: true")
+        return self
+
+
+class MixConfig(_Section):
+    """How much of each language and task the training shards hold, in tokens.
+
+    Language shares follow temperature sampling, q_l proportional to (n_l / N)^(1/temperature)
+    times language_weights[l] (XLM-R and mT5 style: temperature > 1 lifts small languages; 1 keeps
+    the natural shares). Inside a language, tasks keep their natural token shares times
+    task_weights[t]. The total stays the corpus's token count; groups are up-sampled by repeating
+    documents and down-sampled by a seeded choice of whole documents. The validation split is
+    never resampled. The manifest reports natural, target and realized tokens per task/language.
+    """
+
+    temperature: float = Field(1.0, gt=0)
+    task_weights: dict[str, float] = {}
+    language_weights: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _non_negative(self) -> "MixConfig":
+        bad = {k: v for k, v in {**self.task_weights, **self.language_weights}.items() if v < 0}
+        if bad:
+            raise ValueError(f"mixing weights must be >= 0, got {bad}")
+        return self
+
+    def is_natural(self) -> bool:
+        return self.temperature == 1.0 and all(w == 1.0 for w in (*self.task_weights.values(),
+                                                                   *self.language_weights.values()))
+
+
+LAYOUT_TASKS = ["translation", "ner", "sentiment", "descramble", "text"]
+
+
 class DataConfig(_Section):
-    # "demo": the embedded generator; "jsonl": a directory laid out like ../shared/data.
-    source: Literal["demo", "jsonl"] = "demo"
+    # "demo": the embedded generator; "jsonl": a directory laid out like ../shared/data
+    # (<task>/<lang>.jsonl, translation/eng-<lang>.jsonl; descramble, langid and diacritize read
+    # text/); "files": the inputs listed under `files`, in any supported format.
+    source: Literal["demo", "jsonl", "files"] = "demo"
     jsonl_root: Path | None = None
+    files: list[FileSource] = []
+    # Tasks declared in the recipe (or built-ins redefined): see sabiscale/tasks.py.
+    task_defs: dict[str, TaskDef] = {}
     demo_examples_per_task: int = Field(600, gt=0)
-    # Cap on records read from each JSONL file (None = all); keeps tests and smoke runs small.
+    # Cap on records read from each input file (None = all); keeps tests and smoke runs small.
     max_records_per_file: int | None = Field(None, gt=0)
-    tasks: list[str] = ["translation", "ner", "sentiment", "descramble", "text"]
+    # Tasks to use; None = translation, ner, sentiment, descramble, text for demo/jsonl, and every
+    # task named in `files` for files.
+    tasks: list[str] | None = None
     languages: list[str] | None = None  # None = every language found
+    mix: MixConfig = MixConfig()
+    # A bad record (malformed line, missing or empty field, special token in the text) stops
+    # `prepare` with its location; with skip_bad it is skipped, and every skipped record is listed
+    # by location and reason in <shards>/skipped.jsonl and counted in the manifest.
+    skip_bad: bool = False
+    # Processes for reading, tokenizing and shard writing; the shards are byte-identical for any number.
+    workers: int = Field(1, ge=1)
     seq_len: int = Field(256, ge=16)
     sequences_per_shard: int = Field(256, gt=0)
     # Share of documents held out for the validation shards.
@@ -40,6 +105,27 @@ class DataConfig(_Section):
     # Train from these shards instead of <output_dir>/shards, e.g. shards carrying reference
     # losses written by `sabiscale score` (then also set tokenizer.path to their tokenizer).
     shards_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _sources_and_tasks(self) -> "DataConfig":
+        if self.source == "files" and not self.files:
+            raise ValueError("data.source is 'files' but data.files lists no inputs")
+        if self.files and self.source != "files":
+            raise ValueError(f"data.files is set but data.source is {self.source!r}; set data.source=files to read them")
+        if self.tasks is None:
+            self.tasks = (list(dict.fromkeys(f.task for f in self.files)) if self.source == "files"
+                          else list(LAYOUT_TASKS))
+        known = task_registry(self.task_defs)
+        unknown = sorted({*self.tasks, *(f.task for f in self.files)} - set(known))
+        if unknown:
+            raise ValueError(f"task(s) {unknown} are neither built in ({sorted(BUILTIN_TASKS)}) nor declared in "
+                             "data.task_defs")
+        if self.source == "files" and not {f.task for f in self.files} & set(self.tasks):
+            raise ValueError(f"data.tasks {self.tasks} selects none of the tasks in data.files")
+        unused = set(self.mix.task_weights) - set(self.tasks)
+        if unused:
+            raise ValueError(f"data.mix.task_weights names tasks not in data.tasks: {sorted(unused)}")
+        return self
 
 
 class TokenizerConfig(_Section):

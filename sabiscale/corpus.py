@@ -1,109 +1,175 @@
-"""Raw data -> `Example`s: read a JSONL corpus laid out like ../shared/data, apply the task templates.
+"""Raw data -> `Example`s: find the input files of a recipe, read them, apply the task templates.
 
-Layout (see ../shared/data/README.md):
-    translation/eng-<lang>.jsonl   ner/<lang>.jsonl   sentiment/<lang>.jsonl   text/<lang>.jsonl
-Descrambling is derived from text/ (shuffled words -> the sentence). The train/validation split is
-a stable hash of each record's location, so it does not move when other files change.
+Two ways to name inputs (data.source):
+- a directory laid out like ../shared/data (`jsonl`, and the generated `demo`):
+      translation/eng-<lang>.jsonl   <task>/<lang>.jsonl
+  descramble, langid and diacritize are derived from text/;
+- `files`: a list of files or globs, each with its task, format (jsonl, tsv, conll, text) and
+  options (sabiscale/sources.py).
+
+The train/validation split is a stable hash of each record's location (file name and line), so it
+does not move when other files change. Files are read independently (in parallel with
+data.workers > 1) and concatenated in a fixed order, so the result never depends on scheduling.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
-import json
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from . import tasks
-from .tasks import BadRecord, Example
+from .config import DataConfig, RunConfig
+from .parallel import SERIAL, Workers
+from .sources import read_records
+from .tasks import KNOWN_LANGUAGES, BadRecord, Example, NotApplicable, TaskDef, render, special_tokens, task_registry
 
-# task -> (directory, how the file name gives the language)
-_TASK_FILES = {
-    "translation": ("translation", lambda stem: stem.split("-", 1)[1] if "-" in stem else stem),
-    "ner": ("ner", lambda stem: stem),
-    "sentiment": ("sentiment", lambda stem: stem),
-    "descramble": ("text", lambda stem: stem),
-    "text": ("text", lambda stem: stem),
-}
+# Layout tasks that read another task's folder; every other task reads <root>/<task>/.
+_DERIVED_FROM_TEXT = {"descramble", "langid", "diacritize"}
 
 
-def task_files(root: Path, task: str, languages: list[str] | None) -> list[tuple[Path, str]]:
-    """The (file, language) pairs a task reads, sorted so every run sees the same order."""
-    if task not in _TASK_FILES:
-        raise BadRecord(f"unknown task {task!r}; known tasks: {sorted(_TASK_FILES)}")
-    folder, lang_of = _TASK_FILES[task]
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file of one task, with how to read it."""
+
+    task: str
+    path: Path
+    format: str = "jsonl"
+    lang: str | None = None  # the language of records that do not name one
+    fields: tuple[tuple[str, str], ...] = ()
+    columns: tuple[str, ...] = ()
+    header: bool = False
+    documents: str = "line"
+
+
+@dataclass
+class FileResult:
+    examples: list[tuple[Example, str]] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"where", "task", "reason"} per skipped bad record
+    not_applicable: int = 0
+
+
+@dataclass
+class Corpus:
+    examples: list[tuple[Example, str]]  # (example, "file:line"), in a fixed order
+    skipped: list[dict]
+    not_applicable: dict[str, int]       # task -> records the task had nothing to learn from
+    specials: list[str]                  # the tokenizer's special tokens (also refused in user text)
+
+
+def _layout_files(root: Path, task: str, languages: list[str] | None) -> list[SourceFile]:
+    folder = "text" if task in _DERIVED_FROM_TEXT else task
     files = sorted((root / folder).glob("*.jsonl"))
-    pairs = [(f, lang_of(f.stem)) for f in files]
-    return [(f, lang) for f, lang in pairs if languages is None or lang in languages]
+    if not files:
+        raise BadRecord(f"task {task!r}: no files found under {root / folder} (the layout is <root>/{folder}/<lang>.jsonl; "
+                        "for other layouts or formats use data.source=files)")
+    pairs = [(f, f.stem.split("-", 1)[1] if task == "translation" and "-" in f.stem else f.stem) for f in files]
+    return [SourceFile(task, f, lang=lang) for f, lang in pairs if languages is None or lang in languages]
 
 
-def read_jsonl(path: Path, max_records: int | None = None,
-               keep: Callable[[dict], bool] | None = None) -> Iterator[tuple[dict, str]]:
-    """Yield (record, "file:line"); a line that is not a JSON object is an error naming the line.
+def _listed_files(data: DataConfig) -> list[SourceFile]:
+    out = []
+    for index, src in enumerate(data.files):
+        if src.task not in data.tasks:
+            continue
+        paths = sorted(glob.glob(src.path, recursive=True)) if glob.has_magic(src.path) else [src.path]
+        if not paths or not Path(paths[0]).is_file():
+            raise BadRecord(f"data.files[{index}].path {src.path!r} matches no file (relative paths are from the working "
+                            f"directory, {Path.cwd()})")
+        if src.lang is not None and data.languages is not None and src.lang not in data.languages:
+            continue
+        out += [SourceFile(src.task, Path(p), src.format, src.lang, tuple(src.fields.items()), tuple(src.columns),
+                           src.header, src.documents) for p in paths]
+    return out
+
+
+def source_files(data: DataConfig, root: Path | None) -> list[SourceFile]:
+    """Every input file of the recipe's tasks, in the order they are read."""
+    if data.source == "files":
+        return _listed_files(data)
+    if root is None or not root.is_dir():
+        raise BadRecord(f"data root {root} is not a directory (expected the layout of ../shared/data)")
+    return [f for task in data.tasks for f in _layout_files(root, task, data.languages)]
+
+
+def declared_languages(data: DataConfig, files: list[SourceFile]) -> list[str]:
+    """Languages known before reading: their tags are reserved in user text and are special tokens."""
+    return sorted(set(KNOWN_LANGUAGES) | set(data.languages or []) | {f.lang for f in files if f.lang})
+
+
+def reserved_tokens(data: DataConfig, files: list[SourceFile]) -> list[str]:
+    registry = task_registry(data.task_defs)
+    return special_tokens(declared_languages(data, files), [registry[t] for t in data.tasks])
+
+
+def read_file(source: SourceFile, spec: TaskDef, reserved: list[str], languages: list[str], seed: int,
+              max_records: int | None = None, keep: Callable[[dict], bool] | None = None,
+              skip_bad: bool = False, wanted: list[str] | None = None) -> FileResult:
+    """One file's examples; a bad record raises BadRecord, or with skip_bad is listed in `skipped`.
     `max_records` counts the records that `keep` accepts."""
-    with path.open(encoding="utf-8") as f:
-        count = 0
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BadRecord(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
+    result = FileResult()
+    count = 0
+    records = read_records(source.path, source.format, dict(source.fields), list(source.columns), source.header,
+                           source.documents)
+    for record, where in records:
+        try:
+            if isinstance(record, BadRecord):
+                raise record
             if keep is not None and not keep(record):
                 continue
-            yield record, where
-            count += 1
-            if max_records is not None and count >= max_records:
-                return
+            if source.lang is not None:
+                record.setdefault(spec.lang_field, source.lang)
+            lang = record.get(spec.lang_field)
+            if wanted is not None and lang not in wanted:
+                continue
+            if isinstance(lang, str) and lang not in languages:
+                raise BadRecord(f"{where}: language {lang!r} (field {spec.lang_field!r}) is not declared; add it to "
+                                "data.languages (its tag becomes a special token) or set `lang` for this source")
+            result.examples.append((render(source.task, spec, record, where, reserved, seed), where))
+        except NotApplicable:
+            result.not_applicable += 1
+        except BadRecord as err:
+            if not skip_bad:
+                raise
+            result.skipped.append({"where": where, "task": source.task, "reason": str(err).removeprefix(f"{where}: ")})
+        count += 1
+        if max_records is not None and count >= max_records:
+            break
+    return result
+
+
+def load_corpus(cfg: RunConfig, root: Path | None, keep: Callable[[dict], bool] | None = None,
+                max_records: int | None = None, workers: Workers = SERIAL) -> Corpus:
+    """Every example of the recipe's inputs (under `root` for the directory layouts)."""
+    data = cfg.data
+    files = source_files(data, root)
+    if not files:
+        raise BadRecord(f"no input files for tasks {data.tasks} and languages {data.languages}")
+    reserved = reserved_tokens(data, files)
+    languages = declared_languages(data, files)
+    registry = task_registry(data.task_defs)
+    readers = {task: partial(read_file, spec=registry[task], reserved=reserved, languages=languages, seed=cfg.seed,
+                             max_records=max_records if max_records is not None else data.max_records_per_file,
+                             keep=keep, skip_bad=data.skip_bad, wanted=data.languages) for task in data.tasks}
+    results = workers.map(_read_one, [(readers[f.task], f) for f in files])
+    examples, skipped, not_applicable = [], [], {}
+    for source, result in zip(files, results):
+        examples += result.examples
+        skipped += result.skipped
+        if result.not_applicable:
+            not_applicable[source.task] = not_applicable.get(source.task, 0) + result.not_applicable
+    return Corpus(examples, skipped, not_applicable, reserved)
+
+
+def _read_one(job: tuple[Callable[[SourceFile], FileResult], SourceFile]) -> FileResult:
+    reader, source = job
+    return reader(source)
 
 
 def is_validation(where: str, val_fraction: float) -> bool:
     digest = hashlib.sha256(where.split("/")[-1].encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
-def _template(task: str, record: dict, where: str, reserved: list[str], rng: random.Random) -> Example:
-    if task == "translation":
-        return tasks.translation(record, where, reserved)
-    if task == "ner":
-        return tasks.ner(record, where, reserved)
-    if task == "sentiment":
-        return tasks.sentiment(record, where, reserved)
-    if task == "descramble":
-        return tasks.descramble(record, where, reserved, rng)
-    return tasks.plain_text(record, where, reserved)
-
-
-def read_examples(
-    root: Path,
-    task_names: list[str],
-    languages: list[str] | None,
-    reserved: list[str],
-    seed: int,
-    max_records_per_file: int | None = None,
-    keep_record: Callable[[dict], bool] | None = None,
-) -> Iterator[tuple[Example, str]]:
-    """Yield (example, location) for every record of every task (that `keep_record` accepts),
-    in a fixed order."""
-    if not root.is_dir():
-        raise BadRecord(f"data root {root} is not a directory (expected the layout of ../shared/data)")
-    rng = random.Random(seed)
-    for task in task_names:
-        pairs = task_files(root, task, languages)
-        if not pairs:
-            raise BadRecord(f"task {task!r}: no files found under {root / _TASK_FILES[task][0]}")
-        for path, lang in pairs:
-            for record, where in read_jsonl(path, max_records_per_file, keep_record):
-                record.setdefault("lang", lang)
-                yield _template(task, record, where, reserved, rng), where
-
-
-def languages_in(root: Path, task_names: list[str], languages: list[str] | None) -> list[str]:
-    found = {lang for task in task_names for _, lang in task_files(root, task, languages)}
-    return sorted(found | {"eng"})
 
 
 def is_dev_record(record: dict) -> bool:

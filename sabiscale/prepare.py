@@ -1,23 +1,34 @@
-"""`sabiscale prepare`: raw JSONL (or the embedded demo corpus) -> tokenizer -> WebDataset shards.
+"""`sabiscale prepare`: raw inputs (or the embedded demo corpus) -> tokenizer -> WebDataset shards.
 
 Writes into the run directory:
     raw/            the generated demo corpus (demo source only)
     tokenizer/      tokenizer.json + transformers config (trained here unless tokenizer.path is set)
-    shards/         train-*.tar, val-*.tar, manifest.json
+    shards/         train-*.tar, val-*.tar, manifest.json (and skipped.jsonl with data.skip_bad)
+
+Reading, tokenizing and shard writing run on data.workers processes; every stage keeps input
+order, so the output is byte-identical for any number of workers.
 """
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .config import RunConfig
-from .corpus import is_validation, languages_in, read_examples
+from .corpus import Corpus, is_validation, load_corpus, source_files
 from .demo_data import generate_demo_corpus
+from .mix import mix_documents
+from .parallel import SERIAL, Workers
 from .shards.pack import Document, PackStats, pack_documents
-from .shards.write import write_manifest, write_split
-from .tasks import Example, special_tokens
+from .shards.write import sha256_file, write_manifest, write_split
+from .tasks import BadRecord, Example, task_registry
 from .tokenizer import adopt_tokenizer, encode_examples, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+
+# Examples per tokenization job: large enough that a job's start-up is noise.
+ENCODE_CHUNK = 8192
 
 
 @dataclass
@@ -27,38 +38,84 @@ class Prepared:
     manifest: Path
     train_documents: int
     val_documents: int
+    skipped: list[dict] = field(default_factory=list)
 
 
-def data_root(cfg: RunConfig) -> Path:
+def data_root(cfg: RunConfig) -> Path | None:
     if cfg.data.source == "demo":
         return generate_demo_corpus(cfg.output_dir / "raw", cfg.data.demo_examples_per_task, cfg.seed)
-    return Path(cfg.data.jsonl_root)
+    return Path(cfg.data.jsonl_root) if cfg.data.jsonl_root is not None else None
 
 
-def load_split_examples(cfg: RunConfig, root: Path, reserved: list[str]) -> tuple[list[Example], list[Example]]:
+def read_corpus(cfg: RunConfig, root: Path | None, workers: Workers = SERIAL) -> Corpus:
+    try:
+        return load_corpus(cfg, root, workers=workers)
+    except BadRecord as err:
+        raise BadRecord(f"{err}\n(to skip such records and list each one instead, run prepare with --skip-bad "
+                        "or data.skip_bad=true)") from None
+
+
+def split_examples(cfg: RunConfig, corpus: Corpus) -> tuple[list[Example], list[Example]]:
     train, val = [], []
-    for example, where in read_examples(root, cfg.data.tasks, cfg.data.languages, reserved, cfg.seed,
-                                        cfg.data.max_records_per_file):
+    for example, where in corpus.examples:
         (val if is_validation(where, cfg.data.val_fraction) else train).append(example)
     if not train:
-        raise ValueError(f"no training examples found under {root} for tasks {cfg.data.tasks}")
+        raise ValueError(f"no training examples found for tasks {cfg.data.tasks}")
     return train, val
 
 
 def _tokenizer(cfg: RunConfig, train: list[Example], specials: list[str]):
     if cfg.tokenizer.path is not None:
         adopt_tokenizer(Path(cfg.tokenizer.path), cfg.tokenizer_path)
-        return load_tokenizer(cfg.tokenizer_path)
+        tok = load_tokenizer(cfg.tokenizer_path)
+        _check_specials(tok, specials, Path(cfg.tokenizer.path))
+        return tok
     texts = (e.prompt + e.answer for e in train)
     tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, specials)
     save_tokenizer(tok, cfg.tokenizer_path)
     return load_tokenizer(cfg.tokenizer_path)
 
 
-def _documents(tok, examples: list[Example], seed: int) -> list[Document]:
-    docs = [Document(ids, mask, e.task, e.lang) for e, (ids, mask) in zip(examples, encode_examples(tok, examples))]
-    random.Random(seed).shuffle(docs)  # mix tasks and languages within and across sequences
-    return docs
+def _check_specials(tok, specials: list[str], path: Path) -> None:
+    """A reused tokenizer must keep every task and language tag whole, else tags would be split
+    into pieces and read as text."""
+    missing = [s for s in specials if s not in tok.all_special_tokens and s not in tok.get_added_vocab()]
+    if missing:
+        raise ValueError(f"tokenizer.path {path} lacks the special token(s) {missing} of this recipe's tasks and "
+                         "languages; unset tokenizer.path to train a tokenizer for them")
+
+
+def _encode_job(job: tuple[str, list[Example]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    path, examples = job
+    return encode_examples(load_tokenizer(Path(path)), examples)
+
+
+def encode(cfg: RunConfig, tok, examples: list[Example], workers: Workers = SERIAL) -> list[Document]:
+    chunks = [examples[i:i + ENCODE_CHUNK] for i in range(0, len(examples), ENCODE_CHUNK)]
+    if workers.processes > 1 and len(chunks) > 1:
+        encoded = [d for part in workers.map(_encode_job, [(str(cfg.tokenizer_path), c) for c in chunks]) for d in part]
+    else:
+        encoded = encode_examples(tok, examples)
+    return [Document(ids, mask, e.task, e.lang) for e, (ids, mask) in zip(examples, encoded)]
+
+
+def _sources_record(cfg: RunConfig, root: Path | None) -> list[dict]:
+    """Each input file with its hash: what these shards were made from."""
+    out = []
+    for src in source_files(cfg.data, root):
+        shown = src.path.relative_to(root) if root is not None and src.path.is_relative_to(root) else src.path
+        out.append({"task": src.task, "path": str(shown), "format": src.format, "sha256": sha256_file(src.path)})
+    return out
+
+
+def write_skipped(shards_dir: Path, skipped: list[dict]) -> dict:
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    path = shards_dir / "skipped.jsonl"
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped), encoding="utf-8")
+    by_task: dict[str, int] = {}
+    for s in skipped:
+        by_task[s["task"]] = by_task.get(s["task"], 0) + 1
+    return {"records": len(skipped), "by_task": by_task, "list": path.name}
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -66,14 +123,27 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise FileExistsError(f"data.shards_dir {cfg.data.shards_dir} already holds shards, which `prepare` would "
                               "overwrite; unset data.shards_dir to prepare into <output_dir>/shards (nothing was changed)")
     root = data_root(cfg)
-    specials = special_tokens(languages_in(root, cfg.data.tasks, cfg.data.languages))
-    train, val = load_split_examples(cfg, root, specials)
-    tok = _tokenizer(cfg, train, specials)
-    splits = {}
-    for split, examples in (("train", train), ("val", val)):
-        stats = PackStats()
-        packed = pack_documents(_documents(tok, examples, cfg.seed), cfg.data.seq_len, tok.pad_token_id, stats)
-        splits[split] = write_split(packed, cfg.shards_dir, split, cfg.data.sequences_per_shard, stats)
+    with Workers(cfg.data.workers) as workers:
+        corpus = read_corpus(cfg, root, workers)
+        train, val = split_examples(cfg, corpus)
+        tok = _tokenizer(cfg, train, corpus.specials)
+        train_docs, mix_entry = encode(cfg, tok, train, workers), None
+        if not cfg.data.mix.is_natural():
+            train_docs, mix_entry = mix_documents(train_docs, cfg.data.mix, cfg.seed)
+        splits = {}
+        for split, docs in (("train", train_docs), ("val", encode(cfg, tok, val, workers))):
+            random.Random(cfg.seed).shuffle(docs)  # mix tasks and languages within and across sequences
+            stats = PackStats()
+            packed = list(pack_documents(docs, cfg.data.seq_len, tok.pad_token_id, stats))
+            splits[split] = write_split(packed, cfg.shards_dir, split, cfg.data.sequences_per_shard, stats, workers)
+    registry = task_registry(cfg.data.task_defs)
+    extra = {"sources": _sources_record(cfg, root),
+             "tasks": {t: registry[t].model_dump(exclude_defaults=True) for t in cfg.data.tasks},
+             "not_applicable": corpus.not_applicable}
+    if mix_entry is not None:
+        extra["mix"] = mix_entry
+    if cfg.data.skip_bad:
+        extra["skipped"] = write_skipped(cfg.shards_dir, corpus.skipped)
     manifest = write_manifest(cfg.shards_dir, tokenizer_hash(cfg.tokenizer_path), cfg.data.seq_len,
-                              tok.pad_token_id, splits)
-    return Prepared(cfg.tokenizer_path, cfg.shards_dir, manifest, len(train), len(val))
+                              tok.pad_token_id, splits, extra)
+    return Prepared(cfg.tokenizer_path, cfg.shards_dir, manifest, len(train), len(val), corpus.skipped)

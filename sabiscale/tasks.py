@@ -1,7 +1,17 @@
-"""Task templates in the SabiYarn style: the only module that knows the tag format.
+"""The task registry: the only module that knows how a record becomes a SabiYarn-style document.
+
+A task is declared, not coded: a prompt template, an answer template and the record fields they
+read. The built-in tasks below are declared exactly as a user declares a new one in a recipe:
+
+    data:
+      task_defs:
+        headline:
+          prompt: "<headline> {text} <title>"
+          answer: " {title}"
+          fields: [text, title]
 
 A task tag opens the prompt, a second tag closes it, and the answer follows and ends with the
-end-of-text token:
+end-of-text token (`{lang_tag}` is the record's language tag, e.g. `<yor>`):
 
     <translate> {src} <yor> {tgt}<|endoftext|>
     <classify> {text} <sentiment> : {label}<|endoftext|>
@@ -9,30 +19,141 @@ end-of-text token:
     <descramble> {shuffled words} <sentence> {original}<|endoftext|>
     <yor> {plain text}<|endoftext|>
 
-Each `Example` carries its prompt and answer as separate strings, so which characters are prompt
-and which are answer is known from construction: the loss mask is never re-derived later by
-scanning for tags (scanning leaked across packed documents in SabiYarn's code).
+Every `<tag>` written in a template becomes a special token of the tokenizer; user text that
+contains one is refused (it would be read as structure). Each `Example` carries its prompt and
+answer as separate strings, so which characters are prompt and which are answer is known from
+construction: the loss mask is never re-derived later by scanning for tags (scanning leaked across
+packed documents in SabiYarn's code).
 """
 from __future__ import annotations
 
 import random
+import re
+import string
 import unicodedata
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-TASK_TAGS = ["<translate>", "<classify>", "<sentiment>", "<NER>", "<tag>", "<descramble>", "<sentence>"]
 KNOWN_LANGUAGES = ["eng", "yor", "hau", "ibo", "pcm"]
+
+_TAG = re.compile(r"<[A-Za-z][\w-]*>")
+_DERIVE = re.compile(r"^(\w+)\((\w+)\)$")
+# Placeholders every template may use besides its fields.
+_IMPLICIT = {"lang", "lang_tag"}
+
+
+class BadRecord(ValueError):
+    """A record that cannot become an example; the message names its location and what to fix."""
 
 
 def language_tag(lang: str) -> str:
     return f"<{lang}>"
 
 
-def special_tokens(languages: list[str]) -> list[str]:
-    """Every string the tokenizer must keep whole: EOS and padding first, then task and language tags."""
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def shuffle_words(text: str, rng: random.Random) -> str:
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def strip_diacritics(text: str, rng: random.Random) -> str:
+    """Tone marks and under-dots removed (the input of diacritic restoration): NFD, drop the
+    combining marks, NFC again."""
+    decomposed = unicodedata.normalize("NFD", text)
+    return nfc("".join(c for c in decomposed if unicodedata.category(c) != "Mn"))
+
+
+# Functions a task may apply to one of its fields to derive a new one: `derive: {x: fn(field)}`.
+DERIVERS = {"shuffle_words": shuffle_words, "strip_diacritics": strip_diacritics}
+
+
+class TaskDef(BaseModel):
+    """One task: how a record's fields become a prompt and an answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str                  # context only, never supervised
+    answer: str                  # supervised (EOS is appended at tokenization)
+    fields: list[str] = Field(min_length=1)  # record fields read; each must be present and non-empty
+    lang_field: str = "lang"     # the record field holding the document's language
+    derive: dict[str, str] = {}  # new placeholder -> "function(field)", functions in DERIVERS
+    aligned: list[str] = []      # list fields that must have the same length (tokens and tags)
+    # Two placeholders that must differ, else the record teaches nothing (stripping diacritics
+    # from text that has none) and is skipped; such records are counted in the manifest.
+    skip_if_same: list[str] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskDef":
+        known = set(self.fields) | set(self.derive) | _IMPLICIT
+        used = placeholders(self.prompt) | placeholders(self.answer)
+        if used - known:
+            raise ValueError(f"template placeholder(s) {sorted(used - known)} are not fields {self.fields}, "
+                             f"derived {sorted(self.derive)} or {sorted(_IMPLICIT)}")
+        if not placeholders(self.answer):
+            raise ValueError(f"answer template {self.answer!r} uses no placeholder: the answer would be the same "
+                             "for every record")
+        for name, expr in self.derive.items():
+            match = _DERIVE.match(expr.replace(" ", ""))
+            if not match or match[1] not in DERIVERS or match[2] not in self.fields:
+                raise ValueError(f"derive {name}: {expr!r} must be function(field) with a function of "
+                                 f"{sorted(DERIVERS)} and a field of {self.fields}")
+        for group, names in (("aligned", self.aligned), ("skip_if_same", self.skip_if_same)):
+            if set(names) - known:
+                raise ValueError(f"{group} names {sorted(set(names) - known)}, which are not fields or derived")
+        if self.skip_if_same and len(self.skip_if_same) != 2:
+            raise ValueError("skip_if_same needs exactly two placeholders")
+        return self
+
+    def tags(self) -> list[str]:
+        """The literal task tags of the templates, in order of appearance."""
+        return list(dict.fromkeys(_TAG.findall(self.prompt + " " + self.answer)))
+
+
+def placeholders(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+BUILTIN_TASKS: dict[str, TaskDef] = {
+    "translation": TaskDef(prompt="<translate> {src} {lang_tag}", answer=" {tgt}", fields=["src", "tgt"],
+                           lang_field="tgt_lang"),
+    "sentiment": TaskDef(prompt="<classify> {text} <sentiment> :", answer=" {label}", fields=["text", "label"]),
+    "ner": TaskDef(prompt="<NER> {tokens} <tag> :", answer=" {tags}", fields=["tokens", "tags"],
+                   aligned=["tokens", "tags"]),
+    # SabiYarn's masked-loss experiment task: shuffled words -> the sentence.
+    "descramble": TaskDef(prompt="<descramble> {shuffled} <sentence>", answer=" {text}", fields=["text"],
+                          derive={"shuffled": "shuffle_words(text)"}),
+    "text": TaskDef(prompt="{lang_tag}", answer=" {text}", fields=["text"]),
+    "langid": TaskDef(prompt="<langid> {text} <language> :", answer=" {lang}", fields=["text"]),
+    # Diacritic restoration (Yoruba and Igbo tone marks, under-dots): bare text -> the written text.
+    "diacritize": TaskDef(prompt="<diacritize> {bare} <clean>", answer=" {text}", fields=["text"],
+                          derive={"bare": "strip_diacritics(text)"}, skip_if_same=["bare", "text"]),
+    "summarize": TaskDef(prompt="<summarize> {text} <summary>", answer=" {summary}", fields=["text", "summary"]),
+    "headline": TaskDef(prompt="<headline> {text} <title>", answer=" {title}", fields=["text", "title"]),
+    "qa": TaskDef(prompt="<context> {context} <question> {question} <answer>", answer=" {answer}",
+                  fields=["context", "question", "answer"]),
+    "instruction": TaskDef(prompt="<prompt> {prompt} <response>", answer=" {response}", fields=["prompt", "response"]),
+}
+
+
+def task_registry(task_defs: dict[str, TaskDef] | None = None) -> dict[str, TaskDef]:
+    """Built-in tasks, with the recipe's task_defs added (a recipe may also redefine a built-in)."""
+    return {**BUILTIN_TASKS, **(task_defs or {})}
+
+
+def special_tokens(languages: list[str], task_defs: list[TaskDef] | None = None) -> list[str]:
+    """Every string the tokenizer must keep whole: EOS and padding first, then the tags of the tasks
+    in use (all built-in ones when not given), then language tags."""
+    specs = BUILTIN_TASKS.values() if task_defs is None else task_defs
+    tags = list(dict.fromkeys(tag for spec in specs for tag in spec.tags()))
     langs = sorted(set(KNOWN_LANGUAGES) | set(languages))
-    return [EOS, PAD, *TASK_TAGS, *(language_tag(lang) for lang in langs)]
+    return [EOS, PAD, *tags, *(language_tag(lang) for lang in langs)]
 
 
 @dataclass(frozen=True)
@@ -46,12 +167,8 @@ class Example:
     source: str  # where it came from, e.g. "ner/yor.jsonl:12", for error messages and reports
 
 
-class BadRecord(ValueError):
-    """A record that cannot become an example; the message names its location and what to fix."""
-
-
-def nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
+class NotApplicable(Exception):
+    """A well-formed record the task has nothing to learn from (see TaskDef.skip_if_same)."""
 
 
 def _check_text(value: object, field: str, source: str, reserved: list[str]) -> str:
@@ -69,52 +186,38 @@ def _check_text(value: object, field: str, source: str, reserved: list[str]) -> 
     return text
 
 
-def _require(record: dict, fields: list[str], source: str) -> None:
-    missing = [f for f in fields if f not in record]
+def _field_text(record: dict, field: str, source: str, reserved: list[str]) -> tuple[str, int | None]:
+    """A field as text (a list of strings is joined by spaces) and, for lists, its length."""
+    value = record[field]
+    if isinstance(value, list):
+        if not value:
+            raise BadRecord(f"{source}: field {field!r} is an empty list")
+        return " ".join(_check_text(v, field, source, reserved) for v in value), len(value)
+    return _check_text(value, field, source, reserved), None
+
+
+def render(task: str, spec: TaskDef, record: dict, source: str, reserved: list[str], seed: int) -> Example:
+    """A record -> an Example, or BadRecord naming `source` and what is wrong."""
+    missing = [f for f in spec.fields if f not in record]
     if missing:
-        raise BadRecord(f"{source}: missing field(s) {missing}; present: {sorted(record)}")
-
-
-def translation(record: dict, source: str, reserved: list[str]) -> Example:
-    _require(record, ["src", "tgt", "tgt_lang"], source)
-    src = _check_text(record["src"], "src", source, reserved)
-    tgt = _check_text(record["tgt"], "tgt", source, reserved)
-    lang = record["tgt_lang"]
-    return Example("translation", lang, f"<translate> {src} {language_tag(lang)}", f" {tgt}", source)
-
-
-def sentiment(record: dict, source: str, reserved: list[str]) -> Example:
-    _require(record, ["text", "label", "lang"], source)
-    text = _check_text(record["text"], "text", source, reserved)
-    label = _check_text(record["label"], "label", source, reserved)
-    return Example("sentiment", record["lang"], f"<classify> {text} <sentiment> :", f" {label}", source)
-
-
-def ner(record: dict, source: str, reserved: list[str]) -> Example:
-    _require(record, ["tokens", "tags", "lang"], source)
-    tokens, tags = record["tokens"], record["tags"]
-    if not isinstance(tokens, list) or not isinstance(tags, list) or len(tokens) != len(tags):
-        raise BadRecord(f"{source}: 'tokens' and 'tags' must be lists of the same length")
-    if not tokens:
-        raise BadRecord(f"{source}: 'tokens' is empty")
-    words = " ".join(_check_text(t, "tokens", source, reserved) for t in tokens)
-    labels = " ".join(_check_text(t, "tags", source, reserved) for t in tags)
-    return Example("ner", record["lang"], f"<NER> {words} <tag> :", f" {labels}", source)
-
-
-def descramble(record: dict, source: str, reserved: list[str], rng: random.Random) -> Example:
-    """Shuffled words of a sentence -> the sentence (SabiYarn's masked-loss experiment task)."""
-    _require(record, ["text", "lang"], source)
-    text = _check_text(record["text"], "text", source, reserved)
-    words = text.split()
-    shuffled = words[:]
-    rng.shuffle(shuffled)
-    return Example(
-        "descramble", record["lang"], f"<descramble> {' '.join(shuffled)} <sentence>", f" {text}", source
-    )
-
-
-def plain_text(record: dict, source: str, reserved: list[str]) -> Example:
-    _require(record, ["text", "lang"], source)
-    text = _check_text(record["text"], "text", source, reserved)
-    return Example("text", record["lang"], language_tag(record["lang"]), f" {text}", source)
+        raise BadRecord(f"{source}: missing field(s) {missing} for task {task!r}; present: {sorted(record)}")
+    lang = record.get(spec.lang_field)
+    if not isinstance(lang, str) or not lang.strip():
+        raise BadRecord(f"{source}: no language: field {spec.lang_field!r} is missing or empty (or set `lang` "
+                        "for this source in the recipe)")
+    values, lengths = {}, {}
+    for field in spec.fields:
+        values[field], lengths[field] = _field_text(record, field, source, reserved)
+    if spec.aligned and len({lengths[f] for f in spec.aligned}) != 1:
+        raise BadRecord(f"{source}: fields {spec.aligned} must be lists of the same length, got "
+                        f"{[lengths[f] for f in spec.aligned]}")
+    # Seeded per record by file name and line: the same output in any process, in any order, and
+    # wherever the data directory lives.
+    rng = random.Random(f"{seed}:{source.rsplit('/', 1)[-1]}")
+    for name, expr in spec.derive.items():
+        function, argument = _DERIVE.match(expr.replace(" ", "")).groups()
+        values[name] = DERIVERS[function](values[argument], rng)
+    if spec.skip_if_same and values[spec.skip_if_same[0]] == values[spec.skip_if_same[1]]:
+        raise NotApplicable(source)
+    values.update(lang=lang, lang_tag=language_tag(lang))
+    return Example(task, lang, spec.prompt.format_map(values), spec.answer.format_map(values), source)

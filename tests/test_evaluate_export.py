@@ -13,7 +13,7 @@ from sabiscale.data.loader import make_loader, shard_urls
 from sabiscale.evaluate import ner_scores, parse_ner, parse_sentiment, sentiment_scores
 from sabiscale.loss.masked import TokenLossObjective
 from sabiscale.shards.write import read_manifest
-from sabiscale.tasks import special_tokens
+from sabiscale.tasks import BUILTIN_TASKS, special_tokens
 
 
 def test_unparsable_outputs_count_as_wrong():
@@ -50,7 +50,7 @@ def test_export_loads_offline_and_matches_sabiscale_forward(demo_cfg, zero3_chec
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    for tag in special_tokens(["yor", "hau", "ibo"]):
+    for tag in special_tokens(["yor", "hau", "ibo"], [BUILTIN_TASKS[t] for t in demo_cfg.data.tasks]):
         assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
 
     lm, our_tok, meta = load_trained_lm(zero3_checkpoint)

@@ -1,50 +1,105 @@
-import random
+import unicodedata
 
 import pytest
 
-from sabiscale.corpus import read_examples
-from sabiscale.tasks import BadRecord, descramble, ner, sentiment, special_tokens, translation
+from sabiscale.config import ConfigError, load_config
+from sabiscale.corpus import load_corpus
+from sabiscale.tasks import BUILTIN_TASKS, BadRecord, NotApplicable, TaskDef, render, special_tokens
 
 RESERVED = special_tokens(["yor"])
 
 
+def _render(task, record, where="f:1", seed=0):
+    return render(task, BUILTIN_TASKS[task], record, where, RESERVED, seed)
+
+
 def test_templates_split_prompt_and_answer():
-    ex = translation({"src": "Good morning", "tgt": "Ẹ káàárọ̀", "tgt_lang": "yor"}, "f:1", RESERVED)
-    assert (ex.prompt, ex.answer) == ("<translate> Good morning <yor>", " Ẹ káàárọ̀")
-    ex = sentiment({"text": "nice one", "label": "positive", "lang": "pcm"}, "f:2", RESERVED)
+    ex = _render("translation", {"src": "Good morning", "tgt": "Ẹ káàárọ̀", "tgt_lang": "yor"})
+    assert (ex.prompt, ex.answer, ex.lang) == ("<translate> Good morning <yor>", " Ẹ káàárọ̀", "yor")
+    ex = _render("sentiment", {"text": "nice one", "label": "positive", "lang": "pcm"})
     assert (ex.prompt, ex.answer) == ("<classify> nice one <sentiment> :", " positive")
-    ex = ner({"tokens": ["Ada", "went"], "tags": ["B-PER", "O"], "lang": "ibo"}, "f:3", RESERVED)
+    ex = _render("ner", {"tokens": ["Ada", "went"], "tags": ["B-PER", "O"], "lang": "ibo"})
     assert (ex.prompt, ex.answer) == ("<NER> Ada went <tag> :", " B-PER O")
 
 
-def test_descramble_shuffles_the_words_of_the_answer():
+def test_sabiyarn_task_families():
+    text = {"text": "Ọmọ náà lọ sí ọjà", "lang": "yor"}
+    assert _render("langid", text).answer == " yor"
+    diacritize = _render("diacritize", text)
+    assert diacritize.prompt == "<diacritize> Omo naa lo si oja <clean>" and diacritize.answer == " Ọmọ náà lọ sí ọjà"
+    with pytest.raises(NotApplicable):  # nothing to restore in text without diacritics
+        _render("diacritize", {"text": "the market", "lang": "eng"})
+    qa = _render("qa", {"context": "Kano is in the north.", "question": "Where is Kano?", "answer": "the north",
+                        "lang": "eng"})
+    assert qa.prompt == "<context> Kano is in the north. <question> Where is Kano? <answer>" and qa.answer == " the north"
+    assert _render("instruction", {"prompt": "Greet", "response": "Sannu", "lang": "hau"}).prompt == "<prompt> Greet <response>"
+    assert _render("headline", {"text": "Long story", "title": "Short", "lang": "eng"}).answer == " Short"
+    assert _render("summarize", {"text": "Long story", "summary": "Short", "lang": "eng"}).prompt.startswith("<summarize>")
+
+
+def test_descramble_shuffles_the_words_of_the_answer_the_same_way_everywhere():
     text = "one two three four five six seven"
-    ex = descramble({"text": text, "lang": "eng"}, "f:1", RESERVED, random.Random(0))
+    ex = _render("descramble", {"text": text, "lang": "eng"})
     shuffled = ex.prompt.removeprefix("<descramble> ").removesuffix(" <sentence>")
     assert sorted(shuffled.split()) == sorted(text.split()) and shuffled != text
     assert ex.answer == " " + text
+    # seeded by the record's location, so any process in any order derives the same shuffle
+    assert _render("descramble", {"text": text, "lang": "eng"}) == ex
+    assert _render("descramble", {"text": text, "lang": "eng"}, where="f:2").prompt != ex.prompt
 
 
 def test_input_is_nfc_normalized():
     decomposed = "Ẹ ka\u0301a\u0300ro\u0323\u0300"
-    ex = translation({"src": "x", "tgt": decomposed, "tgt_lang": "yor"}, "f:1", RESERVED)
-    import unicodedata
+    ex = _render("translation", {"src": "x", "tgt": decomposed, "tgt_lang": "yor"})
     assert ex.answer == " " + unicodedata.normalize("NFC", decomposed)
 
 
 @pytest.mark.parametrize("record, message", [
     ({"src": "a <yor> b", "tgt": "x", "tgt_lang": "yor"}, "contains '<yor>', which is a special token"),
+    ({"src": "a <translate> b", "tgt": "x", "tgt_lang": "yor"}, "contains '<translate>', which is a special token"),
     ({"src": "a", "tgt": "   ", "tgt_lang": "yor"}, "field 'tgt' is empty"),
     ({"src": "a", "tgt_lang": "yor"}, "missing field"),
+    ({"src": "a", "tgt": "b"}, "no language: field 'tgt_lang'"),
+    ({"src": "a", "tgt": 3, "tgt_lang": "yor"}, "field 'tgt' must be a string"),
 ])
 def test_bad_records_name_location_and_problem(record, message):
     with pytest.raises(BadRecord, match="data.jsonl:9") as err:
-        translation(record, "data.jsonl:9", RESERVED)
+        render("translation", BUILTIN_TASKS["translation"], record, "data.jsonl:9", RESERVED, 0)
     assert message in str(err.value)
 
 
+def test_ner_lists_must_align():
+    with pytest.raises(BadRecord, match=r"must be lists of the same length, got \[2, 1\]"):
+        _render("ner", {"tokens": ["Ada", "went"], "tags": ["B-PER"], "lang": "ibo"})
+
+
+def test_task_definitions_are_checked_when_the_recipe_loads():
+    with pytest.raises(ValueError, match=r"placeholder\(s\) \['body'\]"):
+        TaskDef(prompt="<x> {body} <y>", answer=" {title}", fields=["title"])
+    with pytest.raises(ValueError, match="must be function\\(field\\)"):
+        TaskDef(prompt="<x> {s} <y>", answer=" {t}", fields=["t"], derive={"s": "reverse(t)"})
+    with pytest.raises(ConfigError, match="neither built in .* nor declared in data.task_defs"):
+        load_config(None, ["data.tasks=[poetry]"])
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
-    (tmp_path / "ner").mkdir()
-    (tmp_path / "ner" / "yor.jsonl").write_text('{"tokens": ["A"], "tags": ["O"]}\n{not json\n')
+    _write(tmp_path / "ner" / "yor.jsonl", '{"tokens": ["A"], "tags": ["O"]}\n{not json\n')
+    cfg = load_config(None, ["data.source=jsonl", f"data.jsonl_root={tmp_path}", "data.tasks=[ner]"])
     with pytest.raises(BadRecord, match=r"yor.jsonl:2: not valid JSON"):
-        list(read_examples(tmp_path, ["ner"], None, RESERVED, seed=0))
+        load_corpus(cfg, tmp_path)
+
+
+def test_a_task_declared_in_the_recipe_reads_its_own_layout_folder(tmp_path):
+    _write(tmp_path / "proverb" / "yor.jsonl", '{"start": "Àgbà kì í wà", "end": "kí orí ọmọ títún wọ́"}\n')
+    cfg = load_config(None, ["data.source=jsonl", f"data.jsonl_root={tmp_path}", "data.tasks=[proverb]",
+                             'data.task_defs={proverb: {prompt: "<proverb> {start} <finish>", answer: " {end}", '
+                             'fields: [start, end]}}'])
+    (example, where), = load_corpus(cfg, tmp_path).examples
+    assert (example.prompt, example.answer, example.lang) == ("<proverb> Àgbà kì í wà <finish>", " kí orí ọmọ títún wọ́", "yor")
+    assert where.endswith("proverb/yor.jsonl:1")

@@ -2,13 +2,13 @@ import unicodedata
 
 from transformers import AutoTokenizer
 
-from sabiscale.tasks import EOS, Example, special_tokens
+from sabiscale.tasks import BUILTIN_TASKS, EOS, Example, special_tokens
 from sabiscale.tokenizer import encode_examples, load_tokenizer
 
 
 def test_tags_are_single_special_tokens(demo_cfg):
     tok = load_tokenizer(demo_cfg.tokenizer_path)
-    for tag in special_tokens(["yor", "hau", "ibo"]):
+    for tag in special_tokens(["yor", "hau", "ibo"], [BUILTIN_TASKS[t] for t in demo_cfg.data.tasks]):
         ids = tok.backend_tokenizer.encode(tag, add_special_tokens=False).ids
         assert len(ids) == 1, tag
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == EOS

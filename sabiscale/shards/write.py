@@ -10,11 +10,13 @@ Sample layout (one tar member per field, `.npy` written with numpy, never pickle
 
 manifest.json (format_version 1):
     format_version, tokenizer_sha256, seq_len, nfc, pad_id,
-    splits: {train|val: {shards: [{name, sha256, sequences}], counts: {...}}}
+    splits: {train|val: {shards: [{name, sha256, sequences}], counts: {...}}},
+    sources: [{task, path, format, sha256}], tasks: {name: its template}, mix: {...},
+    skipped: {records, by_task, list}, not_applicable: {task: records}
 and, for scored shards, fields and reference (see sabiscale/score.py);
 where counts hold sequences, tokens, padding, split_documents and per "task/lang":
-documents, tokens, supervised_tokens. Tar members carry mtime 0, so the same input gives
-byte-identical shards.
+documents, tokens, supervised_tokens (after mixing: the realized counts). Tar members carry
+mtime 0, so the same input gives byte-identical shards and manifest.
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ import hashlib
 import io
 import json
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
+from ..parallel import SERIAL, Workers
 from .pack import PackedSequence, PackStats
 
 FORMAT_VERSION = 1
@@ -58,43 +60,48 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_split(
-    sequences: Iterable[PackedSequence], out_dir: Path, split: str, per_shard: int, stats: PackStats
-) -> dict:
-    """Write one split's shards; return its manifest entry."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[dict] = []
+def write_shard(job: tuple[Path, str, int, list[PackedSequence]]) -> dict:
+    """One shard file from its sequences (keys continue the split's numbering); its manifest
+    entry and per task/lang counts. Runs in a worker process when data.workers > 1."""
+    path, split, first_index, sequences = job
     per_doc: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "tokens": 0, "supervised_tokens": 0})
-    writer, name, count = None, None, 0
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as writer:
+        for offset, seq in enumerate(sequences):
+            writer.write(_sample(f"{split}-{first_index + offset:09d}", seq))
+            for start, length, task, lang in seq.docs:
+                entry = per_doc[f"{task}/{lang}"]
+                entry["documents"] += 1
+                entry["tokens"] += length
+                entry["supervised_tokens"] += int(seq.loss_mask[start:start + length].sum())
+    return {"shard": {"name": path.name, "sha256": sha256_file(path), "sequences": len(sequences)},
+            "by_task_lang": dict(per_doc)}
 
-    def close() -> None:
-        if writer is not None:
-            writer.close()
-            shards.append({"name": name, "sha256": sha256_file(out_dir / name), "sequences": count})
 
-    for index, seq in enumerate(sequences):
-        if writer is None or count == per_shard:
-            close()
-            name, count = f"{split}-{len(shards):06d}.tar", 0
-            writer = wds.TarWriter(str(out_dir / name), encoder=False, mtime=0)
-        writer.write(_sample(f"{split}-{index:09d}", seq))
-        count += 1
-        for start, length, task, lang in seq.docs:
-            entry = per_doc[f"{task}/{lang}"]
-            entry["documents"] += 1
-            entry["tokens"] += length
-            entry["supervised_tokens"] += int(seq.loss_mask[start:start + length].sum())
-    close()
+def write_split(sequences: list[PackedSequence], out_dir: Path, split: str, per_shard: int, stats: PackStats,
+                workers: Workers = SERIAL) -> dict:
+    """Write one split's shards (`workers` at a time); return its manifest entry. The bytes of
+    every shard depend only on the sequences, so any number of workers writes the same files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(out_dir / f"{split}-{n:06d}.tar", split, first, sequences[first:first + per_shard])
+            for n, first in enumerate(range(0, len(sequences), per_shard))]
+    written = workers.map(write_shard, jobs)
+    per_doc: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "tokens": 0, "supervised_tokens": 0})
+    for result in written:
+        for key, counts in result["by_task_lang"].items():
+            for name, value in counts.items():
+                per_doc[key][name] += value
     counts = {"sequences": stats.sequences, "tokens": stats.tokens, "padding": stats.padding,
               "split_documents": stats.split_documents,
               "supervised_tokens": sum(v["supervised_tokens"] for v in per_doc.values()),
               "by_task_lang": dict(sorted(per_doc.items()))}
-    return {"shards": shards, "counts": counts}
+    return {"shards": [r["shard"] for r in written], "counts": counts}
 
 
-def write_manifest(out_dir: Path, tokenizer_sha256: str, seq_len: int, pad_id: int, splits: dict) -> Path:
+def write_manifest(out_dir: Path, tokenizer_sha256: str, seq_len: int, pad_id: int, splits: dict,
+                   extra: dict | None = None) -> Path:
+    """manifest.json; `extra` adds the preparation's record (sources, mix, skipped records)."""
     manifest = {"format_version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256, "seq_len": seq_len,
-                "nfc": True, "pad_id": pad_id, "splits": splits}
+                "nfc": True, "pad_id": pad_id, "splits": splits, **(extra or {})}
     path = out_dir / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path

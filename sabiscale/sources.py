@@ -1,0 +1,137 @@
+"""Source adapters: the formats people have -> records (dicts) with their location.
+
+    jsonl   one JSON object per line; `fields` maps a task's field to the record's key
+    tsv     tab-separated columns named by `columns` (or by a header line); parallel text
+    conll   one token per line, its tag in the last column, a blank line between sentences
+            (`-DOCSTART-` lines are skipped); a record is {tokens, tags}
+    text    plain text: one document per line, or per blank-line separated paragraph
+
+Each adapter yields (record, location) with location "file:line" (the first line of a record);
+a line that cannot be a record is yielded as a BadRecord in its place, so the caller decides
+whether it stops the run or is skipped and reported (--skip-bad). Reading is streaming.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from .tasks import BadRecord
+
+Record = tuple[dict | BadRecord, str]
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | BadRecord]]:
+    """(line number, text) per line; a line that is not UTF-8 comes as a BadRecord naming it."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield line_no, BadRecord(f"{path}:{line_no}: not UTF-8 (byte {err.start + 1} of the line: {err.reason}); "
+                                         "convert the file to UTF-8")
+
+
+def read_jsonl(path: Path, fields: dict[str, str]) -> Iterator[Record]:
+    for line_no, line in _lines(path):
+        where = f"{path}:{line_no}"
+        if isinstance(line, BadRecord):
+            yield line, where
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield BadRecord(f"{where}: not valid JSON ({err.msg} at column {err.colno})"), where
+            continue
+        if not isinstance(record, dict):
+            yield BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}"), where
+            continue
+        for field, key in fields.items():
+            if key in record:
+                record[field] = record[key]
+        yield record, where
+
+
+def read_tsv(path: Path, columns: list[str], header: bool) -> Iterator[Record]:
+    for line_no, line in _lines(path):
+        where = f"{path}:{line_no}"
+        if isinstance(line, BadRecord):
+            yield line, where
+            continue
+        line = line.rstrip("\r\n")
+        if header and line_no == 1:
+            columns = columns or line.split("\t")
+            continue
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) != len(columns):
+            yield BadRecord(f"{where}: {len(cells)} tab-separated column(s), expected {len(columns)} "
+                            f"({', '.join(columns)})"), where
+            continue
+        yield dict(zip(columns, cells)), where
+
+
+def read_conll(path: Path) -> Iterator[Record]:
+    tokens: list[str] = []
+    tags: list[str] = []
+    start, bad = 0, None
+    for line_no, line in _lines(path):
+        if isinstance(line, BadRecord):
+            start = start if tokens or bad else line_no
+            bad = bad or line
+            continue
+        cells = line.split()
+        if not cells or cells[0] == "-DOCSTART-":
+            if tokens or bad:
+                yield (bad or {"tokens": tokens, "tags": tags}), f"{path}:{start}"
+            tokens, tags, bad = [], [], None
+            continue
+        if not tokens and bad is None:
+            start = line_no
+        if len(cells) < 2:
+            bad = bad or BadRecord(f"{path}:{line_no}: a token line needs a token and a tag (whitespace-separated), "
+                                   f"got {line.strip()!r}")
+            continue
+        tokens.append(cells[0])
+        tags.append(cells[-1])
+    if tokens or bad:
+        yield (bad or {"tokens": tokens, "tags": tags}), f"{path}:{start}"
+
+
+def read_text(path: Path, documents: str) -> Iterator[Record]:
+    if documents == "line":
+        for line_no, line in _lines(path):
+            if isinstance(line, BadRecord) or line.strip():
+                yield (line if isinstance(line, BadRecord) else {"text": line.strip()}), f"{path}:{line_no}"
+        return
+    paragraph: list[str] = []
+    start, bad = 0, None
+    for line_no, line in _lines(path):
+        if isinstance(line, BadRecord):
+            start = start if paragraph or bad else line_no
+            bad = bad or line
+            continue
+        if line.strip():
+            start = start if paragraph else line_no
+            paragraph.append(line.strip())
+        elif paragraph or bad:
+            yield (bad or {"text": "\n".join(paragraph)}), f"{path}:{start}"
+            paragraph, bad = [], None
+    if paragraph or bad:
+        yield (bad or {"text": "\n".join(paragraph)}), f"{path}:{start}"
+
+
+def read_records(path: Path, fmt: str, fields: dict[str, str] | None = None, columns: list[str] | None = None,
+                 header: bool = False, documents: str = "line") -> Iterator[Record]:
+    if fmt == "jsonl":
+        return read_jsonl(path, fields or {})
+    if fmt == "tsv":
+        return read_tsv(path, list(columns or []), header)
+    if fmt == "conll":
+        return read_conll(path)
+    if fmt == "text":
+        return read_text(path, documents)
+    raise ValueError(f"unknown source format {fmt!r}")

@@ -1,0 +1,219 @@
+"""Source adapters, declared tasks, mixing, --skip-bad and parallel shard writing, on real
+../shared/data records converted into the formats people have (TSV, CoNLL, plain text)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, child_env, run_cli
+from sabiscale.config import load_config
+from sabiscale.corpus import load_corpus
+from sabiscale.prepare import prepare
+from sabiscale.shards.write import read_manifest
+from sabiscale.shards.verify import verify_shards
+from sabiscale.tasks import BadRecord
+
+
+def _records(shared_data: Path, rel: str, n: int) -> list[dict]:
+    with (shared_data / rel).open(encoding="utf-8") as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+def _files_cfg(tmp_path: Path, files: list[dict], *extra: str):
+    return load_config(None, [f"output_dir={tmp_path / 'run'}", "data.source=files", f"data.files={json.dumps(files)}",
+                              "data.seq_len=128", "data.sequences_per_shard=16", "data.val_fraction=0.1",
+                              "tokenizer.vocab_size=600", *extra])
+
+
+@pytest.fixture()
+def formats(shared_data, tmp_path):
+    """One real corpus per format: Yoruba-English TSV, Hausa CoNLL, Igbo plain text in paragraphs,
+    Pidgin sentiment JSONL with other key names."""
+    pairs = _records(shared_data, "translation/eng-yor.jsonl", 40)
+    tsv = _write(tmp_path / "in" / "eng-yor.tsv", "english\tyoruba\n" + "".join(f"{p['src']}\t{p['tgt']}\n" for p in pairs))
+    ner = _records(shared_data, "ner/hau.jsonl", 30)
+    conll = _write(tmp_path / "in" / "hau.conll", "-DOCSTART- O\n\n" + "\n".join(
+        "".join(f"{tok} {tag}\n" for tok, tag in zip(r["tokens"], r["tags"])) for r in ner))
+    texts = _records(shared_data, "text/ibo.jsonl", 30)
+    # decomposed on purpose: input is NFC-normalized
+    txt = _write(tmp_path / "in" / "ibo.txt", "\n\n".join(unicodedata.normalize("NFD", t["text"]) + "\nFirst line ends."
+                                                          for t in texts) + "\n")
+    senti = _records(shared_data, "sentiment/pcm.jsonl", 30)
+    jsonl = _write(tmp_path / "in" / "pcm.jsonl", "".join(json.dumps({"tweet": s["text"], "polarity": s["label"]},
+                                                                     ensure_ascii=False) + "\n" for s in senti))
+    files = [{"task": "translation", "format": "tsv", "path": str(tsv), "header": True, "columns": ["src", "tgt"],
+              "lang": "yor"},
+             {"task": "ner", "format": "conll", "path": str(conll), "lang": "hau"},
+             {"task": "text", "format": "text", "path": str(txt), "documents": "paragraph", "lang": "ibo"},
+             {"task": "diacritize", "format": "text", "path": str(txt), "documents": "paragraph", "lang": "ibo"},
+             {"task": "sentiment", "format": "jsonl", "path": str(tmp_path / "in" / "*.jsonl"),
+              "fields": {"text": "tweet", "label": "polarity"}, "lang": "pcm"}]
+    return {"files": files, "pairs": pairs, "ner": ner, "texts": texts, "senti": senti, "txt": txt, "tsv": tsv,
+            "jsonl": jsonl, "conll": conll}
+
+
+def test_each_format_becomes_the_records_it_holds(formats, tmp_path):
+    corpus = load_corpus(_files_cfg(tmp_path, formats["files"]), None)
+    by_task: dict[str, list] = {}
+    for example, where in corpus.examples:
+        by_task.setdefault(example.task, []).append((example, where))
+    first, where = by_task["translation"][0]
+    assert (first.prompt, first.answer) == (f"<translate> {formats['pairs'][0]['src']} <yor>", f" {formats['pairs'][0]['tgt']}")
+    assert where == f"{formats['tsv']}:2" and len(by_task["translation"]) == 40  # the header is line 1
+    ner, where = by_task["ner"][1]
+    assert ner.answer == " " + " ".join(formats["ner"][1]["tags"]) and ner.lang == "hau"
+    assert where == f"{formats['conll']}:{3 + len(formats['ner'][0]['tokens']) + 1}"
+    text, where = by_task["text"][0]
+    assert text.answer == " " + formats["texts"][0]["text"] + "\nFirst line ends."  # NFC again, paragraph kept whole
+    assert unicodedata.is_normalized("NFC", text.answer) and len(by_task["text"]) == 30
+    senti = by_task["sentiment"][0][0]
+    assert senti.answer == " " + formats["senti"][0]["label"] and senti.lang == "pcm"
+    # Igbo has under-dots and tone marks in most paragraphs; the rest teach nothing and are counted
+    assert len(by_task["diacritize"]) + corpus.not_applicable.get("diacritize", 0) == 30
+    assert all(not any(unicodedata.category(c) == "Mn" for c in unicodedata.normalize("NFD", e.prompt))
+               for e, _ in by_task["diacritize"])
+
+
+def test_prepare_from_files_writes_verified_shards_and_records_sources(formats, tmp_path):
+    cfg = _files_cfg(tmp_path, formats["files"])
+    prepare(cfg)
+    manifest = read_manifest(cfg.shards_dir)
+    problems, _ = verify_shards(cfg.shards_dir)
+    assert problems == []
+    assert {s["format"] for s in manifest["sources"]} == {"tsv", "conll", "text", "jsonl"}
+    assert all(len(s["sha256"]) == 64 for s in manifest["sources"]) and manifest["nfc"] is True
+    assert manifest["tasks"]["diacritize"]["derive"] == {"bare": "strip_diacritics(text)"}
+    assert {k.split("/")[0] for k in manifest["splits"]["train"]["counts"]["by_task_lang"]} == {
+        "translation", "ner", "text", "diacritize", "sentiment"}
+
+
+@pytest.mark.parametrize("name, content, files_entry, message", [
+    ("bad.tsv", "a\tb\nonly one column\n", {"format": "tsv", "columns": ["src", "tgt"], "task": "translation",
+                                            "lang": "yor"}, r"bad.tsv:2: 1 tab-separated column\(s\), expected 2"),
+    ("bad.conll", "Ada B-PER\nwent\n\n", {"format": "conll", "task": "ner", "lang": "ibo"},
+     r"bad.conll:2: a token line needs a token and a tag"),
+    ("bad.txt", b"good line\nbad \xff byte\n", {"format": "text", "task": "text", "lang": "yor"},
+     r"bad.txt:2: not UTF-8 \(byte 5 of the line"),
+    ("bad.jsonl", '{"text": "fine"}\n', {"format": "jsonl", "task": "text"}, r"bad.jsonl:1: no language: field 'lang'"),
+    ("lang.jsonl", '{"text": "fine", "lang": "xyz"}\n', {"format": "jsonl", "task": "text"},
+     r"lang.jsonl:1: language 'xyz' .* add it to data.languages"),
+    ("empty.jsonl", '{"text": "q", "summary": "  ", "lang": "eng"}\n', {"format": "jsonl", "task": "summarize"},
+     r"empty.jsonl:1: field 'summary' is empty"),
+    ("tag.jsonl", '{"prompt": "say <response> now", "response": "ok", "lang": "eng"}\n',
+     {"format": "jsonl", "task": "instruction"}, r"tag.jsonl:1: field 'prompt' contains '<response>', which is a special"),
+])
+def test_bad_input_names_file_line_and_what_to_do(tmp_path, name, content, files_entry, message):
+    path = _write(tmp_path / name, content)
+    cfg = _files_cfg(tmp_path, [{**files_entry, "path": str(path)}])
+    with pytest.raises(BadRecord, match=message) as err:
+        prepare(cfg)
+    assert "--skip-bad" in str(err.value)
+    assert not (tmp_path / "run" / "shards").exists()  # nothing half-written
+
+
+def test_a_glob_that_matches_nothing_names_the_entry(tmp_path):
+    cfg = _files_cfg(tmp_path, [{"task": "text", "path": str(tmp_path / "none" / "*.txt"), "format": "text"}])
+    with pytest.raises(BadRecord, match=r"data.files\[0\].path .* matches no file"):
+        prepare(cfg)
+
+
+def test_skip_bad_skips_and_lists_every_bad_record(formats, tmp_path):
+    good = formats["jsonl"].read_text(encoding="utf-8").splitlines()
+    lines = good[:10] + ['{"tweet": "no label"}', "{broken", '{"tweet": "<classify> x", "polarity": "neutral"}'] + good[10:]
+    _write(formats["jsonl"], "\n".join(lines) + "\n")
+    files = [f for f in formats["files"] if f["task"] == "sentiment"]
+    recipe = _write(tmp_path / "recipe.yaml", json.dumps({"output_dir": str(tmp_path / "run"), "data": {
+        "source": "files", "files": files, "seq_len": 128, "sequences_per_shard": 16, "val_fraction": 0.1},
+        "tokenizer": {"vocab_size": 600}}))
+    refused = subprocess.run([str(BIN / "sabiscale"), "prepare", str(recipe)], env=child_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and f"{formats['jsonl']}:11: missing field(s) ['label']" in refused.stderr
+    assert "--skip-bad" in refused.stderr and not (tmp_path / "run" / "shards").exists()
+    done = run_cli([str(BIN / "sabiscale"), "prepare", str(recipe), "--skip-bad"])
+    assert "skipped 3 bad record(s)" in done.stdout
+    listed = [json.loads(line) for line in (tmp_path / "run" / "shards" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["where"].rsplit(":", 1)[1] for s in listed] == ["11", "12", "13"]
+    assert "not valid JSON" in listed[1]["reason"] and "special token" in listed[2]["reason"]
+    manifest = read_manifest(tmp_path / "run" / "shards")
+    assert manifest["skipped"] == {"records": 3, "by_task": {"sentiment": 3}, "list": "skipped.jsonl"}
+    kept = sum(v["documents"] for split in manifest["splits"].values() for v in split["counts"]["by_task_lang"].values())
+    assert kept == 30  # every good record, none of the bad
+
+
+def test_temperature_mixing_lifts_small_languages_and_reports_realized_tokens(shared_data, tmp_path):
+    base = [f"output_dir={tmp_path / 'natural'}", "data.source=jsonl", f"data.jsonl_root={shared_data}",
+            "data.tasks=[text]", "data.languages=[eng, yor]", "data.seq_len=256", "data.val_fraction=0.05",
+            "tokenizer.vocab_size=800"]
+    # a small language next to a large one: 20 Yoruba documents, 200 English
+    root = tmp_path / "data" / "text"
+    root.mkdir(parents=True)
+    for lang, n in (("eng", 200), ("yor", 20)):
+        (root / f"{lang}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                    for r in _records(shared_data, f"text/{lang}.jsonl", n)), encoding="utf-8")
+    base[2] = f"data.jsonl_root={tmp_path / 'data'}"
+    natural = load_config(None, base)
+    prepare(natural)
+    mixed = load_config(None, [*base, f"output_dir={tmp_path / 'mixed'}", "data.mix.temperature=5",
+                               "data.mix.language_weights={eng: 1.0}"])
+    prepare(mixed)
+    nat_counts = read_manifest(natural.shards_dir)["splits"]["train"]["counts"]["by_task_lang"]
+    manifest = read_manifest(mixed.shards_dir)
+    mix = manifest["mix"]
+    share = {lang: v["realized_share"] for lang, v in mix["by_language"].items()}
+    natural_share = {lang: v["natural_share"] for lang, v in mix["by_language"].items()}
+    assert natural_share["yor"] < 0.15 and share["yor"] > 0.35  # T=5 flattens ~1:10 to ~1:1.6
+    p_yor = natural_share["yor"] ** 0.2 / (natural_share["yor"] ** 0.2 + natural_share["eng"] ** 0.2)
+    assert share["yor"] == pytest.approx(p_yor, abs=0.02)
+    for key, entry in mix["by_task_lang"].items():  # realized within one document of the target
+        assert entry["natural_tokens"] == nat_counts[key]["tokens"]
+        assert abs(entry["realized_tokens"] - entry["target_tokens"]) < 600
+        # the shards hold exactly what the mix reports
+        assert manifest["splits"]["train"]["counts"]["by_task_lang"][key]["tokens"] == entry["realized_tokens"]
+    assert read_manifest(mixed.shards_dir)["splits"]["val"]["counts"] == read_manifest(natural.shards_dir)["splits"]["val"]["counts"]
+    dropped = load_config(None, [*base, f"output_dir={tmp_path / 'dropped'}", "data.mix.language_weights={eng: 0}"])
+    prepare(dropped)
+    assert set(read_manifest(dropped.shards_dir)["splits"]["train"]["counts"]["by_task_lang"]) == {"text/yor"}
+
+
+def test_two_workers_write_byte_identical_shards(shared_data, tmp_path):
+    common = ["data.source=jsonl", f"data.jsonl_root={shared_data}", "data.max_records_per_file=60",
+              "data.tasks=[translation, ner, descramble]", "data.seq_len=256", "data.sequences_per_shard=8",
+              "tokenizer.vocab_size=800"]
+    one = load_config(None, [*common, f"output_dir={tmp_path / 'one'}"])
+    two = load_config(None, [*common, f"output_dir={tmp_path / 'two'}", "data.workers=2"])
+    prepare(one)
+    prepare(two)
+    names = sorted(p.name for p in one.shards_dir.iterdir())
+    assert len(names) > 4 and names == sorted(p.name for p in two.shards_dir.iterdir())
+    for name in names:
+        assert (one.shards_dir / name).read_bytes() == (two.shards_dir / name).read_bytes(), name
+
+
+def test_a_reused_tokenizer_must_know_the_task_tags(demo_cfg, tmp_path):
+    cfg = load_config(None, ["data.source=jsonl", f"data.jsonl_root={demo_cfg.output_dir / 'raw'}",
+                             "data.tasks=[langid]", f"tokenizer.path={demo_cfg.tokenizer_path}",
+                             f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"lacks the special token\(s\) \['<langid>', '<language>'\]"):
+        prepare(cfg)
+
+
+def test_shards_from_another_tokenizer_are_refused_before_training(demo_cfg, tmp_path):
+    from sabiscale.train import check_inputs
+
+    other = load_config(None, [f"output_dir={tmp_path}", "data.demo_examples_per_task=40", "data.seq_len=128",
+                               "tokenizer.vocab_size=500"])
+    prepare(other)
+    mixed_up = other.model_copy(deep=True)
+    mixed_up.data.shards_dir = demo_cfg.shards_dir
+    with pytest.raises(ValueError, match=r"manifest.json was written with tokenizer .* re-run `sabiscale prepare`"):
+        check_inputs(mixed_up)
