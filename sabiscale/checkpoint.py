@@ -229,6 +229,7 @@ def export_hf(path: Path, out_dir: Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory (nothing was overwritten)")
     lm.config.use_cache = True  # for generation by users; training packs and turns it off
+    lm.set_attn_implementation("sdpa")  # sabiscale's packed attention is not in plain transformers
     lm.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
     (out_dir / "sabiscale.json").write_text(json.dumps({k: meta[k] for k in ("step", "tokenizer_sha256", "mlflow_run_id") if k in meta}, indent=2) + "\n")

@@ -94,7 +94,8 @@ class DataConfig(_Section):
     # `prepare` with its location; with skip_bad it is skipped, and every skipped record is listed
     # by location and reason in <shards>/skipped.jsonl and counted in the manifest.
     skip_bad: bool = False
-    # Processes for reading, tokenizing and shard writing; the shards are byte-identical for any number.
+    # Processes for reading and shard writing (tokenizing already runs on every core); the shards
+    # are byte-identical for any number.
     workers: int = Field(1, ge=1)
     seq_len: int = Field(256, ge=16)
     sequences_per_shard: int = Field(256, gt=0)

@@ -1,10 +1,11 @@
 """Build a Llama-style causal LM from the run config (random init). Maps tokens to hidden states
 and logits, nothing else: masking, selection and parallelism live outside.
 
-Attention is sdpa with caching off: transformers then turns restarting `position_ids` into a
-block-diagonal mask, so documents packed into one sequence never attend to each other (with the
-cache on it silently does not). On a GPU with flash-attn installed, flash-attention's varlen
-kernel does the same from the position_ids without building any mask.
+Documents packed into one sequence never attend to each other. On a GPU with flash-attn
+installed, flash-attention's varlen kernel does it from the restarting `position_ids`; elsewhere
+sabiscale's per-document attention (sabiscale/attention.py) does, computing only inside each
+document. Both need caching off: with a cache, transformers silently lets packed documents attend
+to each other. Calls that are not packed training batches (generation) use plain sdpa.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import importlib.util
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from . import attention
 from .config import ModelConfig
 
 
@@ -39,7 +41,7 @@ def llama_config(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, e
 def attention_implementation() -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return attention.NAME
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, eos_id: int, seed: int) -> LlamaForCausalLM:

@@ -5,8 +5,9 @@ Writes into the run directory:
     tokenizer/      tokenizer.json + transformers config (trained here unless tokenizer.path is set)
     shards/         train-*.tar, val-*.tar, manifest.json (and skipped.jsonl with data.skip_bad)
 
-Reading, tokenizing and shard writing run on data.workers processes; every stage keeps input
-order, so the output is byte-identical for any number of workers.
+Reading (and templating) and shard writing run on data.workers processes, tokenizing on the
+tokenizers library's own threads; every stage keeps input order, so the output is byte-identical
+for any number of workers.
 """
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from .config import RunConfig
 from .corpus import Corpus, is_validation, load_corpus, source_files
@@ -26,10 +25,6 @@ from .shards.pack import Document, PackStats, pack_documents
 from .shards.write import sha256_file, write_manifest, write_split
 from .tasks import BadRecord, Example, task_registry
 from .tokenizer import adopt_tokenizer, encode_examples, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
-
-# Examples per tokenization job: large enough that a job's start-up is noise.
-ENCODE_CHUNK = 8192
-
 
 @dataclass
 class Prepared:
@@ -85,18 +80,10 @@ def _check_specials(tok, specials: list[str], path: Path) -> None:
                          "languages; unset tokenizer.path to train a tokenizer for them")
 
 
-def _encode_job(job: tuple[str, list[Example]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    path, examples = job
-    return encode_examples(load_tokenizer(Path(path)), examples)
-
-
-def encode(cfg: RunConfig, tok, examples: list[Example], workers: Workers = SERIAL) -> list[Document]:
-    chunks = [examples[i:i + ENCODE_CHUNK] for i in range(0, len(examples), ENCODE_CHUNK)]
-    if workers.processes > 1 and len(chunks) > 1:
-        encoded = [d for part in workers.map(_encode_job, [(str(cfg.tokenizer_path), c) for c in chunks]) for d in part]
-    else:
-        encoded = encode_examples(tok, examples)
-    return [Document(ids, mask, e.task, e.lang) for e, (ids, mask) in zip(examples, encoded)]
+def encode(tok, examples: list[Example]) -> list[Document]:
+    """Tokenized in this process: the tokenizers library already runs its batch encoding on every
+    core (measured: worker processes only added the cost of shipping examples to them)."""
+    return [Document(ids, mask, e.task, e.lang) for e, (ids, mask) in zip(examples, encode_examples(tok, examples))]
 
 
 def _sources_record(cfg: RunConfig, root: Path | None) -> list[dict]:
@@ -127,11 +114,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         corpus = read_corpus(cfg, root, workers)
         train, val = split_examples(cfg, corpus)
         tok = _tokenizer(cfg, train, corpus.specials)
-        train_docs, mix_entry = encode(cfg, tok, train, workers), None
+        train_docs, mix_entry = encode(tok, train), None
         if not cfg.data.mix.is_natural():
             train_docs, mix_entry = mix_documents(train_docs, cfg.data.mix, cfg.seed)
         splits = {}
-        for split, docs in (("train", train_docs), ("val", encode(cfg, tok, val, workers))):
+        for split, docs in (("train", train_docs), ("val", encode(tok, val))):
             random.Random(cfg.seed).shuffle(docs)  # mix tasks and languages within and across sequences
             stats = PackStats()
             packed = list(pack_documents(docs, cfg.data.seq_len, tok.pad_token_id, stats))

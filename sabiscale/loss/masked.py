@@ -234,7 +234,8 @@ class TokenLossObjective(torch.nn.Module):
         Selection is per micro-batch, among its candidates: a micro-batch is the unit of the
         world-size-invariant data stream, so a selective run picks the same tokens on 1 rank with
         accumulation as on many ranks, and no collective is needed inside the forward."""
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               packed_documents=True).last_hidden_state
         selected, weights = self.select(input_ids, position_ids, loss_mask, task_ids, kind)
         h = hidden[:, :-1][selected]          # (N, H)
         targets = input_ids[:, 1:][selected]  # (N,)
