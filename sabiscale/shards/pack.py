@@ -4,6 +4,13 @@ A packed sequence holds whole documents back to back; `position_ids` restart at 
 document start, which is what makes attention block-diagonal downstream. Padding at the end of a
 sequence is one more "document" of pad tokens with mask 0.
 
+Filling rule: first fit over a window of OPEN_SEQUENCES open sequences. Each document goes into
+the first open sequence it fits in; a sequence is written when it is full, or when the window
+overflows (the oldest one first). Filling gaps with later documents instead of closing a
+sequence at the first document that does not fit cuts padding (on ../shared/data from 6.3% to
+under 1%), and since every row costs the model the same, more of each step is real text. The
+window keeps the stream's shuffled order nearly intact.
+
 Split rule for documents longer than `seq_len`: cut into consecutive pieces of `seq_len` tokens;
 each piece becomes its own document (positions restart, so a piece does not see the previous one)
 and is counted in `split_documents`. The first token of every document is never supervised, since
@@ -48,21 +55,34 @@ def split_long(doc: Document, seq_len: int) -> list[Document]:
             for i in range(0, len(doc.ids), seq_len)]
 
 
-def pack_documents(docs: list[Document], seq_len: int, pad_id: int, stats: PackStats) -> Iterator[PackedSequence]:
-    """Greedy in-order packing: a document that does not fit closes the current sequence."""
-    current: list[Document] = []
-    used = 0
+OPEN_SEQUENCES = 16
+
+
+def pack_documents(docs: list[Document], seq_len: int, pad_id: int, stats: PackStats,
+                   open_sequences: int = OPEN_SEQUENCES) -> Iterator[PackedSequence]:
+    """First-fit packing over a window of open sequences (see the module docstring)."""
+    bins: list[list[Document]] = []
+    free: list[int] = []
     for doc in docs:
         pieces = split_long(doc, seq_len)
         stats.split_documents += len(pieces) > 1
         for piece in pieces:
-            if used + len(piece.ids) > seq_len:
-                yield _assemble(current, seq_len, pad_id, stats)
-                current, used = [], 0
-            current.append(piece)
-            used += len(piece.ids)
-    if current:
-        yield _assemble(current, seq_len, pad_id, stats)
+            n = len(piece.ids)
+            slot = next((i for i, room in enumerate(free) if room >= n), None)
+            if slot is None:
+                if len(bins) == open_sequences:
+                    yield _assemble(bins.pop(0), seq_len, pad_id, stats)
+                    free.pop(0)
+                bins.append([])
+                free.append(seq_len)
+                slot = len(bins) - 1
+            bins[slot].append(piece)
+            free[slot] -= n
+            if free[slot] == 0:
+                yield _assemble(bins.pop(slot), seq_len, pad_id, stats)
+                free.pop(slot)
+    for docs_of_bin in bins:
+        yield _assemble(docs_of_bin, seq_len, pad_id, stats)
 
 
 def _assemble(docs: list[Document], seq_len: int, pad_id: int, stats: PackStats) -> PackedSequence:
