@@ -13,6 +13,8 @@ import importlib.util
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import attention
 from .config import ModelConfig
@@ -64,3 +66,40 @@ def flops_per_token(model: LlamaForCausalLM, seq_len: int) -> tuple[int, int]:
     body_params = count_parameters(model) - embed - (0 if cfg.tie_word_embeddings else head)
     attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len // 2  # causal: half the scores
     return 6 * body_params + attention, 6 * head
+
+
+# Attention implementations that keep packed documents apart from position_ids alone, with no mask.
+_MASK_FREE_PACKING = {attention.NAME, "flash_attention_2", "flash_attention_3"}
+
+
+def hidden_at(lm: LlamaForCausalLM, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              needed: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of a packed batch at the `needed` (B, T) positions only, as (N, hidden).
+
+    Every layer but the last runs on every position: later positions of a document attend to
+    them. The last layer's keys and values are needed everywhere too, but its queries' outputs
+    only where the head reads them: its attention output projection, MLP and the final norm
+    run on the needed positions alone (about half the tokens with the prompt-masked loss), so
+    compute is not spent on positions whose last-layer output nothing reads. Same values as
+    `lm.model(...).last_hidden_state[needed]` (tests/test_loss.py compares with full logits).
+    """
+    body = lm.model
+    impl = body.config._attn_implementation
+    if impl not in _MASK_FREE_PACKING:
+        full = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return full[needed]
+    x = body.embed_tokens(input_ids)
+    rope = body.rotary_emb(x, position_ids=position_ids)
+    *layers, last = body.layers
+    for layer in layers:
+        x = layer(x, attention_mask=None, position_embeddings=rope, position_ids=position_ids, packed_documents=True)
+    attn = last.self_attn
+    h = last.input_layernorm(x)
+    heads = (*h.shape[:-1], -1, attn.head_dim)
+    q, k, v = (proj(h).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = apply_rotary_pos_emb(q, k, *rope)
+    out, _ = ALL_ATTENTION_FUNCTIONS[impl](attn, q, k, v, None, dropout=0.0, scaling=attn.scaling,
+                                           position_ids=position_ids, packed_documents=True)
+    y = x[needed] + attn.o_proj(out.reshape(*h.shape[:-1], -1)[needed])
+    y = y + last.mlp(last.post_attention_layernorm(y))
+    return body.norm(y)

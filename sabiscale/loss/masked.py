@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import hidden_at
+
 
 @dataclass
 class TokenLosses:
@@ -234,10 +236,9 @@ class TokenLossObjective(torch.nn.Module):
         Selection is per micro-batch, among its candidates: a micro-batch is the unit of the
         world-size-invariant data stream, so a selective run picks the same tokens on 1 rank with
         accumulation as on many ranks, and no collective is needed inside the forward."""
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                               packed_documents=True).last_hidden_state
         selected, weights = self.select(input_ids, position_ids, loss_mask, task_ids, kind)
-        h = hidden[:, :-1][selected]          # (N, H)
+        needed = torch.cat([selected, selected.new_zeros(selected.shape[0], 1)], dim=1)  # position t predicts t+1
+        h = hidden_at(self.lm, input_ids, position_ids, needed)  # (N, H), in the order of [selected]
         targets = input_ids[:, 1:][selected]  # (N,)
         token_weights = weights[selected].float() if weights is not None else None
         if (kind or self.kind) != "selective":
