@@ -1,7 +1,8 @@
 """Prompt-masked (SabiYarn) and all-token (CLM) next-token loss, paying the head only where it counts.
 
 HF-style training builds (B, T, V) logits and hides prompt tokens with labels=-100. Here the final
-hidden states are gathered at the supervised positions first, and the output projection plus
+hidden states are computed at the supervised positions only (the last layer's output projection,
+MLP and final norm run there alone, sabiscale/model.py::hidden_at), and the output projection plus
 cross-entropy run only there, chunk by chunk with the gradients computed on the spot
 (FusedLinearCrossEntropy), so at most (chunk, V) logits are alive at once and no B x T x V
 tensor exists. The head is called as a module, so under ZeRO-3 DeepSpeed gathers its weight as
