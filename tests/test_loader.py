@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sabiscale.data.batch import Vocab
@@ -82,6 +83,25 @@ def test_exact_resume_with_workers_ranks_and_a_new_world_size(demo_cfg):
     assert sorted(b.index for b in seen) == uninterrupted  # no repeats, no gaps
     for b in seen:
         assert torch.equal(b.input_ids, reference[b.index].input_ids) and b.keys == reference[b.index].keys
+
+
+def test_load_state_dict_continues_after_the_last_batch_read(demo_cfg):
+    """Read k batches, save the state, rebuild the loader, load it, continue: the concatenation
+    equals an uninterrupted read, with workers and ranks; another stream definition is refused."""
+    urls = _urls(demo_cfg)
+    uninterrupted = _take(make_loader(urls, 2, 0, 1, seed=4, shuffle_buffer=16, num_workers=0), 12)
+    before = [make_loader(urls, 2, r, 2, seed=4, shuffle_buffer=16, num_workers=2) for r in (0, 1)]
+    seen = [b for _ in range(2) for stream in before for b in [next(stream)]]
+    state = before[0].state_dict()
+    after = [make_loader(urls, 2, r, 2, seed=4, shuffle_buffer=16, num_workers=1) for r in (0, 1)]
+    for stream in after:
+        stream.load_state_dict(state)
+    seen += [b for _ in range(4) for stream in after for b in [next(stream)]]
+    assert [b.index for b in seen] == list(range(12))
+    assert all(torch.equal(b.input_ids, uninterrupted[b.index].input_ids) for b in seen)
+    other = make_loader(urls, 2, 0, 1, seed=5, shuffle_buffer=16, num_workers=0)
+    with pytest.raises(ValueError, match="seed changed since the checkpoint"):
+        other.load_state_dict(state)
 
 
 def test_a_truncated_shard_is_named_not_silently_shortened(demo_cfg, tmp_path):

@@ -142,11 +142,13 @@ class BatchStream:
     def __init__(self, dataset: ShardLoader) -> None:
         self.dataset = dataset
         self.position = dataset.start
-        if dataset.num_workers == 0:
-            self._it = iter(dataset)
-        else:
-            self._it = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=dataset.num_workers,
-                                                        persistent_workers=True))
+        self._it = self._batches()
+
+    def _batches(self):
+        d = self.dataset
+        if d.num_workers == 0:
+            return iter(d)
+        return iter(torch.utils.data.DataLoader(d, batch_size=None, num_workers=d.num_workers, persistent_workers=True))
 
     def __iter__(self) -> "BatchStream":
         return self
@@ -161,6 +163,14 @@ class BatchStream:
         d = self.dataset
         return {"position": self.position, "batch_size": d.batch_size, "seed": d.seed,
                 "shuffle_buffer": d.shuffle_buffer, "urls": [Path(u).name for u in d.urls]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from the next unseen micro-batch of a saved state (any world size or number
+        of workers); a state of another stream definition is refused."""
+        d = self.dataset
+        check_resumable(state, d.batch_size, d.seed, d.shuffle_buffer, d.urls)
+        d.start = self.position = state["position"]
+        self._it = self._batches()
 
 
 def check_resumable(state: dict, batch_size: int, seed: int, shuffle_buffer: int, urls: list[str]) -> None:
