@@ -56,6 +56,7 @@ class Corpus:
     skipped: list[dict]
     not_applicable: dict[str, int]       # task -> records the task had nothing to learn from
     specials: list[str]                  # the tokenizer's special tokens (also refused in user text)
+    files: list[SourceFile]              # the input files read, in order
 
 
 def _layout_files(root: Path, task: str, languages: list[str] | None) -> list[SourceFile]:
@@ -159,7 +160,7 @@ def load_corpus(cfg: RunConfig, root: Path | None, keep: Callable[[dict], bool] 
         skipped += result.skipped
         if result.not_applicable:
             not_applicable[source.task] = not_applicable.get(source.task, 0) + result.not_applicable
-    return Corpus(examples, skipped, not_applicable, reserved)
+    return Corpus(examples, skipped, not_applicable, reserved, files)
 
 
 def _read_one(job: tuple[Callable[[SourceFile], FileResult], SourceFile]) -> FileResult:

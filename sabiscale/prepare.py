@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RunConfig
-from .corpus import Corpus, is_validation, load_corpus, source_files
+from .corpus import Corpus, is_validation, load_corpus
 from .demo_data import generate_demo_corpus
 from .mix import mix_documents
 from .parallel import SERIAL, Workers
@@ -86,10 +86,10 @@ def encode(tok, examples: list[Example]) -> list[Document]:
     return [Document(ids, mask, e.task, e.lang) for e, (ids, mask) in zip(examples, encode_examples(tok, examples))]
 
 
-def _sources_record(cfg: RunConfig, root: Path | None) -> list[dict]:
+def _sources_record(corpus: Corpus, root: Path | None) -> list[dict]:
     """Each input file with its hash: what these shards were made from."""
     out = []
-    for src in source_files(cfg.data, root):
+    for src in corpus.files:
         shown = src.path.relative_to(root) if root is not None and src.path.is_relative_to(root) else src.path
         out.append({"task": src.task, "path": str(shown), "format": src.format, "sha256": sha256_file(src.path)})
     return out
@@ -124,7 +124,7 @@ def prepare(cfg: RunConfig) -> Prepared:
             packed = list(pack_documents(docs, cfg.data.seq_len, tok.pad_token_id, stats))
             splits[split] = write_split(packed, cfg.shards_dir, split, cfg.data.sequences_per_shard, stats, workers)
     registry = task_registry(cfg.data.task_defs)
-    extra = {"sources": _sources_record(cfg, root),
+    extra = {"sources": _sources_record(corpus, root),
              "tasks": {t: registry[t].model_dump(exclude_defaults=True) for t in cfg.data.tasks},
              "not_applicable": corpus.not_applicable}
     if mix_entry is not None:

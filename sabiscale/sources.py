@@ -74,31 +74,42 @@ def read_tsv(path: Path, columns: list[str], header: bool) -> Iterator[Record]:
         yield dict(zip(columns, cells)), where
 
 
-def read_conll(path: Path) -> Iterator[Record]:
-    tokens: list[str] = []
-    tags: list[str] = []
+def _blocks(path: Path, separator: str | None = None) -> Iterator[tuple[int, list[str] | BadRecord]]:
+    """(first line number, stripped lines) of each run of non-blank lines; a line equal to
+    `separator` also ends a run and is dropped. A run holding an undecodable line comes as that
+    line's BadRecord."""
+    lines: list[str] = []
     start, bad = 0, None
     for line_no, line in _lines(path):
-        if isinstance(line, BadRecord):
-            start = start if tokens or bad else line_no
-            bad = bad or line
+        text = line if isinstance(line, BadRecord) else line.strip()
+        if isinstance(text, str) and (not text or text.split()[0] == separator):
+            if lines or bad:
+                yield start, bad or lines
+            lines, bad = [], None
             continue
-        cells = line.split()
-        if not cells or cells[0] == "-DOCSTART-":
-            if tokens or bad:
-                yield (bad or {"tokens": tokens, "tags": tags}), f"{path}:{start}"
-            tokens, tags, bad = [], [], None
-            continue
-        if not tokens and bad is None:
+        if not lines and bad is None:
             start = line_no
-        if len(cells) < 2:
-            bad = bad or BadRecord(f"{path}:{line_no}: a token line needs a token and a tag (whitespace-separated), "
-                                   f"got {line.strip()!r}")
+        if isinstance(text, BadRecord):
+            bad = bad or text
+        else:
+            lines.append(text)
+    if lines or bad:
+        yield start, bad or lines
+
+
+def read_conll(path: Path) -> Iterator[Record]:
+    for start, lines in _blocks(path, separator="-DOCSTART-"):
+        where = f"{path}:{start}"
+        if isinstance(lines, BadRecord):
+            yield lines, where
             continue
-        tokens.append(cells[0])
-        tags.append(cells[-1])
-    if tokens or bad:
-        yield (bad or {"tokens": tokens, "tags": tags}), f"{path}:{start}"
+        short = next((i for i, line in enumerate(lines) if len(line.split()) < 2), None)
+        if short is not None:
+            yield BadRecord(f"{path}:{start + short}: a token line needs a token and a tag (whitespace-separated), "
+                            f"got {lines[short]!r}"), where
+            continue
+        cells = [line.split() for line in lines]
+        yield {"tokens": [c[0] for c in cells], "tags": [c[-1] for c in cells]}, where
 
 
 def read_text(path: Path, documents: str) -> Iterator[Record]:
@@ -107,21 +118,8 @@ def read_text(path: Path, documents: str) -> Iterator[Record]:
             if isinstance(line, BadRecord) or line.strip():
                 yield (line if isinstance(line, BadRecord) else {"text": line.strip()}), f"{path}:{line_no}"
         return
-    paragraph: list[str] = []
-    start, bad = 0, None
-    for line_no, line in _lines(path):
-        if isinstance(line, BadRecord):
-            start = start if paragraph or bad else line_no
-            bad = bad or line
-            continue
-        if line.strip():
-            start = start if paragraph else line_no
-            paragraph.append(line.strip())
-        elif paragraph or bad:
-            yield (bad or {"text": "\n".join(paragraph)}), f"{path}:{start}"
-            paragraph, bad = [], None
-    if paragraph or bad:
-        yield (bad or {"text": "\n".join(paragraph)}), f"{path}:{start}"
+    for start, lines in _blocks(path):
+        yield (lines if isinstance(lines, BadRecord) else {"text": "\n".join(lines)}), f"{path}:{start}"
 
 
 def read_records(path: Path, fmt: str, fields: dict[str, str] | None = None, columns: list[str] | None = None,
