@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from analysis.experiment import RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach  # noqa: E402
+from analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,  # noqa: E402
+                                 write_comparison)
 
 WORK = ROOT / "runs" / "experiments" / "masked_descramble"
 RESULTS = ROOT / "analysis" / "results"
@@ -114,15 +115,9 @@ def main() -> None:
                           for k in ("masked", "clm")) + " |",
              f"| greedy exact match, held-out sentences | {result['masked']['exact_match']:.1%} | "
              f"{result['clm']['exact_match']:.1%} |"]
-    for name in ("L->L", "H->L", "H->H", "L->H"):
-        lines.append(f"| probe tokens {name} | {categories['masked'][name]:.1%} | {categories['clm'][name]:.1%} |")
-    lines += ["", "Answer-token loss per evaluation step:\n", "| step | masked | not masked |", "|---:|---:|---:|"]
-    for step in sorted(curves["masked"]):
-        lines.append(f"| {step} | {curves['masked'][step]:.3f} | {curves['clm'].get(step, float('nan')):.3f} |")
-    lines += ["", "![answer loss](masked_descramble.png)", "",
-              f"Token-level trajectories of both runs: [{report.relative_to(RESULTS)}]({report.relative_to(RESULTS)})"]
-    (RESULTS / "masked_descramble.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_comparison(lines, ("masked", "clm"), ("masked", "not masked"), categories, curves,
+                     "Answer-token loss per evaluation step", RESULTS / "masked_descramble.png", report,
+                     RESULTS / "masked_descramble.md")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from analysis.experiment import RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach  # noqa: E402
+from analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,  # noqa: E402
+                                 write_comparison)
 
 WORK = ROOT / "runs" / "experiments" / "rho1_noise"
 RESULTS = ROOT / "analysis" / "results"
@@ -164,15 +165,8 @@ def main() -> None:
              f"| final loss on held-out clean text | {curves[base][max(curves[base])]:.3f} | {curves[sel][max(curves[sel])]:.3f} |",
              f"| steps to reach the all-token run's final clean loss ({target:.3f}) | "
              + " | ".join(str(reach[n]) if reach[n] is not None else f"not within {args.steps}" for n in (base, sel)) + " |"]
-    for name in ("L->L", "H->L", "H->H", "L->H"):
-        lines.append(f"| probe tokens {name} | {categories[base][name]:.1%} | {categories[sel][name]:.1%} |")
-    lines += ["", "Clean held-out loss per checkpoint:\n", f"| step | {base} | {sel} |", "|---:|---:|---:|"]
-    for step in sorted(curves[base]):
-        lines.append(f"| {step} | {curves[base][step]:.3f} | {curves[sel].get(step, float('nan')):.3f} |")
-    lines += ["", "![clean loss](rho1_noise.png)", "",
-              f"Token-level trajectories of both runs: [{report.relative_to(RESULTS)}]({report.relative_to(RESULTS)})"]
-    (RESULTS / "rho1_noise.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_comparison(lines, (base, sel), (base, sel), categories, curves, "Clean held-out loss per checkpoint",
+                     RESULTS / "rho1_noise.png", report, RESULTS / "rho1_noise.md")
 
 
 if __name__ == "__main__":

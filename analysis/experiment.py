@@ -44,3 +44,20 @@ def plot_curves(curves: dict[str, dict[int, float]], path: Path, ylabel: str, ti
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_comparison(lines: list[str], runs: tuple[str, str], labels: tuple[str, str], categories: dict,
+                     curves: dict[str, dict[int, float]], curve_title: str, plot: Path, report: Path, out: Path) -> None:
+    """Finish a two-run results page: trajectory categories as table rows, the curve table, the
+    plot and the trajectory report link; write it to `out` and print it."""
+    a, b = runs
+    for name in ("L->L", "H->L", "H->H", "L->H"):
+        lines.append(f"| probe tokens {name} | {categories[a][name]:.1%} | {categories[b][name]:.1%} |")
+    lines += ["", f"{curve_title}:\n", f"| step | {labels[0]} | {labels[1]} |", "|---:|---:|---:|"]
+    for step in sorted(curves[a]):
+        lines.append(f"| {step} | {curves[a][step]:.3f} | {curves[b].get(step, float('nan')):.3f} |")
+    link = report.relative_to(out.parent)
+    lines += ["", f"![{curve_title}]({plot.name})", "",
+              f"Token-level trajectories of both runs: [{link}]({link})"]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
