@@ -92,6 +92,30 @@ def test_chunk_size_does_not_change_the_loss(demo_cfg, parts):
     torch.testing.assert_close(results[1], results[2], rtol=1e-5, atol=1e-3)
 
 
+def test_cpu_logits_workspace_is_reused_and_never_leaks_between_batches(demo_cfg, parts):
+    """The fp32 CPU head writes every chunk's logits into one kept block: a second, smaller batch
+    must still give the HF result (no rows of the first batch read back), and the block stays out
+    of the state dict that checkpoints and export save."""
+    tok, batch, vocab = parts
+    lm = _model(demo_cfg, tok)
+    objective = TokenLossObjective(lm, "masked", chunk_size=4096, pad_id=tok.pad_token_id)
+    keys = set(lm.state_dict())
+    objective(batch.input_ids, batch.position_ids, batch.loss_mask)
+    block = lm.lm_head._workspace
+    assert block is not None and block.shape[1] == lm.config.vocab_size
+    smaller = dataclasses.replace(batch, loss_mask=batch.loss_mask.clone())
+    smaller.loss_mask[: len(batch.loss_mask) // 2] = False
+    selected = target_selection(smaller.loss_mask, smaller.input_ids, smaller.position_ids, "masked", tok.pad_token_id)
+    ref_loss, ref_grads = _hf_loss_and_grads(lm, smaller, selected)
+    lm.zero_grad()
+    out = objective(smaller.input_ids, smaller.position_ids, smaller.loss_mask)
+    (out.loss_sum / out.count).backward()
+    assert lm.lm_head._workspace.data_ptr() == block.data_ptr()  # kept, not allocated again
+    torch.testing.assert_close(out.loss_sum / out.count, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm.lm_head.weight.grad, ref_grads["lm_head.weight"], rtol=1e-4, atol=1e-6)
+    assert set(lm.state_dict()) == keys
+
+
 def test_task_weights_scale_and_drop_tasks(demo_cfg, parts):
     tok, batch, vocab = parts
     lm = _model(demo_cfg, tok)

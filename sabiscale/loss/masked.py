@@ -47,18 +47,25 @@ def top_excess(excess: torch.Tensor, ratio: float) -> torch.Tensor:
 
 @torch.no_grad()
 def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk: int, workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(losses, log-sum-exp) per target without gradient, one (chunk, V) logits block at a time.
     The log-sum-exp is kept so the fused pass over the selected tokens need not recompute it."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(losses)
     for start in range(0, hidden.shape[0], chunk):
-        logits = (hidden[start:start + chunk] @ weight.T).float()
+        logits = logits_block(hidden[start:start + chunk], weight, workspace)
         t = targets[start:start + chunk]
         target_logit = logits.gather(1, t[:, None]).squeeze(1)
         lse[start:start + chunk] = softmax_in_place(logits, normalize=False)[1]
         losses[start:start + chunk] = lse[start:start + chunk] - target_logit
     return losses, lse
+
+
+def logits_block(hidden: torch.Tensor, weight: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:
+    """(rows, V) fp32 logits of one chunk, written into `workspace` (at least rows x V) if given."""
+    if workspace is None or hidden.dtype != torch.float32:
+        return (hidden @ weight.T).float()
+    return torch.mm(hidden, weight.T, out=workspace[:hidden.shape[0]])
 
 
 def softmax_in_place(logits: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +95,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, chunk: int, lse_known=None, known=None):
+    def forward(ctx, hidden, weight, targets, token_weights, chunk: int, lse_known=None, known=None, workspace=None):
         needs_grad = hidden.requires_grad or weight.requires_grad
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
@@ -101,7 +108,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 probs = known[0]
                 losses.copy_(known[1])
             else:
-                logits = (h @ weight.T).float()  # (chunk, V)
+                logits = logits_block(h, weight, workspace)  # (chunk, V)
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 if lse_known is None:
                     probs, lse = softmax_in_place(logits, normalize=needs_grad)
@@ -127,7 +134,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_sum, grad_losses):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_sum.to(grad_hidden.dtype), (grad_weight * grad_sum).to(ctx.weight_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class SupervisedHead(torch.nn.Linear):
@@ -135,20 +142,35 @@ class SupervisedHead(torch.nn.Linear):
     export); `head(x, targets=...)` gives the fused loss without materializing logits. Calling it
     as a module keeps DeepSpeed ZeRO-3's parameter gathering working."""
 
+    # On a CPU, a (chunk, V) block allocated afresh each step is memory newly mapped from the OS
+    # (glibc maps blocks this large directly and unmaps them on free), and its page faults cost
+    # ~20% of the logits matmul; so fp32 CPU runs keep one block for the run's lifetime (chunk x V
+    # x 4 bytes; not in the state dict). GPU caching allocators already reuse memory.
+    _workspace: torch.Tensor | None = None
+
+    def workspace(self, rows: int) -> torch.Tensor | None:
+        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32 or rows == 0:
+            return None
+        if self._workspace is None or self._workspace.shape[0] < rows:
+            self._workspace = torch.empty(rows, self.out_features)
+        return self._workspace
+
     def forward(self, hidden, targets=None, token_weights=None, chunk: int = 2048, reference=None, ratio=None):
         """With `reference` (C,) losses: rank the C candidates by excess loss without gradient,
         then run the fused loss on the top `ratio` only; returns (sum, losses, keep, excess). One
         module call, so ZeRO-3 gathers the weight once for both passes."""
         if targets is None:
             return super().forward(hidden)
+        workspace = self.workspace(min(chunk, hidden.shape[0]))
         if reference is None:
-            return FusedLinearCrossEntropy.apply(hidden, self.weight, targets, token_weights, chunk)
+            return FusedLinearCrossEntropy.apply(hidden, self.weight, targets, token_weights, chunk, None, None,
+                                                 workspace)
         weights = token_weights
         if hidden.shape[0] <= chunk:
             # one block: rank with the softmax rows the gradient needs, then keep only the winners'
             # rows (at most 1 + ratio blocks alive), so the selected tokens cost no second matmul
             with torch.no_grad():
-                logits = (hidden.detach() @ self.weight.detach().T).float()
+                logits = logits_block(hidden.detach(), self.weight.detach(), workspace)
                 target_logit = logits.gather(1, targets[:, None]).squeeze(1)
                 probs, lse = softmax_in_place(logits)
                 current = lse - target_logit
@@ -159,7 +181,7 @@ class SupervisedHead(torch.nn.Linear):
             return (*FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep],
                                                    weights[keep] if weights is not None else None, chunk, None, known),
                     keep, excess)
-        current, lse = chunked_token_losses(hidden.detach(), self.weight.detach(), targets, chunk)
+        current, lse = chunked_token_losses(hidden.detach(), self.weight.detach(), targets, chunk, workspace)
         excess = current - reference
         keep = top_excess(excess, ratio)
         # reusing the ranking's log-sum-exp changes the last bits of the softmax; at ratio 1 the
@@ -167,7 +189,7 @@ class SupervisedHead(torch.nn.Linear):
         lse_known = lse[keep] if ratio < 1 else None
         loss_sum, losses = FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep],
                                                          weights[keep] if weights is not None else None, chunk,
-                                                         lse_known)
+                                                         lse_known, None, workspace)
         return loss_sum, losses, keep, excess
 
 
