@@ -27,7 +27,7 @@ from .engine import World, all_reduce_sum, barrier, engine_dtype, initialize, lo
 from .loss.masked import TokenLossObjective
 from .metrics import (MetricHistory, TokenStats, measure_matmul_peak, memory_in_use, selection_metrics,
                       selection_sums)
-from .model import build_model, count_parameters, flops_per_token
+from .model import batch_flops, build_model, count_parameters, step_cost
 from .plots import loss_plots
 from .shards.write import read_manifest
 from .tokenizer import adopt_tokenizer, load_tokenizer, tokenizer_hash
@@ -49,6 +49,8 @@ class TrainResult:
     # (tokens, non-padding tokens, supervised targets)
     step_times: list[tuple[float, float]] = field(default_factory=list)
     step_counts: list[tuple[int, int, int]] = field(default_factory=list)
+    # per step, this rank: (FLOPs the step needs (sabiscale/model.py::StepCost), FLOPs it executed)
+    step_flops: list[tuple[float, float]] = field(default_factory=list)
 
 
 def check_inputs(cfg: RunConfig) -> dict:
@@ -140,7 +142,7 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
     tracker.log_json(ds_config, "config/deepspeed.json")
     tracker.log_json(manifest, "data/manifest.json")
     n_params = count_parameters(lm)
-    body_flops, head_flops = flops_per_token(lm, cfg.data.seq_len)
+    cost = step_cost(lm)
     tracker.log_metrics({"model/parameters": n_params}, step=0)
     log.info("model: %.2fM parameters, precision %s, world size %d, ZeRO stage %s",
              n_params / 1e6, precision, world.world_size, ds_config["zero_optimization"]["stage"])
@@ -199,9 +201,11 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is
         # sum(token losses) / global supervised count, whatever the split.
         scale = gas * world.world_size / n_global
-        sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, answer loss, answer tokens
+        # loss, answer loss, answer tokens, needed FLOPs (for MFU)
+        sums = torch.zeros(4, dtype=torch.float64, device=world.device)
         selection = torch.zeros(5, dtype=torch.float64, device=world.device)
         skipped_before = engine.skipped_steps
+        needed = executed = 0.0  # this rank's FLOPs
         for batch in micro:
             if reference is not None:
                 batch.ref_loss = reference.score(batch)
@@ -213,11 +217,13 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
                 kill_self()
             engine.step()
             answer = batch.loss_mask[:, 1:][out.selected]  # which selected targets are answer tokens
+            batch_needed, batch_executed = batch_flops(cost, batch.position_ids, batch.task_ids >= 0, int(out.count))
+            needed, executed = needed + batch_needed, executed + batch_executed
             sums += torch.stack([out.loss_sum.detach().double(), out.per_token[answer].sum().double(),
-                                 answer.sum().double()])
+                                 answer.sum().double(), sums.new_tensor(batch_needed)])
             selection += selection_sums(out)
             stats.add(batch, out)
-        sums, selection = all_reduce_sum(torch.cat([sums, selection])).split([3, 5])
+        sums, selection = all_reduce_sum(torch.cat([sums, selection])).split([4, 5])
         nonfinite_in_row = check_finite(engine, skipped_before, sums, step, micro, nonfinite_in_row,
                                         cfg.train.max_nonfinite_steps)
         t1 = time.monotonic()
@@ -226,13 +232,13 @@ def train(cfg: RunConfig, world: World) -> TrainResult:
         result.step_times.append((t0, t1))
         result.step_counts.append((sum(b.num_tokens for b in micro),
                                    sum(int((b.task_ids >= 0).sum()) for b in micro), n_local))
+        result.step_flops.append((needed, executed))
         result.train_losses.append(float(sums[0] / n_global))
-        flops = body_flops * step_tokens + head_flops * float(n_global)
         metrics = {"train/loss": result.train_losses[-1], "train/answer_loss": float(sums[1] / sums[2].clamp(min=1)),
                    "train/lr": engine.get_lr()[0], "train/supervised_tokens": float(n_global),
                    "train/tokens_per_s": step_tokens / (t1 - t0),
                    "train/supervised_tokens_per_s": float(n_global) / (t1 - t0),
-                   "train/mfu": flops / (t1 - t0) / (peak * world.world_size),
+                   "train/mfu": float(sums[3]) / (t1 - t0) / (peak * world.world_size),
                    "train/mem": memory_in_use(world.device), "train/skipped_steps": engine.skipped_steps}
         if selective:
             metrics.update(selection_metrics(selection))

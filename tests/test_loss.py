@@ -132,3 +132,38 @@ def test_task_weights_scale_and_drop_tasks(demo_cfg, parts):
     factor = torch.where(target_task == vocab.tasks.index("translation"), 2.0, 1.0)
     expected = (a.per_token * factor)[keep].sum()
     torch.testing.assert_close(b.loss_sum, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_flop_accounting_matches_pytorchs_count_of_the_executed_matmuls(demo_cfg, parts):
+    """MFU's numerator: StepCost's executed FLOPs minus attention (which the CPU sdpa kernel's
+    FLOP counter does not see) equal every matmul PyTorch counts in a forward + backward; the
+    needed FLOPs differ from them only by padding and attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sabiscale.attention import bucket_plan
+    from sabiscale.model import batch_flops, step_cost
+
+    tok, batch, vocab = parts
+    lm = _model(demo_cfg, tok)
+    objective = TokenLossObjective(lm, "masked", chunk_size=64, pad_id=tok.pad_token_id)
+    with FlopCounterMode(display=False) as counter:
+        out = objective(batch.input_ids, batch.position_ids, batch.loss_mask)
+        out.loss_sum.backward()
+    cost = step_cost(lm)
+    real = batch.task_ids >= 0
+    needed, executed = batch_flops(cost, batch.position_ids, real, int(out.count))
+    pairs = sum(n * longest * (longest + 1) / 2 for n, longest in bucket_plan(batch.position_ids).shapes)
+    # the counter does not register in-place addmm_, which the head uses for its weight gradient
+    head_weight_grad = 2 * lm.config.vocab_size * lm.config.hidden_size * int(out.count)
+    assert counter.get_total_flops() + head_weight_grad == pytest.approx(executed - cost.attention * pairs, rel=1e-9)
+    documents = []  # [length, is real] read off position_ids row by row
+    for row, row_real in zip(batch.position_ids.tolist(), real.tolist()):
+        for position, is_real in zip(row, row_real):
+            if position == 0:
+                documents.append([0, is_real])
+            documents[-1][0] += 1
+    doc_pairs = sum(n * (n + 1) / 2 for n, is_real in documents if is_real)
+    padding = batch.input_ids.numel() - int(real.sum())
+    assert padding > 0 and pairs > doc_pairs
+    assert needed == pytest.approx(executed - (cost.body - cost.tail) * padding - cost.attention * (pairs - doc_pairs),
+                                   rel=1e-9)
