@@ -10,11 +10,12 @@ Workload: the ../shared/data mix in SabiYarn task format, a 16k byte-level BPE, 
 
 Each role runs in its own process (peak RSS is per process), alternating peer, ours, peer, ours...
 Per optimizer step it reports supervised tokens/s, all tokens/s, padding share, MFU against the
-fp32 matmul peak measured at the start of this run, and step-transient memory per token (peak RSS
+fastest fp32 matmul measured before and after the rounds, and step-transient memory per token (peak RSS
 during the timed steps minus RSS just before the first timed step, divided by non-padding tokens
-per step); the results file holds medians over rounds and the ratios ours / peer.
+per step); the results file holds medians over rounds, the ratios ours / peer of those medians,
+and the median of the rounds' own ratios (each pairs two runs minutes apart, which cancels drift).
 
-    make bench                                                       # ~8 minutes here
+    make bench                                                       # 5 rounds, ~7 minutes here
     .venv/bin/python benchmarks/step_throughput.py --profile zero2   # without optimizer offload
     .venv/bin/python benchmarks/step_throughput.py --rounds 1 --steps 4   # smoke run
 """
@@ -246,7 +247,7 @@ def write_results(rounds: dict, peak: float, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--role", choices=["ours", "peer"], help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", default="zero2_offload", help="DeepSpeed profile of ds_configs/ for sabiscale")
