@@ -53,8 +53,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, eo
     return model.float()
 
 
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also once ZeRO-3 has partitioned it away (its data is then empty)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(numel(p) for p in model.parameters())
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class StepCost:
 def step_cost(model: LlamaForCausalLM) -> StepCost:
     cfg = model.config
     last = model.model.layers[-1]
-    matmul_weights = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))  # noqa: E731
+    matmul_weights = lambda m: sum(numel(x.weight) for x in m.modules() if isinstance(x, torch.nn.Linear))  # noqa: E731
     body = matmul_weights(model.model.layers)
     tail = matmul_weights(last.self_attn.o_proj) + matmul_weights(last.mlp)
     return StepCost(body=6.0 * body, tail=6.0 * tail, attention=12.0 * cfg.num_hidden_layers * cfg.hidden_size,

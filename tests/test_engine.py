@@ -58,16 +58,18 @@ def _train_in_process(demo_cfg, world, out, overrides: dict):
 
 def test_zero_stages_train_identically(demo_cfg, world, tmp_path):
     """The head-only loss inside every ZeRO profile (ZeRO-3 gathers the head's weight itself):
-    the same data and seed give the same loss curve, whatever the stage or offload."""
-    curves = {}
+    the same data and seed give the same loss curve, whatever the stage or offload; and the same
+    FLOP count for MFU (ZeRO-3 empties partitioned parameters, which must not zero the count)."""
+    curves, flops = {}, {}
     for profile in ("zero1", "zero2", "zero2_offload", "zero3_offload"):
         result = _train_in_process(demo_cfg, world, tmp_path / profile,
                                    {"engine.ds_config": ROOT / "ds_configs" / f"{profile}.json"})
-        curves[profile] = result.train_losses
+        curves[profile], flops[profile] = result.train_losses, result.step_flops
     reference = curves.pop("zero2_offload")
     assert reference[-1] < reference[0]
     for profile, losses in curves.items():
         assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5), profile
+        assert flops[profile] == flops["zero2_offload"], profile
 
 
 def test_a_non_finite_step_is_skipped_and_training_goes_on(demo_cfg, world, tmp_path):
