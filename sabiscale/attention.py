@@ -14,8 +14,8 @@ same with plain sdpa, everywhere:
 Tokens move into buckets and back by one permutation (padding slots read an arbitrary real
 token: they sit after every real query, and their outputs are dropped). A permutation's backward
 is the inverse permutation, so both directions are plain gathers; autograd's default backward of
-indexing would be an accumulating scatter, several times slower on a CPU. Exact: same outputs and gradients as the masked dense
-computation (tests/test_loss.py). Used when the caller says the batch is packed
+indexing would be an accumulating scatter, several times slower on a CPU. Exact: same outputs
+and gradients as the masked dense computation (tests/test_attention.py). Used when the caller says the batch is packed
 (`packed_documents=True`, with position_ids and no cache); any other call (generation with a
 cache, padded batches) is plain sdpa with transformers' mask.
 """
