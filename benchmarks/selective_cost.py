@@ -53,6 +53,13 @@ def make_reference_and_score() -> float | None:
     if not (cfg.shards_dir / "manifest.json").is_file():
         print("preparing the standard workload (tokenizer + shards) ...", flush=True)
         prepare(cfg)
+    tokenizer = json.loads((cfg.shards_dir / "manifest.json").read_text())["tokenizer_sha256"]
+    # this benchmark's own cache, made before the standard shards were prepared again with another
+    # tokenizer: its losses would be of other tokens (`sabiscale score` refuses it), so make it anew
+    if REFERENCE.is_dir() and _reference_tokenizer() != tokenizer:
+        print(f"{REFERENCE} was trained with another tokenizer than {cfg.shards_dir}; training it again", flush=True)
+        shutil.rmtree(REFERENCE)
+        shutil.rmtree(SCORED, ignore_errors=True)
     if not REFERENCE.is_dir():
         print("training the reference model (a short masked run) ...", flush=True)
         _run_role("masked", steps=20, warmup=0)
@@ -64,6 +71,12 @@ def make_reference_and_score() -> float | None:
     subprocess.run([str(Path(sys.executable).parent / "sabiscale"), "score", "--reference", str(REFERENCE),
                     "--shards", str(cfg.shards_dir), "--out", str(SCORED)], check=True, cwd=ROOT)
     return time.monotonic() - t0
+
+
+def _reference_tokenizer() -> str | None:
+    tag = (REFERENCE / "latest").read_text().strip() if (REFERENCE / "latest").is_file() else None
+    sidecar = REFERENCE / tag / "sabiscale.json" if tag else None
+    return json.loads(sidecar.read_text()).get("tokenizer_sha256") if sidecar and sidecar.is_file() else None
 
 
 def _run_role(role: str, steps: int, warmup: int) -> dict:
