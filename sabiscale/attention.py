@@ -114,11 +114,12 @@ def bucket_plan(position_ids: torch.Tensor) -> BucketPlan:
 
 
 def document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
-                       scaling: float | None) -> torch.Tensor:
-    """Causal attention inside each document: (B, H, T, D) inputs -> (B, T, H, D) output."""
+                       scaling: float | None, plan: BucketPlan | None = None) -> torch.Tensor:
+    """Causal attention inside each document: (B, H, T, D) inputs -> (B, T, H, D) output. `plan`:
+    the batch's bucket_plan when the caller made it once for all layers."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    plan = bucket_plan(position_ids.expand(batch, -1))
+    plan = plan if plan is not None else bucket_plan(position_ids.expand(batch, -1))
     sizes = [n * longest for n, longest in plan.shapes]
 
     def bucketed(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -136,10 +137,10 @@ def document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, packed_documents: bool = False, position_ids=None,
-                             **kwargs):
+                             document_plan: BucketPlan | None = None, **kwargs):
     """transformers attention interface: per-document attention for packed batches, sdpa otherwise."""
     if packed_documents and position_ids is not None and query.shape[2] == key.shape[2] and not dropout:
-        return document_attention(query, key, value, position_ids, scaling), None
+        return document_attention(query, key, value, position_ids, scaling, document_plan), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   position_ids=position_ids, **kwargs)
 

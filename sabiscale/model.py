@@ -125,16 +125,18 @@ def hidden_at(lm: LlamaForCausalLM, input_ids: torch.Tensor, position_ids: torch
         return full[needed]
     x = body.embed_tokens(input_ids)
     rope = body.rotary_emb(x, position_ids=position_ids)
+    # sabiscale's attention buckets documents the same way in every layer: plan it once
+    plan = attention.bucket_plan(position_ids) if impl == attention.NAME else None
+    packed = {"position_ids": position_ids, "packed_documents": True, "document_plan": plan}
     *layers, last = body.layers
     for layer in layers:
-        x = layer(x, attention_mask=None, position_embeddings=rope, position_ids=position_ids, packed_documents=True)
+        x = layer(x, attention_mask=None, position_embeddings=rope, **packed)
     attn = last.self_attn
     h = last.input_layernorm(x)
     heads = (*h.shape[:-1], -1, attn.head_dim)
     q, k, v = (proj(h).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = apply_rotary_pos_emb(q, k, *rope)
-    out, _ = ALL_ATTENTION_FUNCTIONS[impl](attn, q, k, v, None, dropout=0.0, scaling=attn.scaling,
-                                           position_ids=position_ids, packed_documents=True)
+    out, _ = ALL_ATTENTION_FUNCTIONS[impl](attn, q, k, v, None, dropout=0.0, scaling=attn.scaling, **packed)
     y = x[needed] + attn.o_proj(out.reshape(*h.shape[:-1], -1)[needed])
     y = y + last.mlp(last.post_attention_layernorm(y))
     return body.norm(y)
