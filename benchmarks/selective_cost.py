@@ -74,9 +74,10 @@ def make_reference_and_score() -> float | None:
 
 
 def _reference_tokenizer() -> str | None:
-    tag = (REFERENCE / "latest").read_text().strip() if (REFERENCE / "latest").is_file() else None
-    sidecar = REFERENCE / tag / "sabiscale.json" if tag else None
-    return json.loads(sidecar.read_text()).get("tokenizer_sha256") if sidecar and sidecar.is_file() else None
+    from sabiscale.checkpoint import latest_complete, read_sidecar
+
+    newest = latest_complete(REFERENCE)
+    return read_sidecar(newest)[0].get("tokenizer_sha256") if newest else None
 
 
 def _run_role(role: str, steps: int, warmup: int) -> dict:

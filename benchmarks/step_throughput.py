@@ -234,9 +234,9 @@ def write_results(rounds: dict, peak: float, args) -> None:
               "squares; sabiscale: the body on its little padding too, attention on length buckets padded to "
               "their longest document).",
               "Round by round, supervised tokens/s: " + "; ".join(
-                  f"{p['supervised_tokens_per_s']:.0f} vs {o['supervised_tokens_per_s']:.0f} = "
-                  f"{o['supervised_tokens_per_s'] / p['supervised_tokens_per_s']:.2f}x"
-                  for p, o in zip(rounds["peer"], rounds["ours"])) + " (peer vs sabiscale).",
+                  f"{p['supervised_tokens_per_s']:.0f} vs {o['supervised_tokens_per_s']:.0f} = {r:.2f}x"
+                  for p, o, r in zip(rounds["peer"], rounds["ours"], paired["supervised_tokens_per_s"]))
+              + " (peer vs sabiscale).",
               "transient_bytes_per_token: peak RSS during the timed steps minus RSS before the first, per "
               "non-padding token of a step; for sabiscale plus the logits block its fp32 CPU head keeps "
               "between steps."]
