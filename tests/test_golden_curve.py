@@ -1,0 +1,61 @@
+"""A golden loss curve: the demo recipe's first steps (fp32, CPU, one rank) against a committed
+reference, so a change that moves the numbers (data order, loss normalization, init, schedule)
+is caught even when every other test still passes.
+
+Regenerate only when a change of the numbers is intended, and say why in the commit:
+    .venv/bin/python tests/test_golden_curve.py --write
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden" / "demo_loss_curve.json"
+STEPS = 30
+# Different CPUs (AVX2, AVX-512) pick different fp32 kernels; their rounding differences grow
+# over steps to ~1e-5 relative. A real change of the numbers moves the curve by far more.
+RTOL = 1e-3
+
+
+def golden_overrides(out: Path) -> list[str]:
+    return [f"output_dir={out}", f"train.max_steps={STEPS}", "train.log_every=10", "tracking.enabled=false",
+            "engine.precision=fp32"]
+
+
+def demo_curve(out: Path, world) -> list[float]:
+    from sabiscale.config import load_config
+    from sabiscale.prepare import prepare
+    from sabiscale.train import train
+
+    cfg = load_config(ROOT / "launch/recipes/demo.yaml", golden_overrides(out))
+    cfg.engine.ds_config = ROOT / cfg.engine.ds_config
+    prepare(cfg)
+    return train(cfg, world).train_losses
+
+
+@pytest.mark.slow
+def test_demo_loss_curve_matches_the_golden_curve(tmp_path, world):
+    golden = json.loads(GOLDEN.read_text())
+    losses = demo_curve(tmp_path / "demo", world)
+    assert len(losses) == len(golden["train_loss"]) == STEPS
+    assert losses[-1] < losses[0] - 1.0  # it learns
+    for step, (now, then) in enumerate(zip(losses, golden["train_loss"]), start=1):
+        assert now == pytest.approx(then, rel=RTOL), f"step {step}: {now} vs golden {then}"
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sabiscale.engine import ensure_launcher_env, init_distributed
+
+    ensure_launcher_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        curve = demo_curve(Path(tmp) / "demo", init_distributed())
+    GOLDEN.write_text(json.dumps({"recipe": "launch/recipes/demo.yaml", "overrides": golden_overrides(Path("<tmp>")),
+                                  "train_loss": curve}, indent=1) + "\n")
+    print(f"wrote {GOLDEN}: {curve[0]:.4f} -> {curve[-1]:.4f}")
