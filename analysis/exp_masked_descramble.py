@@ -51,8 +51,8 @@ def answer_loss_curve(run: Path) -> dict[int, float]:
 
 
 def exact_match(run: Path, examples: list, limit: int, seed: int) -> float:
-    from sabiscale.checkpoint import load_trained_lm
-    from sabiscale.evaluate import generation_metrics
+    from sabiscale.train.checkpoint import load_trained_lm
+    from sabiscale.evaluate.heldout import generation_metrics
 
     lm, tok, _ = load_trained_lm(run / "checkpoints")
     scores = generation_metrics(lm, tok, examples, limit, seed)

@@ -93,8 +93,8 @@ def common(args) -> list[str]:
 
 def clean_loss_curve(run: Path, examples: list) -> dict[int, float]:
     """Answer-token loss (nats) on clean held-out documents at every checkpoint of a run."""
-    from sabiscale.checkpoint import complete_checkpoints, load_trained_lm
-    from sabiscale.evaluate import teacher_forced
+    from sabiscale.train.checkpoint import complete_checkpoints, load_trained_lm
+    from sabiscale.evaluate.heldout import teacher_forced
 
     curve = {}
     for tag in complete_checkpoints(run / "checkpoints"):

@@ -17,7 +17,7 @@ def sabiscale(*argv: str) -> None:
 def held_out_examples(overrides: list[str]) -> list:
     """The validation-split examples of the recipe with these overrides (never trained on)."""
     from sabiscale.config import load_config
-    from sabiscale.corpus import is_validation, load_corpus
+    from sabiscale.prep.corpus import is_validation, load_corpus
 
     cfg = load_config(RECIPE, overrides)
     return [e for e, where in load_corpus(cfg, Path(cfg.data.jsonl_root)).examples

@@ -189,7 +189,7 @@ def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
 
 
 def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_axis: str = "fraction") -> Path:
-    from sabiscale.tokenizer import load_tokenizer
+    from sabiscale.prep.tokenizer import load_tokenizer
 
     runs = [load_trajectories(d) for d in run_dirs]
     check_same_probe(runs)
@@ -238,8 +238,8 @@ def log_to_runs(run_dirs: list[Path], out_dir: Path) -> list[str]:
     """Log the report and plots to each run's MLflow run (found in its newest checkpoint)."""
     from mlflow.tracking import MlflowClient
 
-    from sabiscale.checkpoint import latest_complete, read_sidecar
-    from sabiscale.tracking import default_tracking_uri
+    from sabiscale.train.checkpoint import latest_complete, read_sidecar
+    from sabiscale.track.tracking import default_tracking_uri
 
     logged = []
     for run_dir in run_dirs:

@@ -33,7 +33,7 @@ WORK = ROOT / "runs" / "bench-data"
 
 def run_prepare(workers: int, out: Path) -> dict:
     from sabiscale.config import load_config
-    from sabiscale.prepare import prepare
+    from sabiscale.prep.prepare import prepare
     from sabiscale.shards.write import read_manifest
 
     cfg = load_config(RECIPE, [f"output_dir={out}", f"data.workers={workers}", f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}"])

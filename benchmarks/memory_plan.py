@@ -47,15 +47,15 @@ def _config(size: str, optimizer: str):
 def measure(size: str, optimizer: str) -> dict:
     import psutil
 
-    from sabiscale.engine import ensure_launcher_env, init_distributed
-    from sabiscale.plan import ModelShape, load_profile, plan_profile
-    from sabiscale.train import train
+    from sabiscale.train.engine import ensure_launcher_env, init_distributed
+    from sabiscale.train.plan import ModelShape, load_profile, plan_profile
+    from sabiscale.train.loop import train
 
     cfg = _config(size, optimizer)
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     ensure_launcher_env()
     world = init_distributed()
-    from sabiscale.tokenizer import load_tokenizer
+    from sabiscale.prep.tokenizer import load_tokenizer
 
     vocab = len(load_tokenizer(Path(cfg.tokenizer.path)))  # the workload's 16k tokenizer
     shape = ModelShape.from_config(cfg, vocab)

@@ -47,7 +47,7 @@ def role_overrides(role: str) -> list[str]:
 
 def make_reference_and_score() -> float | None:
     """Reference checkpoint and scored shards, made once; returns the scoring seconds when scored now."""
-    from sabiscale.prepare import prepare
+    from sabiscale.prep.prepare import prepare
 
     cfg = bench._config()
     if not (cfg.shards_dir / "manifest.json").is_file():
@@ -74,7 +74,7 @@ def make_reference_and_score() -> float | None:
 
 
 def _reference_tokenizer() -> str | None:
-    from sabiscale.checkpoint import latest_complete, read_sidecar
+    from sabiscale.train.checkpoint import latest_complete, read_sidecar
 
     newest = latest_complete(REFERENCE)
     return read_sidecar(newest)[0].get("tokenizer_sha256") if newest else None

@@ -96,9 +96,9 @@ def _summarize(times, counts, flops, sampler, warmup, kept_bytes: int = 0):
 
 
 def run_ours(steps: int, warmup: int, profile: str, extra: list[str] = ()) -> dict:
-    from sabiscale.engine import ensure_launcher_env, init_distributed
-    from sabiscale.tokenizer import load_tokenizer
-    from sabiscale.train import train
+    from sabiscale.train.engine import ensure_launcher_env, init_distributed
+    from sabiscale.prep.tokenizer import load_tokenizer
+    from sabiscale.train.loop import train
 
     cfg = _config(profile, list(extra))
     cfg.train.max_steps = steps + warmup
@@ -116,10 +116,10 @@ def run_ours(steps: int, warmup: int, profile: str, extra: list[str] = ()) -> di
 def run_peer(steps: int, warmup: int, profile: str) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from sabiscale.corpus import load_corpus
-    from sabiscale.model import build_model, step_cost
-    from sabiscale.prepare import split_examples
-    from sabiscale.tokenizer import encode_examples, load_tokenizer
+    from sabiscale.prep.corpus import load_corpus
+    from sabiscale.model.build import build_model, step_cost
+    from sabiscale.prep.prepare import split_examples
+    from sabiscale.prep.tokenizer import encode_examples, load_tokenizer
 
     cfg = _config()
     tok = load_tokenizer(cfg.tokenizer_path)
@@ -169,13 +169,13 @@ def run_peer(steps: int, warmup: int, profile: str) -> dict:
 
 
 def orchestrate(args) -> None:
-    from sabiscale.prepare import prepare
+    from sabiscale.prep.prepare import prepare
 
     cfg = _config()
     if not (cfg.shards_dir / "manifest.json").is_file():
         print("preparing the standard workload (tokenizer + shards) ...", flush=True)
         prepare(cfg)
-    from sabiscale.metrics import measure_matmul_peak
+    from sabiscale.track.metrics import measure_matmul_peak
 
     peak = measure_matmul_peak(torch.device("cpu"))
     print(f"measured fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s", flush=True)

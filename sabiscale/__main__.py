@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config
+from sabiscale.config import ConfigError, RunConfig, load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = PROJECT_ROOT / "launch" / "recipes" / "demo.yaml"
@@ -47,7 +47,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from sabiscale.prep.prepare import prepare
 
     cfg = _config(args)
     if args.skip_bad:
@@ -65,8 +65,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _run_training(cfg: RunConfig):
-    from .engine import ensure_launcher_env, init_distributed
-    from .train import train
+    from sabiscale.train.engine import ensure_launcher_env, init_distributed
+    from sabiscale.train.loop import train
 
     ensure_launcher_env()
     world = init_distributed()
@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from sabiscale.prep.prepare import prepare
 
     overrides = [f"output_dir={args.out}", *args.overrides] if args.out else args.overrides
     cfg = _resolve_paths(load_config(DEMO_RECIPE, overrides))
@@ -124,10 +124,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Held-out metrics of a checkpoint, per task and language."""
     import json
 
-    from .checkpoint import load_trained_lm, resolve_checkpoint
-    from .config import build_config
-    from .corpus import is_dev_record, is_validation, load_corpus
-    from .evaluate import generation_metrics, teacher_forced
+    from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
+    from sabiscale.config import build_config
+    from sabiscale.prep.corpus import is_dev_record, is_validation, load_corpus
+    from sabiscale.evaluate.heldout import generation_metrics, teacher_forced
 
     tag_dir = resolve_checkpoint(Path(args.checkpoint))
     lm, tok, meta = load_trained_lm(tag_dir)
@@ -171,7 +171,7 @@ def format_report(report: dict) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Consolidate a checkpoint into a Hugging Face model directory."""
-    from .checkpoint import export_hf
+    from sabiscale.train.checkpoint import export_hf
 
     out = export_hf(Path(args.checkpoint), Path(args.out))
     print(f"exported to {out}: load with AutoModelForCausalLM.from_pretrained({str(out)!r}) "
@@ -181,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
     """Check every shard against its manifest."""
-    from .shards.verify import verify_shards
+    from sabiscale.shards.verify import verify_shards
 
     problems, totals = verify_shards(Path(args.dir))
     for split, t in totals.items():
@@ -195,9 +195,9 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_report(args: argparse.Namespace) -> int:
     """Fertility, bytes per token and byte-fallback share per language."""
-    from .corpus import load_corpus
-    from .tokenizer import load_tokenizer
-    from .tokenizer_report import format_tokenizer_report, tokenizer_report
+    from sabiscale.prep.corpus import load_corpus
+    from sabiscale.prep.tokenizer import load_tokenizer
+    from sabiscale.prep.tokenizer_report import format_tokenizer_report, tokenizer_report
 
     cfg = _config(args)
     root = _data_root(cfg, args.data)
@@ -210,8 +210,8 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Reference losses of every answer token, written into new shards (for loss.kind=selective)."""
-    from .engine import barrier, ensure_launcher_env, init_distributed
-    from .score import score_shards
+    from sabiscale.train.engine import barrier, ensure_launcher_env, init_distributed
+    from sabiscale.evaluate.score import score_shards
 
     ensure_launcher_env()
     world = init_distributed()
@@ -226,7 +226,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """GPU and host memory per DeepSpeed profile for the recipe's model; the cheapest that fits."""
-    from .plan import GiB, format_plans, largest_fitting_model, parse_size, plan_all, PROFILES
+    from sabiscale.train.plan import GiB, format_plans, largest_fitting_model, parse_size, plan_all, PROFILES
 
     cfg = _config(args)
     vocab = _planned_vocab(cfg)
@@ -251,7 +251,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _planned_vocab(cfg) -> int:
-    from .tokenizer import load_tokenizer
+    from sabiscale.prep.tokenizer import load_tokenizer
 
     if cfg.tokenizer_path.is_file():
         return len(load_tokenizer(cfg.tokenizer_path))
@@ -259,7 +259,7 @@ def _planned_vocab(cfg) -> int:
 
 
 def _params_line(cfg, vocab: int) -> str:
-    from .plan import ModelShape
+    from sabiscale.train.plan import ModelShape
 
     return f"{ModelShape.from_config(cfg, vocab).params / 1e6:.1f}M parameters (vocabulary {vocab})"
 
@@ -278,7 +278,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's JIT ops once, at install time."""
-    from .engine import build_ops
+    from sabiscale.train.engine import build_ops
 
     for name in build_ops():
         print(f"built DeepSpeed op: {name}")

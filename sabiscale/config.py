@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .tasks import BUILTIN_TASKS, TaskDef, task_registry
+from sabiscale.prep.tasks import BUILTIN_TASKS, TaskDef, task_registry
 
 
 class ConfigError(ValueError):

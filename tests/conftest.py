@@ -11,7 +11,7 @@ import pytest
 
 from sabiscale.__main__ import use_environment_toolchain
 from sabiscale.config import load_config
-from sabiscale.prepare import prepare
+from sabiscale.prep.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -43,7 +43,7 @@ def parts(demo_cfg):
     from sabiscale.data.batch import Vocab
     from sabiscale.data.loader import make_loader, shard_urls
     from sabiscale.shards.write import read_manifest
-    from sabiscale.tokenizer import load_tokenizer
+    from sabiscale.prep.tokenizer import load_tokenizer
 
     tok = load_tokenizer(demo_cfg.tokenizer_path)
     manifest = read_manifest(demo_cfg.shards_dir)
@@ -55,7 +55,7 @@ def parts(demo_cfg):
 @pytest.fixture(scope="session")
 def world():
     """One rank, initialized once per test process (DeepSpeed keeps the process group)."""
-    from sabiscale.engine import ensure_launcher_env, init_distributed
+    from sabiscale.train.engine import ensure_launcher_env, init_distributed
 
     ensure_launcher_env()
     return init_distributed()

@@ -28,7 +28,7 @@ def test_categories_follow_the_slope_and_the_final_mean():
 @pytest.fixture(scope="module")
 def probed_runs(demo_cfg, world, tmp_path_factory):
     """A masked and an all-token (clm) run of the same data and seed, probing every 5 steps."""
-    from sabiscale.train import train
+    from sabiscale.train.loop import train
 
     runs = []
     for kind in ("masked", "clm"):

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sabiscale.attention import NAME, document_attention, length_buckets
-from sabiscale.model import build_model
+from sabiscale.model.attention import NAME, document_attention, length_buckets
+from sabiscale.model.build import build_model
 
 
 def _packed_positions(lengths_per_row: list[list[int]]) -> torch.Tensor:

@@ -11,11 +11,11 @@ import pytest
 
 from conftest import BIN, child_env, run_cli
 from sabiscale.config import load_config
-from sabiscale.corpus import load_corpus
-from sabiscale.prepare import prepare
+from sabiscale.prep.corpus import load_corpus
+from sabiscale.prep.prepare import prepare
 from sabiscale.shards.write import read_manifest
 from sabiscale.shards.verify import verify_shards
-from sabiscale.tasks import BadRecord
+from sabiscale.prep.tasks import BadRecord
 
 
 def _records(shared_data: Path, rel: str, n: int) -> list[dict]:
@@ -208,7 +208,7 @@ def test_a_reused_tokenizer_must_know_the_task_tags(demo_cfg, tmp_path):
 
 
 def test_shards_from_another_tokenizer_are_refused_before_training(demo_cfg, tmp_path):
-    from sabiscale.train import check_inputs
+    from sabiscale.train.loop import check_inputs
 
     other = load_config(None, [f"output_dir={tmp_path}", "data.demo_examples_per_task=40", "data.seq_len=128",
                                "tokenizer.vocab_size=500"])

@@ -1,7 +1,7 @@
 import json
 import unicodedata
 
-from sabiscale.demo_data import DEMO_LANGUAGES, generate_demo_corpus
+from sabiscale.prep.demo_data import DEMO_LANGUAGES, generate_demo_corpus
 
 
 def _read_all(root):

@@ -43,7 +43,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(demo_cfg, world, tmp_path):
     """`deepspeed --num_gpus 2` starts 2 CPU ranks (gloo), each reading its own micro-batches. With
     the loss normalized once by the global supervised-token count, 2 ranks x 1 micro-batch make
     the same updates as 1 rank x 2 accumulation steps: the loss curves agree to fp32 tolerance."""
-    from sabiscale.train import train
+    from sabiscale.train.loop import train
 
     out = fresh_run_dir(demo_cfg, tmp_path / "two_ranks")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import fresh_run_dir
 from sabiscale.config import load_config
-from sabiscale.engine import EngineConfigError, fill_ds_config, resolve_precision
+from sabiscale.train.engine import EngineConfigError, fill_ds_config, resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def test_precision_follows_the_device():
 
 
 def _train_in_process(demo_cfg, world, out, overrides: dict):
-    from sabiscale.train import train
+    from sabiscale.train.loop import train
 
     cfg = demo_cfg.model_copy(deep=True)
     cfg.output_dir = fresh_run_dir(demo_cfg, out)
@@ -119,7 +119,7 @@ def _tensor_dtypes(tree) -> set:
 
 
 def test_paged_eight_bit_with_optimizer_offload_is_refused_with_the_reason(demo_cfg):
-    from sabiscale.engine import load_ds_config
+    from sabiscale.train.engine import load_ds_config
 
     cfg = demo_cfg.model_copy(deep=True)
     cfg.optim.kind = "paged_adamw8bit"

@@ -7,13 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import BIN, ROOT, fresh_run_dir, run_cli
-from sabiscale.checkpoint import export_hf, load_trained_lm
+from sabiscale.train.checkpoint import export_hf, load_trained_lm
 from sabiscale.data.batch import Vocab
 from sabiscale.data.loader import make_loader, shard_urls
-from sabiscale.evaluate import ner_scores, parse_ner, parse_sentiment, sentiment_scores
+from sabiscale.evaluate.heldout import ner_scores, parse_ner, parse_sentiment, sentiment_scores
 from sabiscale.loss.masked import TokenLossObjective
 from sabiscale.shards.write import read_manifest
-from sabiscale.tasks import BUILTIN_TASKS, special_tokens
+from sabiscale.prep.tasks import BUILTIN_TASKS, special_tokens
 
 
 def test_unparsable_outputs_count_as_wrong():
@@ -35,7 +35,7 @@ def test_unparsable_outputs_count_as_wrong():
 @pytest.fixture(scope="module")
 def zero3_checkpoint(demo_cfg, world, tmp_path_factory):
     """A checkpoint whose parameters are partitioned by ZeRO-3, from a short real run."""
-    from sabiscale.train import train
+    from sabiscale.train.loop import train
 
     cfg = demo_cfg.model_copy(deep=True)
     cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path_factory.mktemp("zero3"))

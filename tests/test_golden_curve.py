@@ -28,8 +28,8 @@ def golden_overrides(out: Path) -> list[str]:
 
 def demo_curve(out: Path, world) -> list[float]:
     from sabiscale.config import load_config
-    from sabiscale.prepare import prepare
-    from sabiscale.train import train
+    from sabiscale.prep.prepare import prepare
+    from sabiscale.train.loop import train
 
     cfg = load_config(ROOT / "launch/recipes/demo.yaml", golden_overrides(out))
     cfg.engine.ds_config = ROOT / cfg.engine.ds_config
@@ -51,7 +51,7 @@ if __name__ == "__main__" and "--write" in sys.argv:
     import tempfile
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from sabiscale.engine import ensure_launcher_env, init_distributed
+    from sabiscale.train.engine import ensure_launcher_env, init_distributed
 
     ensure_launcher_env()
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sabiscale.loss.masked import TokenLossObjective, target_selection
-from sabiscale.model import build_model
+from sabiscale.model.build import build_model
 
 
 def _model(demo_cfg, tok, seed=0):
@@ -140,8 +140,8 @@ def test_flop_accounting_matches_pytorchs_count_of_the_executed_matmuls(demo_cfg
     needed FLOPs differ from them only by padding and attention."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sabiscale.attention import bucket_plan
-    from sabiscale.model import batch_flops, step_cost
+    from sabiscale.model.attention import bucket_plan
+    from sabiscale.model.build import batch_flops, step_cost
 
     tok, batch, vocab = parts
     lm = _model(demo_cfg, tok)

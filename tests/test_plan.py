@@ -8,7 +8,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from conftest import BIN, ROOT, run_cli
 from sabiscale.config import load_config
-from sabiscale.plan import GiB, ModelShape, load_profile, parse_size, plan_all, plan_profile
+from sabiscale.train.plan import GiB, ModelShape, load_profile, parse_size, plan_all, plan_profile
 
 DS = ROOT / "ds_configs"
 STATES = ("parameters", "gradients", "optimizer")  # model states, as DeepSpeed's estimators count them

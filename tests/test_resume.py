@@ -104,7 +104,7 @@ def test_resume_refuses_a_different_world_size_with_directions(demo_cfg, tmp_pat
 
 
 def test_prune_keeps_the_newest_and_every_nth(tmp_path):
-    from sabiscale.checkpoint import SIDECAR, complete_checkpoints, prune, step_tag
+    from sabiscale.train.checkpoint import SIDECAR, complete_checkpoints, prune, step_tag
 
     for step in range(1, 9):
         tag = tmp_path / step_tag(step)
@@ -128,7 +128,7 @@ def tiny_disk(tmp_path):
 
 
 def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(demo_cfg, tmp_path, tiny_disk):
-    from sabiscale.checkpoint import load_trained_lm
+    from sabiscale.train.checkpoint import load_trained_lm
 
     out = fresh_run_dir(demo_cfg, tmp_path / "run")
     (out / "checkpoints").symlink_to(tiny_disk)
@@ -155,7 +155,7 @@ def _resume_attempt(out, extra=()):
 
 
 def test_damaged_or_mismatched_checkpoints_are_refused_by_name_and_the_previous_one_resumes(demo_cfg, tmp_path):
-    from sabiscale.checkpoint import CheckpointError, load_trained_lm
+    from sabiscale.train.checkpoint import CheckpointError, load_trained_lm
 
     out = fresh_run_dir(demo_cfg, tmp_path / "run")
     _train(out, ["train.max_steps=4", "train.keep_last=0"])

@@ -14,7 +14,7 @@ from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 from sabiscale.data.batch import Vocab
 from sabiscale.data.loader import make_loader, shard_urls
 from sabiscale.loss.masked import TokenLossObjective, selected_count, top_excess
-from sabiscale.model import build_model
+from sabiscale.model.build import build_model
 from sabiscale.shards.verify import verify_shards
 from sabiscale.shards.write import read_manifest
 
@@ -87,7 +87,7 @@ def test_selective_trains_exactly_the_top_excess_tokens(demo_cfg, parts, chunk):
 @pytest.fixture(scope="module")
 def reference_run(demo_cfg, world, tmp_path_factory):
     """A short real masked run: its checkpoint is the reference model ("self-reference")."""
-    from sabiscale.train import train
+    from sabiscale.train.loop import train
 
     cfg = demo_cfg.model_copy(deep=True)
     cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path_factory.mktemp("reference"))
@@ -98,7 +98,7 @@ def reference_run(demo_cfg, world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(demo_cfg, world, reference_run, tmp_path_factory):
-    from sabiscale.score import score_shards
+    from sabiscale.evaluate.score import score_shards
 
     out = tmp_path_factory.mktemp("scored") / "shards"
     score_shards(reference_run, demo_cfg.shards_dir, out, world.rank, world.world_size, world.device, batch_size=8)
@@ -106,7 +106,7 @@ def scored(demo_cfg, world, reference_run, tmp_path_factory):
 
 
 def test_scored_shards_carry_the_reference_losses_aligned(demo_cfg, reference_run, scored, world, tmp_path):
-    from sabiscale.score import Reference, score_shards
+    from sabiscale.evaluate.score import Reference, score_shards
 
     manifest = read_manifest(scored)
     assert manifest["reference"]["checkpoint"] == str(reference_run)
@@ -162,7 +162,7 @@ def test_misaligned_reference_losses_are_refused_by_member(scored, tmp_path):
 def test_a_reference_of_another_tokenizer_is_refused(demo_cfg, reference_run, world, tmp_path):
     import shutil
 
-    from sabiscale.score import score_shards
+    from sabiscale.evaluate.score import score_shards
 
     other = tmp_path / "shards"
     shutil.copytree(demo_cfg.shards_dir, other)
@@ -194,7 +194,7 @@ def test_selective_training_two_ranks_equal_one_rank_with_accumulation(demo_cfg,
     """Selection is per micro-batch, the unit of the world-size-invariant stream: 2 gloo ranks x 1
     micro-batch select the same tokens and make the same updates as 1 rank x 2 accumulation steps."""
     from sabiscale.config import load_config
-    from sabiscale.train import train
+    from sabiscale.train.loop import train
 
     store2 = f"sqlite:///{tmp_path / 'two.db'}"
     run_cli([BIN / "deepspeed", "--num_gpus", "2", "--master_port", "29737", "--module", "sabiscale", "train",
@@ -223,7 +223,7 @@ def test_selective_training_two_ranks_equal_one_rank_with_accumulation(demo_cfg,
 
 def test_selective_needs_scored_shards_or_an_online_reference(demo_cfg, reference_run, world, tmp_path):
     from sabiscale.config import load_config
-    from sabiscale.train import train
+    from sabiscale.train.loop import train
 
     plain = load_config(ROOT / "launch/recipes/demo.yaml", tiny_overrides(fresh_run_dir(demo_cfg, tmp_path / "a"))
                         + ["loss.kind=selective", "tracking.enabled=false"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sabiscale.config import load_config
-from sabiscale.prepare import prepare
+from sabiscale.prep.prepare import prepare
 from sabiscale.shards.pack import Document, PackStats, pack_documents
 from sabiscale.shards.write import read_manifest, sha256_file
 

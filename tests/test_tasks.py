@@ -3,8 +3,8 @@ import unicodedata
 import pytest
 
 from sabiscale.config import ConfigError, load_config
-from sabiscale.corpus import load_corpus
-from sabiscale.tasks import BUILTIN_TASKS, BadRecord, NotApplicable, TaskDef, render, special_tokens
+from sabiscale.prep.corpus import load_corpus
+from sabiscale.prep.tasks import BUILTIN_TASKS, BadRecord, NotApplicable, TaskDef, render, special_tokens
 
 RESERVED = special_tokens(["yor"])
 

@@ -2,8 +2,8 @@ import unicodedata
 
 from transformers import AutoTokenizer
 
-from sabiscale.tasks import BUILTIN_TASKS, EOS, Example, special_tokens
-from sabiscale.tokenizer import encode_examples, load_tokenizer
+from sabiscale.prep.tasks import BUILTIN_TASKS, EOS, Example, special_tokens
+from sabiscale.prep.tokenizer import encode_examples, load_tokenizer
 
 
 def test_tags_are_single_special_tokens(demo_cfg):
@@ -44,7 +44,7 @@ def test_transformers_loads_the_saved_directory_offline(demo_cfg, monkeypatch):
 
 
 def test_report_counts_fertility_bytes_and_byte_fallback(demo_cfg):
-    from sabiscale.tokenizer_report import tokenizer_report
+    from sabiscale.prep.tokenizer_report import tokenizer_report
 
     tok = load_tokenizer(demo_cfg.tokenizer_path)
     # the demo tokenizer has never seen Devanagari: each character falls back to 3 lone bytes

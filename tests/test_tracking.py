@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 from sabiscale.config import load_config
-from sabiscale.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, ResilientTracker, flatten, make_tracker
+from sabiscale.track.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, ResilientTracker, flatten, make_tracker
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -195,7 +195,7 @@ def test_an_in_process_run_leaves_the_environment_as_it_was(demo_cfg, world, tmp
     commands started from this process must still log into their own run directory."""
     import os
 
-    from sabiscale.train import train
+    from sabiscale.train.loop import train
 
     cfg = demo_cfg.model_copy(deep=True)
     cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "run")

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ..shards.write import check_aligned
-from .batch import Batch, Vocab, collate
+from sabiscale.shards.write import check_aligned
+from sabiscale.data.batch import Batch, Vocab, collate
 
 NPY_FIELDS = ("input_ids", "loss_mask", "position_ids")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import hidden_at
+from sabiscale.model.build import hidden_at
 
 
 @dataclass

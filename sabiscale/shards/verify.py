@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .write import FIELDS, check_aligned, read_manifest, sha256_file
+from sabiscale.shards.write import FIELDS, check_aligned, read_manifest, sha256_file
 
 DTYPES = {"input_ids": np.uint32, "loss_mask": np.uint8, "position_ids": np.int32, "ref_loss": np.float16}
 

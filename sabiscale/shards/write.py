@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from ..parallel import SERIAL, Workers
-from .pack import PackedSequence, PackStats
+from sabiscale.prep.parallel import SERIAL, Workers
+from sabiscale.shards.pack import PackedSequence, PackStats
 
 FORMAT_VERSION = 1
 FIELDS = ("input_ids", "loss_mask", "position_ids")

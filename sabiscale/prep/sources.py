@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .tasks import BadRecord
+from sabiscale.prep.tasks import BadRecord
 
 Record = tuple[dict | BadRecord, str]
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from .config import RunConfig, config_to_dict
+from sabiscale.config import RunConfig, config_to_dict
 
 log = logging.getLogger("sabiscale.tracking")
 

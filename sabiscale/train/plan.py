@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
+from sabiscale.config import RunConfig
 
 GiB = 2**30
 PROFILES = ("zero1", "zero2", "zero2_offload", "zero3_offload")  # cheapest (fastest) first
@@ -50,7 +50,7 @@ class ModelShape:
         import torch
         from transformers import LlamaForCausalLM
 
-        from .model import llama_config
+        from sabiscale.model.build import llama_config
 
         with torch.device("meta"):
             lm = LlamaForCausalLM(llama_config(cfg.model, vocab, cfg.data.seq_len, 0, 1))

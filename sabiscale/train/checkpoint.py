@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, build_config
-from .model import build_model
-from .tokenizer import load_tokenizer
+from sabiscale.config import RunConfig, build_config
+from sabiscale.model.build import build_model
+from sabiscale.prep.tokenizer import load_tokenizer
 
 CLIENT_STATE_VERSION = 1
 SIDECAR = "sabiscale.json"
@@ -49,7 +49,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
     """Write atomically: every rank writes its partitions into `<tag>.partial/`; rank 0 adds the
     sidecar and tokenizer, renames the directory to `<tag>/` and only then points `latest` at it.
     A crash at any point leaves the previous checkpoint as the newest complete one."""
-    from .engine import barrier
+    from sabiscale.train.engine import barrier
 
     tag = step_tag(step)
     partial, final = checkpoint_dir / f"{tag}.partial", checkpoint_dir / tag
@@ -196,7 +196,7 @@ def read_sidecar(tag_dir: Path) -> tuple[dict, RunConfig]:
 def load_trained_lm(path: Path):
     """(causal LM in fp32 with the trained weights, its tokenizer, sidecar metadata), from any ZeRO
     stage: DeepSpeed's zero_to_fp32 consolidates the partitions of every rank."""
-    from .engine import consolidated_state_dict
+    from sabiscale.train.engine import consolidated_state_dict
 
     tag_dir = resolve_checkpoint(path)
     meta, cfg = read_sidecar(tag_dir)

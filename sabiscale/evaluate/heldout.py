@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tasks import Example
-from .tokenizer import encode_examples
+from sabiscale.prep.tasks import Example
+from sabiscale.prep.tokenizer import encode_examples
 
 IOB_TAG = re.compile(r"^(O|[BI]-[A-Z]+)$")
 SENTIMENT_LABELS = ("positive", "negative", "neutral")

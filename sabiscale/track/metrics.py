@@ -8,8 +8,8 @@ from collections import defaultdict
 import psutil
 import torch
 
-from .data.batch import Batch, Vocab
-from .loss.masked import TokenLosses
+from sabiscale.data.batch import Batch, Vocab
+from sabiscale.loss.masked import TokenLosses
 
 
 def selection_sums(out: TokenLosses) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.batch import Batch, Vocab
+from sabiscale.data.batch import Batch, Vocab
 
 
 def answer_positions(loss_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .config import OptimConfig, RunConfig
+from sabiscale.config import OptimConfig, RunConfig
 
 
 class EngineConfigError(ValueError):

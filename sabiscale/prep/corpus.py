@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from .config import DataConfig, RunConfig
-from .parallel import SERIAL, Workers
-from .sources import read_records
-from .tasks import KNOWN_LANGUAGES, BadRecord, Example, NotApplicable, TaskDef, render, special_tokens, task_registry
+from sabiscale.config import DataConfig, RunConfig
+from sabiscale.prep.parallel import SERIAL, Workers
+from sabiscale.prep.sources import read_records
+from sabiscale.prep.tasks import KNOWN_LANGUAGES, BadRecord, Example, NotApplicable, TaskDef, render, special_tokens, task_registry
 
 # Layout tasks that read another task's folder; every other task reads <root>/<task>/.
 _DERIVED_FROM_TEXT = {"descramble", "langid", "diacritize"}

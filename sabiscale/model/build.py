@@ -17,8 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from . import attention
-from .config import ModelConfig
+from sabiscale.model import attention
+from sabiscale.config import ModelConfig
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, eos_id: int) -> LlamaConfig:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from .config import MixConfig
-from .shards.pack import Document
+from sabiscale.config import MixConfig
+from sabiscale.shards.pack import Document
 
 
 def target_tokens(natural: dict[tuple[str, str], int], mix: MixConfig) -> dict[tuple[str, str], float]:

@@ -26,11 +26,11 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from .checkpoint import load_trained_lm, resolve_checkpoint
-from .data.batch import Batch, Vocab, collate
-from .data.loader import decode_sample
-from .loss.masked import TokenLossObjective
-from .shards.write import read_manifest, sha256_file
+from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
+from sabiscale.data.batch import Batch, Vocab, collate
+from sabiscale.data.loader import decode_sample
+from sabiscale.loss.masked import TokenLossObjective
+from sabiscale.shards.write import read_manifest, sha256_file
 
 log = logging.getLogger("sabiscale.score")
 REF_FIELD = "ref_loss"

@@ -16,15 +16,15 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
-from .corpus import Corpus, is_validation, load_corpus
-from .demo_data import generate_demo_corpus
-from .mix import mix_documents
-from .parallel import SERIAL, Workers
-from .shards.pack import Document, PackStats, pack_documents
-from .shards.write import sha256_file, write_manifest, write_split
-from .tasks import BadRecord, Example, task_registry
-from .tokenizer import adopt_tokenizer, encode_examples, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+from sabiscale.config import RunConfig
+from sabiscale.prep.corpus import Corpus, is_validation, load_corpus
+from sabiscale.prep.demo_data import generate_demo_corpus
+from sabiscale.prep.mix import mix_documents
+from sabiscale.prep.parallel import SERIAL, Workers
+from sabiscale.shards.pack import Document, PackStats, pack_documents
+from sabiscale.shards.write import sha256_file, write_manifest, write_split
+from sabiscale.prep.tasks import BadRecord, Example, task_registry
+from sabiscale.prep.tokenizer import adopt_tokenizer, encode_examples, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 
 @dataclass
 class Prepared:

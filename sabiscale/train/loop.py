@@ -18,20 +18,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, check_intact, kill_self, latest_complete, read_sidecar, remove_partial,
+from sabiscale.train.checkpoint import (CheckpointError, check_intact, kill_self, latest_complete, read_sidecar, remove_partial,
                          restore_rng, rng_state, save_checkpoint, step_tag, way_out)
-from .config import RunConfig, config_to_dict, resolve_batch
-from .data.batch import Vocab
-from .data.loader import check_resumable, expected_counts, make_loader, shard_urls
-from .engine import World, all_reduce_sum, barrier, engine_dtype, initialize, load_ds_config, resolve_precision
-from .loss.masked import TokenLossObjective
-from .metrics import (MetricHistory, TokenStats, measure_matmul_peak, memory_in_use, selection_metrics,
+from sabiscale.config import RunConfig, config_to_dict, resolve_batch
+from sabiscale.data.batch import Vocab
+from sabiscale.data.loader import check_resumable, expected_counts, make_loader, shard_urls
+from sabiscale.train.engine import World, all_reduce_sum, barrier, engine_dtype, initialize, load_ds_config, resolve_precision
+from sabiscale.loss.masked import TokenLossObjective
+from sabiscale.track.metrics import (MetricHistory, TokenStats, measure_matmul_peak, memory_in_use, selection_metrics,
                       selection_sums)
-from .model import batch_flops, build_model, count_parameters, step_cost
-from .plots import loss_plots
-from .shards.write import read_manifest
-from .tokenizer import adopt_tokenizer, load_tokenizer, tokenizer_hash
-from .tracking import make_tracker
+from sabiscale.model.build import batch_flops, build_model, count_parameters, step_cost
+from sabiscale.track.plots import loss_plots
+from sabiscale.shards.write import read_manifest
+from sabiscale.prep.tokenizer import adopt_tokenizer, load_tokenizer, tokenizer_hash
+from sabiscale.track.tracking import make_tracker
 
 log = logging.getLogger("sabiscale.train")
 
@@ -292,7 +292,7 @@ def make_probe(cfg: RunConfig, manifest: dict, vocab: Vocab, rank: int, tracker)
     """The fixed probe set: the first validation micro-batches, read alike on every rank."""
     if not cfg.train.probe_every:
         return None
-    from .probe import ProbeRecorder
+    from sabiscale.track.probe import ProbeRecorder
 
     stream = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, cfg.train.micro_batch_size, 0, 1,
                          cfg.seed, 0, 0)
@@ -305,7 +305,7 @@ def online_reference(cfg: RunConfig, manifest: dict, device: torch.device):
     carry no reference losses and the recipe asks for it (costs one more forward per micro-batch)."""
     if cfg.loss.kind != "selective" or cfg.loss.reference != "online":
         return None
-    from .score import Reference
+    from sabiscale.evaluate.score import Reference
 
     reference = Reference(Path(cfg.loss.reference_checkpoint), device, cfg.loss.chunk_size)
     reference.check_tokenizer(manifest, cfg.shards_dir)
