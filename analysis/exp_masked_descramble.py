@@ -7,8 +7,8 @@ not masked (`loss.kind=clm`, every token). Compared: the held-out answer-token l
 run's final answer loss, greedy exact-match on held-out sentences, and the token-level loss
 trajectories of a fixed probe (analysis/trajectories.py).
 
-    .venv/bin/python analysis/exp_masked_descramble.py             # ~10 minutes on 2 CPU cores
-    .venv/bin/python analysis/exp_masked_descramble.py --steps 60  # a quick look
+    .venv/bin/python -m sabiscale_analysis.exp_masked_descramble             # ~10 minutes on 2 CPU cores
+    .venv/bin/python -m sabiscale_analysis.exp_masked_descramble --steps 60  # a quick look
 
 Writes analysis/results/masked_descramble.{md,json,png} and the trajectory report beside them;
 the runs stay in runs/experiments/masked_descramble/.
@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,  # noqa: E402
+from sabiscale_analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,
                                  write_comparison)
 
 WORK = ROOT / "runs" / "experiments" / "masked_descramble"
@@ -93,11 +91,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, RESULTS / "masked_descramble.png", "held-out answer-token loss",
                 "descrambling: prompt masked vs not masked")
-    from analysis.trajectories import fractions, classify, load_trajectories, write_report
+    from sabiscale_analysis.trajectories import fractions, classify, load_trajectories, write_report
 
     report = write_report([runs["masked"], runs["clm"]], RESULTS / "masked_descramble_trajectories")
     categories = {kind: fractions(classify(load_trajectories(run))) for kind, run in runs.items()}
-    command = (f".venv/bin/python analysis/exp_masked_descramble.py --steps {args.steps} --eval-every {args.eval_every} "
+    command = (f".venv/bin/python -m sabiscale_analysis.exp_masked_descramble --steps {args.steps} --eval-every {args.eval_every} "
                f"--records {args.records} --exact-match-examples {args.exact_match_examples} --seed {args.seed}")
     minutes = (time.monotonic() - started) / 60
     (RESULTS / "masked_descramble.json").write_text(json.dumps(

@@ -16,8 +16,8 @@ The clean corpus is the same records without noise. Steps:
    reach the all-token run's final clean loss, and the token-level trajectories of a probe of the
    (noisy) validation shards.
 
-    .venv/bin/python analysis/exp_rho1_noise.py                 # ~10-15 minutes on 2 CPU cores
-    .venv/bin/python analysis/exp_rho1_noise.py --steps 60      # a quick look
+    .venv/bin/python -m sabiscale_analysis.exp_rho1_noise                 # ~10-15 minutes on 2 CPU cores
+    .venv/bin/python -m sabiscale_analysis.exp_rho1_noise --steps 60      # a quick look
 
 Writes analysis/results/rho1_noise.{md,json,png} and the trajectory report beside them; the runs
 stay in runs/experiments/rho1_noise/.
@@ -30,12 +30,10 @@ import math
 import random
 import shutil
 import string
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,  # noqa: E402
+from sabiscale_analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,
                                  write_comparison)
 
 WORK = ROOT / "runs" / "experiments" / "rho1_noise"
@@ -140,14 +138,14 @@ def main() -> None:
     base, sel = list(runs)
     target = curves[base][max(curves[base])]
     reach = {name: steps_to_reach(c, target) for name, c in curves.items()}
-    from analysis.trajectories import classify, fractions, load_trajectories, write_report
+    from sabiscale_analysis.trajectories import classify, fractions, load_trajectories, write_report
 
     report = write_report(list(runs.values()), RESULTS / "rho1_noise_trajectories")
     categories = {name: fractions(classify(load_trajectories(run))) for name, run in runs.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, RESULTS / "rho1_noise.png", "loss on held-out clean text",
                 f"noisy corpus: all tokens vs selective (ratio {args.ratio})")
-    command = (f".venv/bin/python analysis/exp_rho1_noise.py --steps {args.steps} --reference-steps "
+    command = (f".venv/bin/python -m sabiscale_analysis.exp_rho1_noise --steps {args.steps} --reference-steps "
                f"{args.reference_steps} --checkpoint-every {args.checkpoint_every} --records {args.records} "
                f"--noise-share {args.noise_share} --ratio {args.ratio} --seed {args.seed}")
     minutes = (time.monotonic() - started) / 60

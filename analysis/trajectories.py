@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sabiscale.errors import MissingInput, UserError
+
 CATEGORIES = ("L->L", "H->L", "H->H", "L->H")
 POSITION_BINS = ((0, 0, "first"), (1, 3, "2-4"), (4, 15, "5-16"), (16, 1 << 30, "17+"))
 
@@ -44,16 +46,16 @@ def load_trajectories(run_dir: Path) -> Trajectories:
     run_dir = Path(run_dir)
     probe = run_dir / "probe"
     if not (probe / "meta.npz").is_file():
-        raise FileNotFoundError(f"{probe}/meta.npz does not exist: train the run with train.probe_every=N "
+        raise MissingInput(f"{probe}/meta.npz does not exist: train the run with train.probe_every=N "
                                 "(e.g. 10) to record per-token probe losses")
     files = sorted(probe.glob("loss_*.npy"))
     if len(files) < 2:
-        raise ValueError(f"{probe} holds {len(files)} probe point(s); trajectories need at least 2")
+        raise UserError(f"{probe} holds {len(files)} probe point(s); trajectories need at least 2")
     meta = dict(np.load(probe / "meta.npz", allow_pickle=False))
     steps = np.array([int(f.stem.split("_")[1]) for f in files])
     losses = np.stack([np.load(f, allow_pickle=False).astype(np.float32) for f in files])
     if losses.shape[1] != len(meta["token_id"]):
-        raise ValueError(f"{probe}: loss arrays hold {losses.shape[1]} tokens but meta.npz describes "
+        raise UserError(f"{probe}: loss arrays hold {losses.shape[1]} tokens but meta.npz describes "
                          f"{len(meta['token_id'])}; the probe directory mixes two runs")
     return Trajectories(run_dir, steps, losses, meta)
 
@@ -65,7 +67,7 @@ def slopes(traj: Trajectories, x_axis: str = "fraction") -> np.ndarray:
     elif x_axis == "ordinal":
         x = np.arange(len(traj.steps)) / max(len(traj.steps) - 1, 1)
     else:
-        raise ValueError(f"x axis {x_axis!r} is not 'fraction' or 'ordinal'")
+        raise UserError(f"x axis {x_axis!r} is not 'fraction' or 'ordinal'")
     xc = x - x.mean()
     return (xc[:, None] * (traj.losses - traj.losses.mean(axis=0))).sum(axis=0) / (xc ** 2).sum()
 
@@ -130,7 +132,7 @@ def check_same_probe(runs: list[Trajectories]) -> None:
     first = runs[0]
     for other in runs[1:]:
         if not np.array_equal(first.meta["token_id"], other.meta["token_id"]):
-            raise ValueError(f"{first.run_dir} and {other.run_dir} were probed on different tokens; compare runs "
+            raise UserError(f"{first.run_dir} and {other.run_dir} were probed on different tokens; compare runs "
                              "prepared from the same shards, seed and train.micro_batch_size / probe_batches")
 
 

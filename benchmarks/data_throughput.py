@@ -34,7 +34,7 @@ WORK = ROOT / "runs" / "bench-data"
 def run_prepare(workers: int, out: Path) -> dict:
     from sabiscale.config import load_config
     from sabiscale.prep.prepare import prepare
-    from sabiscale.shards.write import read_manifest
+    from sabiscale.shards.format import read_manifest
 
     cfg = load_config(RECIPE, [f"output_dir={out}", f"data.workers={workers}", f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}"])
     start = time.perf_counter()
@@ -48,7 +48,7 @@ def run_prepare(workers: int, out: Path) -> dict:
 def run_loader(shards_dir: Path, world_size: int, batches: int) -> dict:
     from sabiscale.data.batch import Vocab
     from sabiscale.data.loader import expected_counts, make_loader, shard_urls
-    from sabiscale.shards.write import read_manifest
+    from sabiscale.shards.format import read_manifest
 
     manifest = read_manifest(shards_dir)
     urls = shard_urls(shards_dir, manifest, "train")

@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_throughput as bench  # noqa: E402
 
 ROOT = bench.ROOT
@@ -49,6 +48,7 @@ def measure(size: str, optimizer: str) -> dict:
 
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
     from sabiscale.train.plan import ModelShape, load_profile, plan_profile
+    from sabiscale.train.hooks import StepRecorder
     from sabiscale.train.loop import train
 
     cfg = _config(size, optimizer)
@@ -62,9 +62,10 @@ def measure(size: str, optimizer: str) -> dict:
     plan = plan_profile(cfg, shape, "zero2_offload", load_profile("zero2_offload", ROOT / "ds_configs"), optimizer,
                         False, 1, 1, on_gpu=False)
     baseline = psutil.Process().memory_info().rss
+    steps = StepRecorder()
     with bench.RssSampler(0.005) as sampler:
-        result = train(cfg, world)
-    end = result.step_times[-1][1]
+        train(cfg, world, [steps])
+    end = steps.records[-1].end
     peak = max(rss for t, rss in sampler.samples if t <= end)
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     estimate = plan.host_total - plan.host["margin (10%)"]

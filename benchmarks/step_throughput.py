@@ -72,11 +72,10 @@ class RssSampler:
 
 
 def _config(profile: str = "zero2_offload", extra: list[str] = ()):
-    from sabiscale.__main__ import _resolve_paths
-    from sabiscale.config import load_config
+    from sabiscale.config import load_config, resolve_paths
 
     fixed = [f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}", f"engine.ds_config=ds_configs/{profile}.json"]
-    return _resolve_paths(load_config(RECIPE, WORKLOAD + fixed + list(extra)))
+    return resolve_paths(load_config(RECIPE, WORKLOAD + fixed + list(extra)), os.environ)
 
 
 def _summarize(times, counts, flops, sampler, warmup, kept_bytes: int = 0):
@@ -98,6 +97,7 @@ def _summarize(times, counts, flops, sampler, warmup, kept_bytes: int = 0):
 def run_ours(steps: int, warmup: int, profile: str, extra: list[str] = ()) -> dict:
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
     from sabiscale.prep.tokenizer import load_tokenizer
+    from sabiscale.train.hooks import StepRecorder
     from sabiscale.train.loop import train
 
     cfg = _config(profile, list(extra))
@@ -105,19 +105,23 @@ def run_ours(steps: int, warmup: int, profile: str, extra: list[str] = ()) -> di
     shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # the benchmark's own run directory: always start fresh
     ensure_launcher_env()
     world = init_distributed()
+    steps = StepRecorder()
     with RssSampler() as sampler:
-        result = train(cfg, world)
-    # the fp32 CPU head keeps one (rows, V) logits block across steps (loss/masked.py::SupervisedHead)
-    rows = min(cfg.loss.chunk_size, max(c[2] for c in result.step_counts))
+        train(cfg, world, [steps])
+    times = [(r.start, r.end) for r in steps.records]
+    counts = [(*r.local_tokens, r.local_targets) for r in steps.records]
+    # the fp32 CPU head keeps one (rows, V) logits block across steps (loss/head.py::SupervisedHead)
+    rows = min(cfg.loss.chunk_size, max(c[2] for c in counts))
     kept = rows * len(load_tokenizer(cfg.tokenizer_path)) * 4
-    return _summarize(result.step_times, result.step_counts, result.step_flops, sampler, warmup, kept)
+    return _summarize(times, counts, [r.local_flops for r in steps.records], sampler, warmup, kept)
 
 
 def run_peer(steps: int, warmup: int, profile: str) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from sabiscale.prep.corpus import load_corpus
-    from sabiscale.model.build import build_model, step_cost
+    from sabiscale.model.build import build_model
+    from sabiscale.track.flops import step_cost
     from sabiscale.prep.prepare import split_examples
     from sabiscale.prep.tokenizer import encode_examples, load_tokenizer
 
@@ -227,7 +231,7 @@ def write_results(rounds: dict, peak: float, args) -> None:
     for k in keys:
         lines.append(f"| {k} | {fmt[k].format(median['peer'][k])} | {fmt[k].format(median['ours'][k])} | "
                      f"{ratio[k]:.2f} | {paired_median[k]:.2f} |")
-    lines += ["", "mfu counts only the FLOPs the step needs (sabiscale/model.py::StepCost: 6 per weight per token "
+    lines += ["", "mfu counts only the FLOPs the step needs (sabiscale/track/flops.py::StepCost: 6 per weight per token "
               "on every non-padding token, the last layer's attention output projection and MLP and the head "
               "only on supervised tokens, attention only between tokens of one document); executed_mfu counts "
               "what each computes (the peer: body and head on every padded position, attention on full padded "

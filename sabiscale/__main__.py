@@ -15,11 +15,12 @@ import logging
 import os
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from sabiscale.config import ConfigError, RunConfig, load_config
+from sabiscale.errors import UserError
+from sabiscale.config import PROJECT_ROOT, RunConfig, load_config, resolve_paths
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = PROJECT_ROOT / "launch" / "recipes" / "demo.yaml"
 
 
@@ -30,23 +31,13 @@ def _setup_logging(rank: int) -> None:
     logging.getLogger("sabiscale").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def _resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Shipped resources (ds_configs/...) are found from the project root when not under the cwd."""
-    if not cfg.engine.ds_config.is_absolute() and not cfg.engine.ds_config.exists():
-        candidate = PROJECT_ROOT / cfg.engine.ds_config
-        if candidate.exists():
-            cfg.engine.ds_config = candidate
-    if cfg.tracking.uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
-        cfg.tracking.uri = os.environ["MLFLOW_TRACKING_URI"]
-    return cfg
-
-
 def _config(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.overrides) + (["train.resume=must"] if getattr(args, "resume", False) else [])
-    return _resolve_paths(load_config(args.recipe, overrides))
+    return resolve_paths(load_config(args.recipe, overrides), os.environ)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """Raw data -> tokenizer -> WebDataset shards + manifest, as the recipe says."""
     from sabiscale.prep.prepare import prepare
 
     cfg = _config(args)
@@ -64,19 +55,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_training(cfg: RunConfig):
+def _run_training(cfg: RunConfig, hooks=()):
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
     from sabiscale.train.loop import train
 
     ensure_launcher_env()
     world = init_distributed()
     _setup_logging(world.rank)
-    return train(cfg, world), world
+    return train(cfg, world, hooks), world
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train on the recipe's shards (continues from the newest checkpoint of its run directory)."""
     cfg = _config(args)
-    result, world = _run_training(cfg)
+    result, world = _run_training(cfg, args.hooks)
     if world.rank == 0:
         losses = result.eval_answer_loss
         change = (f"{losses[min(losses)]:.3f} -> {losses[max(losses)]:.3f}" if len(losses) > 1
@@ -90,14 +82,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sabiscale.prep.prepare import prepare
 
     overrides = [f"output_dir={args.out}", *args.overrides] if args.out else args.overrides
-    cfg = _resolve_paths(load_config(DEMO_RECIPE, overrides))
+    cfg = resolve_paths(load_config(DEMO_RECIPE, overrides), os.environ)
     if cfg.output_dir.exists() and any(cfg.output_dir.iterdir()):
         # a demo always starts from scratch, and never over an earlier one
         cfg.output_dir = cfg.output_dir.with_name(f"{cfg.output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     _setup_logging(0)
     logging.getLogger("sabiscale").info("demo: preparing data in %s", cfg.output_dir)
     prepared = prepare(cfg)
-    result, world = _run_training(cfg)
+    result, world = _run_training(cfg, args.hooks)
     if world.rank != 0:
         return 0
     losses = result.eval_answer_loss
@@ -138,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = [e for e, where in corpus.examples
                 if args.split != "val" or is_validation(where, cfg.data.val_fraction)]
     if not examples:
-        raise ValueError(f"no {args.split} examples under {root}")
+        raise UserError(f"no {args.split} examples under {root}")
     report = {"checkpoint": str(tag_dir), "data": str(root or "data.files"), "split": args.split, "step": meta["step"],
               "teacher_forced": teacher_forced(lm, tok, examples),
               "generation": generation_metrics(lm, tok, examples, args.generate, cfg.seed) if args.generate else {}}
@@ -264,18 +256,6 @@ def _params_line(cfg, vocab: int) -> str:
     return f"{ModelShape.from_config(cfg, vocab).params / 1e6:.1f}M parameters (vocabulary {vocab})"
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    """Token-level loss trajectories of one or more runs (code in analysis/)."""
-    from analysis.trajectories import log_to_runs, write_report
-
-    runs = [Path(r) for r in args.runs]
-    out = Path(args.out) if args.out else runs[0] / "analysis"
-    report = write_report(runs, out, args.threshold, args.x_axis)
-    logged = log_to_runs(runs, out) if args.log else []
-    print(f"report: {report}" + (f"\nlogged to MLflow run(s) {', '.join(logged)} under analysis/" if logged else ""))
-    return 0
-
-
 def cmd_build_ops(args: argparse.Namespace) -> int:
     """Compile DeepSpeed's JIT ops once, at install time."""
     from sabiscale.train.engine import build_ops
@@ -286,10 +266,11 @@ def cmd_build_ops(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sabiscale", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sabiscale", description=__doc__.split("\n\nThis is the edge")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK carries it too.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error, also of input errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, needs_recipe in (("prepare", cmd_prepare, True), ("train", cmd_train, True)):
         p = sub.add_parser(name, help=func.__doc__ or name)
@@ -309,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     ev = sub.add_parser("eval", help="held-out metrics of a checkpoint (perplexity, bits/byte, chrF, BLEU, F1)")
     ev.add_argument("checkpoint", help="checkpoints/step_XXXXXXXX (or checkpoints/, to take `latest`)")
-    ev.add_argument("--data", default=None, help="JSONL root laid out like ../shared/data (default: the run's data)")
+    ev.add_argument("--data", default=None, help="JSONL root in the task layout, <task>/<lang>.jsonl (default: the run's data)")
     ev.add_argument("--split", choices=["dev", "val", "all"], default="dev",
                     help="dev: official dev records; val: the run's held-out hash split; all: everything")
     ev.add_argument("--max-per-file", type=int, default=200, help="records read per file (default 200)")
@@ -317,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="report JSON (default: eval_<split>.json in the checkpoint)")
     ev.set_defaults(func=cmd_eval)
     ex = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory")
-    ex.add_argument("checkpoint")
-    ex.add_argument("out")
+    ex.add_argument("checkpoint", help="checkpoints/step_XXXXXXXX (or checkpoints/, to take `latest`)")
+    ex.add_argument("out", help="a new directory for the Hugging Face model (never overwritten)")
     ex.set_defaults(func=cmd_export)
     tokenizer = sub.add_parser("tokenizer", help="inspect a tokenizer").add_subparsers(dest="tokenizer_command",
                                                                                        required=True)
@@ -347,13 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--nodes", type=int, default=1)
     plan.add_argument("--largest", action="store_true", help="also the largest model that fits, per profile")
     plan.set_defaults(func=cmd_plan)
-    analyze = sub.add_parser("analyze", help="token-level loss trajectories (L->L, H->L, H->H, L->H) of runs, side by side")
-    analyze.add_argument("runs", nargs="+", help="run directories trained with train.probe_every=N")
-    analyze.add_argument("--out", default=None, help="report directory (default: <first run>/analysis)")
-    analyze.add_argument("--threshold", type=float, default=0.2, help="slope (nats over the run) for H->L / L->H")
-    analyze.add_argument("--x-axis", choices=["fraction", "ordinal"], default="fraction")
-    analyze.add_argument("--no-log", dest="log", action="store_false", help="do not log the report to MLflow")
-    analyze.set_defaults(func=cmd_analyze)
+    for plugin in entry_points(group="sabiscale.commands"):
+        plugin.load()(sub)  # e.g. `sabiscale analyze`, from the sabiscale_analysis package
     ops = sub.add_parser("build-ops", help="compile DeepSpeed's CPU Adam and comm ops (run by make install)")
     ops.set_defaults(func=cmd_build_ops)
     return parser
@@ -377,13 +353,17 @@ def fail_fast_tracking() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks=()) -> int:
+    """hooks: train/hooks.py instruments for the training commands (tests, benchmarks)."""
     use_environment_toolchain()
     fail_fast_tracking()
     args = build_parser().parse_args(argv)
+    args.hooks = list(hooks)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, OSError, FloatingPointError) as err:
+    except UserError as err:
+        if args.debug:
+            raise
         print(f"sabiscale {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,16 +7,18 @@ the environment. Unknown keys and impossible values are collected and reported a
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from sabiscale.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sabiscale.prep.tasks import BUILTIN_TASKS, TaskDef, task_registry
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe or override the user must fix; the message lists every problem found."""
 
 
@@ -25,7 +27,8 @@ class _Section(BaseModel):
 
 
 class FileSource(_Section):
-    """One input of data.source=files: a file (or a glob of files) of one task."""
+    """One input of data.source=files: a file (or a glob of files) of one task. The corpus reader
+    expands a glob into one FileSource per file."""
 
     task: str
     path: str                   # a file or a glob (sorted); relative to the working directory
@@ -74,7 +77,7 @@ LAYOUT_TASKS = ["translation", "ner", "sentiment", "descramble", "text"]
 
 
 class DataConfig(_Section):
-    # "demo": the embedded generator; "jsonl": a directory laid out like ../shared/data
+    # "demo": the embedded generator; "jsonl": a directory in the task layout
     # (<task>/<lang>.jsonl, translation/eng-<lang>.jsonl; descramble, langid and diacritize read
     # text/); "files": the inputs listed under `files`, in any supported format.
     source: Literal["demo", "jsonl", "files"] = "demo"
@@ -94,14 +97,15 @@ class DataConfig(_Section):
     # `prepare` with its location; with skip_bad it is skipped, and every skipped record is listed
     # by location and reason in <shards>/skipped.jsonl and counted in the manifest.
     skip_bad: bool = False
-    # Processes for reading and shard writing (tokenizing already runs on every core); the shards
-    # are byte-identical for any number.
-    workers: int = Field(1, ge=1)
+    # `prepare` processes for reading and shard writing (tokenizing already runs on every core);
+    # the shards are byte-identical for any number.
+    prepare_workers: int = Field(1, ge=1)
     seq_len: int = Field(256, ge=16)
     sequences_per_shard: int = Field(256, gt=0)
     # Share of documents held out for the validation shards.
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    num_workers: int = Field(0, ge=0)
+    # Training-time DataLoader processes per rank that read and decode shards (0 = in the training process).
+    loader_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(64, ge=0)
     # Train from these shards instead of <output_dir>/shards, e.g. shards carrying reference
     # losses written by `sabiscale score` (then also set tokenizer.path to their tokenizer).
@@ -161,8 +165,9 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     # masked: only answer tokens count (SabiYarn); clm: every real token counts;
     # selective: Rho-1 - of the answer tokens of each micro-batch, only the `ratio` share with the
-    # highest excess loss (current minus reference loss) counts.
-    kind: Literal["masked", "clm", "selective"] = "masked"
+    # highest excess loss (current minus reference loss) counts. Any kind registered in
+    # sabiscale/loss/kinds.py is accepted.
+    kind: str = "masked"
     ratio: float = Field(0.6, gt=0, le=1)
     # Where selective training gets reference losses: "shards" (written once by `sabiscale score`)
     # or "online" (a frozen reference model on the same device scores every micro-batch).
@@ -173,6 +178,17 @@ class LossConfig(_Section):
     task_weights: dict[str, float] = {}
     # Supervised positions per chunk of the output head; bounds the logits held at once.
     chunk_size: int = Field(2048, gt=0)
+
+    @model_validator(mode="after")
+    def _known_kind(self) -> "LossConfig":
+        from sabiscale.loss.kinds import LOSS_KINDS  # the registry imports torch: only when a config is checked
+
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"loss.kind {self.kind!r} is not one of {sorted(LOSS_KINDS)}")
+        problems = LOSS_KINDS[self.kind].problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class OptimConfig(_Section):
@@ -217,14 +233,11 @@ class TrainConfig(_Section):
     probe_batches: int = Field(4, gt=0)
     # Write the sample keys of every step to <output_dir>/trace/rank<N>.jsonl (audits, tests).
     trace_samples: bool = False
-    # Fault injection for tests: "mid_step:N", "between_steps:N" or "mid_checkpoint:N" makes the
-    # process SIGKILL itself at that point of step N; "nan_loss:N" makes step N's loss NaN.
-    fault: str | None = Field(None, pattern=r"^(mid_step|between_steps|mid_checkpoint|nan_loss):[0-9]+$")
     # Optimizer steps in a row with a non-finite loss or gradient (each skipped by DeepSpeed,
     # parameters untouched) before training stops with the step and batches named.
     max_nonfinite_steps: int = Field(5, ge=1)
     # Peak FLOP/s of one device, for train/mfu; None = measured at start with a matmul
-    # (about 1.4e11-1.8e11 fp32 on this 2-core CPU).
+    # (fp32 on 2 CPU cores measures about 1.4e11-1.8e11).
     peak_flops_per_s: float | None = Field(None, gt=0)
 
 
@@ -272,8 +285,6 @@ class RunConfig(_Section):
         unknown = set(self.loss.task_weights) - set(self.data.tasks)
         if unknown:
             raise ValueError(f"loss.task_weights names tasks not in data.tasks: {sorted(unknown)}")
-        if self.loss.kind == "selective" and self.loss.reference == "online" and self.loss.reference_checkpoint is None:
-            raise ValueError("loss.reference is 'online' but loss.reference_checkpoint is not set")
         t = self.train
         if t.global_batch_size is not None and t.global_batch_size % t.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -344,13 +355,30 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+# Keys an earlier sabiscale accepted -> their name now.
+RENAMED = {"data.workers": "data.prepare_workers", "data.num_workers": "data.loader_workers"}
+
+
+def _unknown_key(where: str) -> str:
+    if where in RENAMED:
+        return f"renamed: use {RENAMED[where]}"
+    *parents, key = where.split(".")
+    section: type[BaseModel] = RunConfig
+    for part in parents:
+        field = section.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return "unknown key (see sabiscale/config.py for the fields)"
+        section = field.annotation
+    close = difflib.get_close_matches(key, list(section.model_fields), n=1)
+    hint = f"did you mean {'.'.join([*parents, close[0]])}?" if close else "see sabiscale/config.py for the fields"
+    return f"unknown key ({hint})"
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {err.error_count()} problem(s) in the run config:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see sabiscale/config.py for the fields)"
+        msg = _unknown_key(where) if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  - {where}: {msg}")
     return "\n".join(lines)
 
@@ -382,6 +410,22 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
         tree["recipe"] = str(recipe)
     tree = apply_overrides(tree, overrides or [])
     return build_config(tree, origin)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_paths(cfg: RunConfig, environ: dict) -> RunConfig:
+    """What the edge (the CLI, a benchmark, a notebook) fills in before a config travels down:
+    shipped resources (ds_configs/...) found from the project root when not under the working
+    directory, and the tracking store from MLFLOW_TRACKING_URI when the recipe names none."""
+    if not cfg.engine.ds_config.is_absolute() and not cfg.engine.ds_config.exists():
+        candidate = PROJECT_ROOT / cfg.engine.ds_config
+        if candidate.exists():
+            cfg.engine.ds_config = candidate
+    if cfg.tracking.uri is None and environ.get("MLFLOW_TRACKING_URI"):
+        cfg.tracking.uri = environ["MLFLOW_TRACKING_URI"]
+    return cfg
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

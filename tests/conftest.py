@@ -42,7 +42,7 @@ def parts(demo_cfg):
     """(tokenizer, the first train micro-batch of 4 demo sequences, vocab), unshuffled."""
     from sabiscale.data.batch import Vocab
     from sabiscale.data.loader import make_loader, shard_urls
-    from sabiscale.shards.write import read_manifest
+    from sabiscale.shards.format import read_manifest
     from sabiscale.prep.tokenizer import load_tokenizer
 
     tok = load_tokenizer(demo_cfg.tokenizer_path)

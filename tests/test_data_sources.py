@@ -13,7 +13,7 @@ from conftest import BIN, child_env, run_cli
 from sabiscale.config import load_config
 from sabiscale.prep.corpus import load_corpus
 from sabiscale.prep.prepare import prepare
-from sabiscale.shards.write import read_manifest
+from sabiscale.shards.format import read_manifest
 from sabiscale.shards.verify import verify_shards
 from sabiscale.prep.tasks import BadRecord
 
@@ -190,7 +190,7 @@ def test_two_workers_write_byte_identical_shards(shared_data, tmp_path):
               "data.tasks=[translation, ner, descramble]", "data.seq_len=256", "data.sequences_per_shard=8",
               "tokenizer.vocab_size=800"]
     one = load_config(None, [*common, f"output_dir={tmp_path / 'one'}"])
-    two = load_config(None, [*common, f"output_dir={tmp_path / 'two'}", "data.workers=2"])
+    two = load_config(None, [*common, f"output_dir={tmp_path / 'two'}", "data.prepare_workers=2"])
     prepare(one)
     prepare(two)
     names = sorted(p.name for p in one.shards_dir.iterdir())

@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 
 from conftest import fresh_run_dir
+from faults import Fault
+from sabiscale.train.hooks import StepRecorder
 from sabiscale.config import load_config
 from sabiscale.train.engine import EngineConfigError, fill_ds_config, resolve_precision
 
@@ -43,7 +45,7 @@ def test_precision_follows_the_device():
     assert resolve_precision("bf16") == "bf16"
 
 
-def _train_in_process(demo_cfg, world, out, overrides: dict):
+def _train_in_process(demo_cfg, world, out, overrides: dict, hooks=()):
     from sabiscale.train.loop import train
 
     cfg = demo_cfg.model_copy(deep=True)
@@ -53,7 +55,7 @@ def _train_in_process(demo_cfg, world, out, overrides: dict):
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         setattr(getattr(cfg, section), key, value)
-    return train(cfg, world)
+    return train(cfg, world, hooks)
 
 
 def test_zero_stages_train_identically(demo_cfg, world, tmp_path):
@@ -62,9 +64,10 @@ def test_zero_stages_train_identically(demo_cfg, world, tmp_path):
     FLOP count for MFU (ZeRO-3 empties partitioned parameters, which must not zero the count)."""
     curves, flops = {}, {}
     for profile in ("zero1", "zero2", "zero2_offload", "zero3_offload"):
+        steps = StepRecorder()
         result = _train_in_process(demo_cfg, world, tmp_path / profile,
-                                   {"engine.ds_config": ROOT / "ds_configs" / f"{profile}.json"})
-        curves[profile], flops[profile] = result.train_losses, result.step_flops
+                                   {"engine.ds_config": ROOT / "ds_configs" / f"{profile}.json"}, [steps])
+        curves[profile], flops[profile] = result.train_losses, [r.local_flops for r in steps.records]
     reference = curves.pop("zero2_offload")
     assert reference[-1] < reference[0]
     for profile, losses in curves.items():
@@ -74,7 +77,7 @@ def test_zero_stages_train_identically(demo_cfg, world, tmp_path):
 
 def test_a_non_finite_step_is_skipped_and_training_goes_on(demo_cfg, world, tmp_path):
     clean = _train_in_process(demo_cfg, world, tmp_path / "clean", {})
-    spoiled = _train_in_process(demo_cfg, world, tmp_path / "nan", {"train.fault": "nan_loss:2"})
+    spoiled = _train_in_process(demo_cfg, world, tmp_path / "nan", {}, [Fault("nan_loss:2")])
     assert clean.train_losses[0] == spoiled.train_losses[0]
     assert spoiled.train_losses[1] != spoiled.train_losses[1]  # NaN at step 2
     # step 2 changed nothing: step 3 starts from the parameters after step 1, so it differs from the
@@ -85,7 +88,7 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(demo_cfg, world, tmp_
 
 def test_non_finite_steps_in_a_row_stop_training_with_the_batches_named(demo_cfg, world, tmp_path):
     with pytest.raises(FloatingPointError, match=r"1 optimizer steps in a row .* step 2, global micro-batches \[1\]"):
-        _train_in_process(demo_cfg, world, tmp_path / "nan", {"train.fault": "nan_loss:2", "train.max_nonfinite_steps": 1})
+        _train_in_process(demo_cfg, world, tmp_path / "nan", {"train.max_nonfinite_steps": 1}, [Fault("nan_loss:2")])
 
 
 @pytest.mark.parametrize("profile,kind", [("zero1", "adamw8bit"), ("zero1", "paged_adamw8bit"),

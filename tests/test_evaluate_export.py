@@ -11,8 +11,8 @@ from sabiscale.train.checkpoint import export_hf, load_trained_lm
 from sabiscale.data.batch import Vocab
 from sabiscale.data.loader import make_loader, shard_urls
 from sabiscale.evaluate.heldout import ner_scores, parse_ner, parse_sentiment, sentiment_scores
-from sabiscale.loss.masked import TokenLossObjective
-from sabiscale.shards.write import read_manifest
+from sabiscale.loss.objective import TokenLossObjective
+from sabiscale.shards.format import read_manifest
 from sabiscale.prep.tasks import BUILTIN_TASKS, special_tokens
 
 

@@ -4,7 +4,7 @@ import torch
 from sabiscale.data.batch import Vocab
 from sabiscale.data.loader import make_loader as _make_loader
 from sabiscale.data.loader import shard_urls
-from sabiscale.shards.write import read_manifest
+from sabiscale.shards.format import read_manifest
 
 VOCAB = Vocab(("descramble", "ner", "sentiment", "text", "translation"), ("hau", "ibo", "yor"))
 

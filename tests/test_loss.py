@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from sabiscale.loss.masked import TokenLossObjective, target_selection
+from sabiscale.loss.objective import TokenLossObjective, target_selection
 from sabiscale.model.build import build_model
 
 
@@ -141,7 +141,7 @@ def test_flop_accounting_matches_pytorchs_count_of_the_executed_matmuls(demo_cfg
     from torch.utils.flop_counter import FlopCounterMode
 
     from sabiscale.model.attention import bucket_plan
-    from sabiscale.model.build import batch_flops, step_cost
+    from sabiscale.track.flops import batch_flops, step_cost
 
     tok, batch, vocab = parts
     lm = _model(demo_cfg, tok)

@@ -12,13 +12,17 @@ from conftest import BIN, ROOT, child_env, fresh_run_dir, tiny_overrides
 STEPS = 8
 
 
-def _train(out, extra, launcher=None, expect_kill=False):
-    args = [str(BIN / "sabiscale"), "train", str(ROOT / "launch/recipes/demo.yaml"),
+def _train(out, extra, launcher=None, fault=None):
+    """`sabiscale train` (through tests/faults.py when a fault is injected), 1 process or a launcher."""
+    expect_kill = fault is not None
+    args = ["train", str(ROOT / "launch/recipes/demo.yaml"),
             *tiny_overrides(out), f"train.max_steps={STEPS}", "optim.warmup_steps=1", "train.eval_batches=1",
             "train.checkpoint_every=2", "train.trace_samples=true", "tracking.system_metrics=false", *extra]
+    program = [str(ROOT / "tests" / "faults.py"), f"--fault={fault}"] if fault else ["--module", "sabiscale"]
     if launcher:
-        args = [str(BIN / "deepspeed"), "--num_gpus", str(launcher), "--master_port", "29741", "--module",
-                "sabiscale", *args[1:]]
+        args = [str(BIN / "deepspeed"), "--num_gpus", str(launcher), "--master_port", "29741", *program, *args]
+    else:
+        args = [str(BIN / "python"), *(program if fault else ["-m", "sabiscale"]), *args]
     proc = subprocess.run(args, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     if expect_kill:
         # killed by SIGKILL: -9 from Python's view, 137 or 247 (-9 & 0xff) through a launcher
@@ -58,7 +62,7 @@ def reference(demo_cfg, tmp_path_factory):
 @pytest.mark.parametrize("fault", ["mid_step:5", "between_steps:5", "mid_checkpoint:6"])
 def test_kill_and_resume_equals_uninterrupted(demo_cfg, reference, tmp_path, fault):
     out = fresh_run_dir(demo_cfg, tmp_path / "run")
-    _train(out, ["train.grad_accum_steps=2", f"train.fault={fault}"], expect_kill=True)
+    _train(out, ["train.grad_accum_steps=2"], fault=fault)
     checkpoints = out / "checkpoints"
     if fault.startswith("mid_checkpoint"):
         # killed inside the save of step 6: its partitions exist only as a .partial directory,
@@ -82,7 +86,7 @@ def test_two_ranks_killed_and_resumed(demo_cfg, reference, tmp_path):
     """2 gloo ranks x 1 micro-batch, rank processes killed between steps by the launcher's
     teardown after rank 0 dies; resumed on 2 ranks it matches 1 rank x 2 accumulation steps."""
     out = fresh_run_dir(demo_cfg, tmp_path / "run")
-    _train(out, ["train.fault=between_steps:3"], launcher=2, expect_kill=True)
+    _train(out, [], launcher=2, fault="between_steps:3")
     _train(out, [], launcher=2)
     losses, runs = _losses(out)
     ref_losses, ref_samples = reference
@@ -94,7 +98,7 @@ def test_two_ranks_killed_and_resumed(demo_cfg, reference, tmp_path):
 
 def test_resume_refuses_a_different_world_size_with_directions(demo_cfg, tmp_path):
     out = fresh_run_dir(demo_cfg, tmp_path / "run")
-    _train(out, ["train.fault=between_steps:3"], launcher=2, expect_kill=True)
+    _train(out, [], launcher=2, fault="between_steps:3")
     proc = subprocess.run([str(BIN / "sabiscale"), "train", str(ROOT / "launch/recipes/demo.yaml"),
                            *tiny_overrides(out), f"train.max_steps={STEPS}", "optim.warmup_steps=1",
                            "train.checkpoint_every=2"], cwd=ROOT, env=child_env(), capture_output=True, text=True,

@@ -13,10 +13,11 @@ from mlflow.tracking import MlflowClient
 from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 from sabiscale.data.batch import Vocab
 from sabiscale.data.loader import make_loader, shard_urls
-from sabiscale.loss.masked import TokenLossObjective, selected_count, top_excess
+from sabiscale.loss.head import selected_count, top_excess
+from sabiscale.loss.objective import TokenLossObjective
 from sabiscale.model.build import build_model
 from sabiscale.shards.verify import verify_shards
-from sabiscale.shards.write import read_manifest
+from sabiscale.shards.format import read_manifest
 
 RATIO = 0.6
 

@@ -9,7 +9,8 @@ import pytest
 from sabiscale.config import load_config
 from sabiscale.prep.prepare import prepare
 from sabiscale.shards.pack import Document, PackStats, pack_documents
-from sabiscale.shards.write import read_manifest, sha256_file
+from sabiscale.hashing import sha256_file
+from sabiscale.shards.format import read_manifest
 
 
 def _doc(n, first_answer, task="t", lang="l"):

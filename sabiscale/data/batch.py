@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sabiscale.errors import UserError
 
 
 @dataclass
@@ -59,7 +60,7 @@ def collate(samples: list[dict], index: int, vocab: Vocab) -> Batch:
     lang_ids = np.stack([_doc_index_array(s["docs"], seq_len, 3, vocab.langs) for s in samples])
     scored = {"ref_loss" in s for s in samples}
     if len(scored) > 1:
-        raise ValueError(f"micro-batch {index} mixes samples with and without ref_loss ({[s['key'] for s in samples]}); "
+        raise UserError(f"micro-batch {index} mixes samples with and without ref_loss ({[s['key'] for s in samples]}); "
                          "score every shard of the run with `sabiscale score`")
     return Batch(
         ref_loss=stack("ref_loss", np.float32) if scored == {True} else None,

@@ -11,48 +11,22 @@ Sources are local paths or any URL webdataset opens (`pipe:cat FILE`, http, ...)
 """
 from __future__ import annotations
 
-import io
-import json
 import random
-import tarfile
 from collections.abc import Iterator
 from itertools import count, islice
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 
-from sabiscale.shards.write import check_aligned
+from sabiscale.shards.format import READ_ERRORS, decode_sample, raw_samples
 from sabiscale.data.batch import Batch, Vocab, collate
-
-NPY_FIELDS = ("input_ids", "loss_mask", "position_ids")
-
+from sabiscale.errors import UserError
 
 def shard_urls(shards_dir: Path, manifest: dict, split: str) -> list[str]:
     if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
-        raise ValueError(f"{shards_dir}/manifest.json has no {split!r} shards; re-run `sabiscale prepare`")
+        raise UserError(f"{shards_dir}/manifest.json has no {split!r} shards; re-run `sabiscale prepare`")
     return [str(shards_dir / s["name"]) for s in manifest["splits"][split]["shards"]]
-
-
-def decode_sample(raw: dict) -> dict:
-    """Raw tar members -> arrays; .npy is read with allow_pickle=False, never unpickled."""
-    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-    out = {}
-    for name in NPY_FIELDS:
-        if f"{name}.npy" not in raw:
-            raise ValueError(f"{where}: member {name}.npy is missing; the shard is not a sabiscale shard "
-                             "or is damaged (run `sabiscale prepare` again)")
-        out[name] = np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
-    out["docs"] = json.loads(raw["docs.json"]) if "docs.json" in raw else []
-    out["key"] = raw.get("__key__", "")
-    lengths = {len(out[name]) for name in NPY_FIELDS}
-    if len(lengths) != 1:
-        raise ValueError(f"{where}: fields have different lengths {lengths}")
-    if "ref_loss.npy" in raw:
-        out["ref_loss"] = np.load(io.BytesIO(raw["ref_loss.npy"]), allow_pickle=False)
-        check_aligned(out["ref_loss"], out["loss_mask"], where)
-    return out
 
 
 class ShardLoader(torch.utils.data.IterableDataset):
@@ -97,13 +71,13 @@ class ShardLoader(torch.utils.data.IterableDataset):
                 yield collate([decode_sample(r) for r in raw], batch_index, self.vocab)
 
 
-class ShardEndedEarly(ValueError):
+class ShardEndedEarly(UserError):
     """A shard yielded fewer samples than its manifest entry lists."""
 
 
 def counted_samples(urls: list[str], expected: dict[str, int]) -> Iterator[dict]:
     """Raw samples of `urls` in order, checking each shard, as soon as it is read, against the
-    sample count its manifest lists: tarfile stops quietly at a shard cut at a block boundary,
+    sample count its manifest lists: reading a tar stops quietly at a shard cut at a block boundary,
     which would otherwise shorten the epoch without a word. Read errors name the shard."""
     reading: dict = {"url": None}
     seen: dict[str, int] = {}
@@ -122,13 +96,13 @@ def counted_samples(urls: list[str], expected: dict[str, int]) -> Iterator[dict]
         check(reading["url"])
 
     try:
-        for sample in wds.tarfile_samples(sources()):
+        for sample in raw_samples(sources()):
             seen[sample["__url__"]] = seen.get(sample["__url__"], 0) + 1
             yield sample
     except ShardEndedEarly:
         raise
-    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"{reading['url']}: the shard cannot be read ({type(err).__name__}: {err}); it is truncated "
+    except READ_ERRORS as err:
+        raise UserError(f"{reading['url']}: the shard cannot be read ({type(err).__name__}: {err}); it is truncated "
                          f"or corrupted: run `sabiscale shards verify` on its directory and restore or re-write it") from err
 
 
@@ -178,7 +152,7 @@ def check_resumable(state: dict, batch_size: int, seed: int, shuffle_buffer: int
     now = {"batch_size": batch_size, "seed": seed, "shuffle_buffer": shuffle_buffer, "urls": [Path(u).name for u in urls]}
     changed = [k for k in now if state.get(k) != now[k]]
     if changed:
-        raise ValueError(f"cannot resume the data stream exactly: {', '.join(changed)} changed since the checkpoint "
+        raise UserError(f"cannot resume the data stream exactly: {', '.join(changed)} changed since the checkpoint "
                          f"(was {[state.get(k) for k in changed]}, now {[now[k] for k in changed]}); "
                          "restore them, or start a new run in a new output_dir")
 

@@ -14,7 +14,6 @@ and resumes the rest; manifest.json is written last, by rank 0.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -23,17 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
 from sabiscale.data.batch import Batch, Vocab, collate
-from sabiscale.data.loader import decode_sample
-from sabiscale.loss.masked import TokenLossObjective
-from sabiscale.shards.write import read_manifest, sha256_file
+from sabiscale.loss.objective import TokenLossObjective
+from sabiscale.hashing import sha256_file
+from sabiscale.shards.format import (REF_FIELD, decode_sample, raw_samples, read_manifest, save_manifest,
+                                     shard_writer, with_array)
+from sabiscale.errors import AlreadyExists, UserError
 
 log = logging.getLogger("sabiscale.score")
-REF_FIELD = "ref_loss"
 
 
 class Reference:
@@ -57,7 +56,7 @@ class Reference:
 
     def check_tokenizer(self, manifest: dict, where: Path) -> None:
         if self.meta["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
-            raise ValueError(f"reference {self.tag_dir} was trained with tokenizer {self.meta['tokenizer_sha256'][:12]} "
+            raise UserError(f"reference {self.tag_dir} was trained with tokenizer {self.meta['tokenizer_sha256'][:12]} "
                              f"but {where} uses {manifest['tokenizer_sha256'][:12]}: its losses would be of other "
                              "tokens; train the reference on shards made with the same tokenizer (tokenizer.path=...)")
 
@@ -70,31 +69,20 @@ class Reference:
         return ref
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def score_shard(reference: Reference, src: Path, dst: Path, vocab: Vocab, batch_size: int, device: torch.device,
                 bar) -> int:
     """Write `dst` = `src` with ref_loss added to every sample; returns the number of samples."""
     partial = dst.with_name(dst.name + ".partial")
-    writer = wds.TarWriter(str(partial), encoder=False, mtime=0)
-    samples = wds.tarfile_samples(iter([{"url": str(src)}]))
+    samples = raw_samples(iter([{"url": str(src)}]))
     n = 0
-    try:
+    with shard_writer(partial) as writer:
         while raw_group := [s for _, s in zip(range(batch_size), samples)]:
-            batch = collate([decode_sample({k: v for k, v in r.items() if k != f"{REF_FIELD}.npy"}) for r in raw_group],
-                            0, vocab).to(device)
+            batch = collate([decode_sample(r, skip=(REF_FIELD,)) for r in raw_group], 0, vocab).to(device)
             ref = reference.score(batch).cpu().numpy().astype(np.float16)
             for raw, row in zip(raw_group, ref):
-                members = {k: v for k, v in raw.items() if not k.startswith("__") and k != f"{REF_FIELD}.npy"}
-                writer.write({"__key__": raw["__key__"], **members, f"{REF_FIELD}.npy": _npy(row)})
+                writer.write(with_array(raw, REF_FIELD, row))
             n += len(raw_group)
             bar.update(len(raw_group))
-    finally:
-        writer.close()
     os.replace(partial, dst)
     return n
 
@@ -104,7 +92,7 @@ def score_shards(checkpoint: Path, in_dir: Path, out_dir: Path, rank: int, world
     """Score every shard of every split; returns the output manifest path."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if out_dir.resolve() == in_dir.resolve():
-        raise ValueError(f"--out {out_dir} is the input directory; scored shards go to a new directory "
+        raise UserError(f"--out {out_dir} is the input directory; scored shards go to a new directory "
                          "(the original shards stay as they are)")
     manifest = read_manifest(in_dir)
     reference = Reference(checkpoint, device)
@@ -112,7 +100,7 @@ def score_shards(checkpoint: Path, in_dir: Path, out_dir: Path, rank: int, world
     identity = reference.identity()
     if (out_dir / "manifest.json").is_file():
         done = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8")).get("reference")
-        raise FileExistsError(f"{out_dir} already holds scored shards (reference {done and done['checkpoint']}); "
+        raise AlreadyExists(f"{out_dir} already holds scored shards (reference {done and done['checkpoint']}); "
                               "choose a new --out directory (nothing was overwritten)")
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim(out_dir / "scoring.json", identity, in_dir, rank, barrier)
@@ -128,11 +116,11 @@ def score_shards(checkpoint: Path, in_dir: Path, out_dir: Path, rank: int, world
     for shard in todo:
         src = in_dir / shard["name"]
         if sha256_file(src) != shard["sha256"]:
-            raise ValueError(f"{src}: sha256 differs from {in_dir}/manifest.json (changed or damaged); "
+            raise UserError(f"{src}: sha256 differs from {in_dir}/manifest.json (changed or damaged); "
                              f"run `sabiscale shards verify {in_dir}`")
         n = score_shard(reference, src, out_dir / shard["name"], vocab, batch_size, device, bar)
         if n != shard["sequences"]:
-            raise ValueError(f"{src}: {n} samples, manifest.json says {shard['sequences']}; the shard is damaged")
+            raise UserError(f"{src}: {n} samples, manifest.json says {shard['sequences']}; the shard is damaged")
         log.info("rank %d: scored %s (%d sequences)", rank, shard["name"], n)
     bar.close()
     barrier()
@@ -149,7 +137,7 @@ def _claim(path: Path, identity: dict, in_dir: Path, rank: int, barrier) -> None
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         if before != claim:
-            raise ValueError(f"{path.parent} holds a partial scoring with reference {before['reference']['checkpoint']} "
+            raise UserError(f"{path.parent} holds a partial scoring with reference {before['reference']['checkpoint']} "
                              f"of {before['input']}; resume it with the same --reference and --shards, or use a new --out")
     barrier()
     if rank == 0 and not path.is_file():
@@ -165,6 +153,4 @@ def _write_scored_manifest(manifest: dict, out_dir: Path, identity: dict) -> Non
     scored["fields"] = {REF_FIELD: {"dtype": "float16", "aligned_with": "input_ids",
                                     "meaning": "reference loss of token t at answer tokens, NaN elsewhere"}}
     scored["reference"] = identity
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(scored, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "manifest.json")
+    save_manifest(out_dir, scored)

@@ -1,7 +1,7 @@
 """Raw data -> `Example`s: find the input files of a recipe, read them, apply the task templates.
 
 Two ways to name inputs (data.source):
-- a directory laid out like ../shared/data (`jsonl`, and the generated `demo`):
+- a directory in the task layout (<root>/<task>/<lang>.jsonl; `jsonl`, and the generated `demo`):
       translation/eng-<lang>.jsonl   <task>/<lang>.jsonl
   descramble, langid and diacritize are derived from text/;
 - `files`: a list of files or globs, each with its task, format (jsonl, tsv, conll, text) and
@@ -9,7 +9,7 @@ Two ways to name inputs (data.source):
 
 The train/validation split is a stable hash of each record's location (file name and line), so it
 does not move when other files change. Files are read independently (in parallel with
-data.workers > 1) and concatenated in a fixed order, so the result never depends on scheduling.
+data.prepare_workers > 1) and concatenated in a fixed order, so the result never depends on scheduling.
 """
 from __future__ import annotations
 
@@ -20,27 +20,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from sabiscale.config import DataConfig, RunConfig
+from sabiscale.config import DataConfig, FileSource, RunConfig
 from sabiscale.prep.parallel import SERIAL, Workers
 from sabiscale.prep.sources import read_records
 from sabiscale.prep.tasks import KNOWN_LANGUAGES, BadRecord, Example, NotApplicable, TaskDef, render, special_tokens, task_registry
 
 # Layout tasks that read another task's folder; every other task reads <root>/<task>/.
 _DERIVED_FROM_TEXT = {"descramble", "langid", "diacritize"}
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One input file of one task, with how to read it."""
-
-    task: str
-    path: Path
-    format: str = "jsonl"
-    lang: str | None = None  # the language of records that do not name one
-    fields: tuple[tuple[str, str], ...] = ()
-    columns: tuple[str, ...] = ()
-    header: bool = False
-    documents: str = "line"
 
 
 @dataclass
@@ -56,20 +42,20 @@ class Corpus:
     skipped: list[dict]
     not_applicable: dict[str, int]       # task -> records the task had nothing to learn from
     specials: list[str]                  # the tokenizer's special tokens (also refused in user text)
-    files: list[SourceFile]              # the input files read, in order
+    files: list[FileSource]              # the input files read, in order
 
 
-def _layout_files(root: Path, task: str, languages: list[str] | None) -> list[SourceFile]:
+def _layout_files(root: Path, task: str, languages: list[str] | None) -> list[FileSource]:
     folder = "text" if task in _DERIVED_FROM_TEXT else task
     files = sorted((root / folder).glob("*.jsonl"))
     if not files:
         raise BadRecord(f"task {task!r}: no files found under {root / folder} (the layout is <root>/{folder}/<lang>.jsonl; "
                         "for other layouts or formats use data.source=files)")
     pairs = [(f, f.stem.split("-", 1)[1] if task == "translation" and "-" in f.stem else f.stem) for f in files]
-    return [SourceFile(task, f, lang=lang) for f, lang in pairs if languages is None or lang in languages]
+    return [FileSource(task=task, path=str(f), lang=lang) for f, lang in pairs if languages is None or lang in languages]
 
 
-def _listed_files(data: DataConfig) -> list[SourceFile]:
+def _listed_files(data: DataConfig) -> list[FileSource]:
     out = []
     for index, src in enumerate(data.files):
         if src.task not in data.tasks:
@@ -80,38 +66,37 @@ def _listed_files(data: DataConfig) -> list[SourceFile]:
                             f"directory, {Path.cwd()})")
         if src.lang is not None and data.languages is not None and src.lang not in data.languages:
             continue
-        out += [SourceFile(src.task, Path(p), src.format, src.lang, tuple(src.fields.items()), tuple(src.columns),
-                           src.header, src.documents) for p in paths]
+        out += [src.model_copy(update={"path": p}) for p in paths]
     return out
 
 
-def source_files(data: DataConfig, root: Path | None) -> list[SourceFile]:
+def source_files(data: DataConfig, root: Path | None) -> list[FileSource]:
     """Every input file of the recipe's tasks, in the order they are read."""
     if data.source == "files":
         return _listed_files(data)
     if root is None or not root.is_dir():
-        raise BadRecord(f"data root {root} is not a directory (expected the layout of ../shared/data)")
+        raise BadRecord(f"data root {root} is not a directory (expected the task layout: <root>/<task>/<lang>.jsonl, translation/eng-<lang>.jsonl)")
     return [f for task in data.tasks for f in _layout_files(root, task, data.languages)]
 
 
-def declared_languages(data: DataConfig, files: list[SourceFile]) -> list[str]:
+def declared_languages(data: DataConfig, files: list[FileSource]) -> list[str]:
     """Languages known before reading: their tags are reserved in user text and are special tokens."""
     return sorted(set(KNOWN_LANGUAGES) | set(data.languages or []) | {f.lang for f in files if f.lang})
 
 
-def reserved_tokens(data: DataConfig, files: list[SourceFile]) -> list[str]:
+def reserved_tokens(data: DataConfig, files: list[FileSource]) -> list[str]:
     registry = task_registry(data.task_defs)
     return special_tokens(declared_languages(data, files), [registry[t] for t in data.tasks])
 
 
-def read_file(source: SourceFile, spec: TaskDef, reserved: list[str], languages: list[str], seed: int,
+def read_file(source: FileSource, spec: TaskDef, reserved: list[str], languages: list[str], seed: int,
               max_records: int | None = None, keep: Callable[[dict], bool] | None = None,
               skip_bad: bool = False, wanted: list[str] | None = None) -> FileResult:
     """One file's examples; a bad record raises BadRecord, or with skip_bad is listed in `skipped`.
     `max_records` counts the records that `keep` accepts."""
     result = FileResult()
     count = 0
-    records = read_records(source.path, source.format, dict(source.fields), list(source.columns), source.header,
+    records = read_records(Path(source.path), source.format, dict(source.fields), list(source.columns), source.header,
                            source.documents)
     for record, where in records:
         try:
@@ -163,7 +148,7 @@ def load_corpus(cfg: RunConfig, root: Path | None, keep: Callable[[dict], bool] 
     return Corpus(examples, skipped, not_applicable, reserved, files)
 
 
-def _read_one(job: tuple[Callable[[SourceFile], FileResult], SourceFile]) -> FileResult:
+def _read_one(job: tuple[Callable[[FileSource], FileResult], FileSource]) -> FileResult:
     reader, source = job
     return reader(source)
 
@@ -174,5 +159,5 @@ def is_validation(where: str, val_fraction: float) -> bool:
 
 
 def is_dev_record(record: dict) -> bool:
-    """Records of an official dev split (../shared/data keeps `orig_split`; text ids carry it)."""
+    """Records of an official dev split (records keep `orig_split`, or text ids carry it)."""
     return record.get("orig_split") == "dev" or "-dev-" in str(record.get("id", ""))

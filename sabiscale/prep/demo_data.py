@@ -7,7 +7,7 @@ invented languages are derived from them by a seeded word mapping with their own
 - `hau`: Hausa-style, adjectives after the noun,
 - `ibo`: Igbo-style, adjectives after the noun and a sentence-final particle.
 
-The files are written in the layout of ../shared/data (translation/eng-<lang>.jsonl,
+The files are written in the task layout (translation/eng-<lang>.jsonl,
 ner/<lang>.jsonl, sentiment/<lang>.jsonl, text/<lang>.jsonl), so the demo goes through exactly
 the same reading, templating and tokenization as real data. Descrambling is derived from text/.
 """

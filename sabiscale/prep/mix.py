@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from sabiscale.config import MixConfig
 from sabiscale.shards.pack import Document
+from sabiscale.errors import UserError
 
 
 def target_tokens(natural: dict[tuple[str, str], int], mix: MixConfig) -> dict[tuple[str, str], float]:
@@ -25,7 +26,7 @@ def target_tokens(natural: dict[tuple[str, str], int], mix: MixConfig) -> dict[t
                   for lang, n in by_lang.items()}
     norm = sum(lang_score.values())
     if norm == 0:
-        raise ValueError(f"data.mix gives every language weight 0 (languages {sorted(by_lang)})")
+        raise UserError(f"data.mix gives every language weight 0 (languages {sorted(by_lang)})")
     targets = {}
     for lang, score in lang_score.items():
         groups = {key: n * mix.task_weights.get(key[0], 1.0) for key, n in natural.items() if key[1] == lang}

@@ -5,7 +5,7 @@ Writes into the run directory:
     tokenizer/      tokenizer.json + transformers config (trained here unless tokenizer.path is set)
     shards/         train-*.tar, val-*.tar, manifest.json (and skipped.jsonl with data.skip_bad)
 
-Reading (and templating) and shard writing run on data.workers processes, tokenizing on the
+Reading (and templating) and shard writing run on data.prepare_workers processes, tokenizing on the
 tokenizers library's own threads; every stage keeps input order, so the output is byte-identical
 for any number of workers.
 """
@@ -22,9 +22,12 @@ from sabiscale.prep.demo_data import generate_demo_corpus
 from sabiscale.prep.mix import mix_documents
 from sabiscale.prep.parallel import SERIAL, Workers
 from sabiscale.shards.pack import Document, PackStats, pack_documents
-from sabiscale.shards.write import sha256_file, write_manifest, write_split
+from sabiscale.hashing import sha256_file
+from sabiscale.shards.format import write_manifest
+from sabiscale.shards.write import write_split
 from sabiscale.prep.tasks import BadRecord, Example, task_registry
 from sabiscale.prep.tokenizer import adopt_tokenizer, encode_examples, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+from sabiscale.errors import AlreadyExists, UserError
 
 @dataclass
 class Prepared:
@@ -55,7 +58,7 @@ def split_examples(cfg: RunConfig, corpus: Corpus) -> tuple[list[Example], list[
     for example, where in corpus.examples:
         (val if is_validation(where, cfg.data.val_fraction) else train).append(example)
     if not train:
-        raise ValueError(f"no training examples found for tasks {cfg.data.tasks}")
+        raise UserError(f"no training examples found for tasks {cfg.data.tasks}")
     return train, val
 
 
@@ -76,7 +79,7 @@ def _check_specials(tok, specials: list[str], path: Path) -> None:
     into pieces and read as text."""
     missing = [s for s in specials if s not in tok.all_special_tokens and s not in tok.get_added_vocab()]
     if missing:
-        raise ValueError(f"tokenizer.path {path} lacks the special token(s) {missing} of this recipe's tasks and "
+        raise UserError(f"tokenizer.path {path} lacks the special token(s) {missing} of this recipe's tasks and "
                          "languages; unset tokenizer.path to train a tokenizer for them")
 
 
@@ -90,8 +93,9 @@ def _sources_record(corpus: Corpus, root: Path | None) -> list[dict]:
     """Each input file with its hash: what these shards were made from."""
     out = []
     for src in corpus.files:
-        shown = src.path.relative_to(root) if root is not None and src.path.is_relative_to(root) else src.path
-        out.append({"task": src.task, "path": str(shown), "format": src.format, "sha256": sha256_file(src.path)})
+        path = Path(src.path)
+        shown = path.relative_to(root) if root is not None and path.is_relative_to(root) else path
+        out.append({"task": src.task, "path": str(shown), "format": src.format, "sha256": sha256_file(path)})
     return out
 
 
@@ -107,10 +111,10 @@ def write_skipped(shards_dir: Path, skipped: list[dict]) -> dict:
 
 def prepare(cfg: RunConfig) -> Prepared:
     if cfg.data.shards_dir is not None and (cfg.data.shards_dir / "manifest.json").is_file():
-        raise FileExistsError(f"data.shards_dir {cfg.data.shards_dir} already holds shards, which `prepare` would "
+        raise AlreadyExists(f"data.shards_dir {cfg.data.shards_dir} already holds shards, which `prepare` would "
                               "overwrite; unset data.shards_dir to prepare into <output_dir>/shards (nothing was changed)")
     root = data_root(cfg)
-    with Workers(cfg.data.workers) as workers:
+    with Workers(cfg.data.prepare_workers) as workers:
         corpus = read_corpus(cfg, root, workers)
         train, val = split_examples(cfg, corpus)
         tok = _tokenizer(cfg, train, corpus.specials)

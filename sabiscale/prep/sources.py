@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sabiscale.prep.tasks import BadRecord
+from sabiscale.errors import UserError
 
 Record = tuple[dict | BadRecord, str]
 
@@ -132,4 +133,4 @@ def read_records(path: Path, fmt: str, fields: dict[str, str] | None = None, col
         return read_conll(path)
     if fmt == "text":
         return read_text(path, documents)
-    raise ValueError(f"unknown source format {fmt!r}")
+    raise UserError(f"unknown source format {fmt!r}")

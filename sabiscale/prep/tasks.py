@@ -33,6 +33,7 @@ import string
 import unicodedata
 from dataclasses import dataclass
 
+from sabiscale.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EOS = "<|endoftext|>"
@@ -45,7 +46,7 @@ _DERIVE = re.compile(r"^(\w+)\((\w+)\)$")
 _IMPLICIT = {"lang", "lang_tag"}
 
 
-class BadRecord(ValueError):
+class BadRecord(UserError):
     """A record that cannot become an example; the message names its location and what to fix."""
 
 

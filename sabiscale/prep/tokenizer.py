@@ -4,7 +4,6 @@ with task and language tags as special tokens. Saved as a transformers tokenizer
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,7 +12,9 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from sabiscale.hashing import sha256_file
 from sabiscale.prep.tasks import EOS, PAD, Example
+from sabiscale.errors import MissingInput
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, specials: list[str]) -> Tokenizer:
@@ -42,7 +43,7 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} does not exist; run `sabiscale prepare` first")
+        raise MissingInput(f"tokenizer {path} does not exist; run `sabiscale prepare` first")
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=PAD)
 
 
@@ -50,7 +51,7 @@ def adopt_tokenizer(source: Path, target: Path) -> None:
     """Use an existing tokenizer.json (tokenizer.path) as this run's: copied into the run, so its
     checkpoints carry it; a missing file is named."""
     if not Path(source).is_file():
-        raise FileNotFoundError(f"tokenizer.path {source} does not exist; point it at a tokenizer.json "
+        raise MissingInput(f"tokenizer.path {source} does not exist; point it at a tokenizer.json "
                                 "(a run's tokenizer/tokenizer.json)")
     target.parent.mkdir(parents=True, exist_ok=True)
     if Path(source).resolve() != target.resolve():
@@ -58,7 +59,7 @@ def adopt_tokenizer(source: Path, target: Path) -> None:
 
 
 def tokenizer_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def encode_examples(tok: PreTrainedTokenizerFast, examples: list[Example]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -7,7 +7,7 @@ sequence is one more "document" of pad tokens with mask 0.
 Filling rule: first fit over a window of OPEN_SEQUENCES open sequences. Each document goes into
 the first open sequence it fits in; a sequence is written when it is full, or when the window
 overflows (the oldest one first). Filling gaps with later documents instead of closing a
-sequence at the first document that does not fit cuts padding (../shared/data with the shared_data recipe: 0.7% of
+sequence at the first document that does not fit cuts padding (the real multilingual corpus with the shared_data recipe: 0.7% of
 the positions in the manifest's counts, against 7.8% with that rule), and since every row costs the model the same, more of each step is real text. The
 window keeps the stream's shuffled order nearly intact.
 

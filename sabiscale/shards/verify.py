@@ -6,17 +6,13 @@ sequence; per split: token and supervised-token totals. Every problem names the 
 """
 from __future__ import annotations
 
-import io
 import json
-import tarfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from sabiscale.shards.write import FIELDS, check_aligned, read_manifest, sha256_file
-
-DTYPES = {"input_ids": np.uint32, "loss_mask": np.uint8, "position_ids": np.int32, "ref_loss": np.float16}
+from sabiscale.hashing import sha256_file
+from sabiscale.shards.format import DTYPES, FIELDS, READ_ERRORS, check_aligned, npy_array, read_manifest, read_members
 
 
 def _check_sample(shard: str, key: str, members: dict[str, bytes], seq_len: int, problems: list[str],
@@ -29,7 +25,7 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], seq_len: int,
             problems.append(f"{shard}: member {name} is missing")
             continue
         try:
-            array = np.load(io.BytesIO(members[name]), allow_pickle=False)
+            array = npy_array(members[name])
         except Exception as err:  # noqa: BLE001 - any unreadable array is reported, whatever numpy says
             problems.append(f"{shard}: member {name} is not a readable .npy ({err})")
             continue
@@ -54,20 +50,12 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], seq_len: int,
 
 
 def _read_members(path: Path, problems: list[str]) -> dict[str, dict[str, bytes]] | None:
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key = member.name.split(".", 1)[0]
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise EOFError(f"member {member.name} has {len(data)} of its {member.size} bytes")
-                samples[key][member.name] = data
-    except (tarfile.TarError, OSError, EOFError) as err:
+        return read_members(path)
+    except READ_ERRORS as err:
         problems.append(f"{path.name}: not a readable tar ({err}); the file is truncated or corrupted — "
                         "re-run `sabiscale prepare` or restore it from where it was copied")
         return None
-    return samples
 
 
 def verify_shards(shards_dir: Path) -> tuple[list[str], dict]:

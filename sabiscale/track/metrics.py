@@ -1,36 +1,72 @@
-"""What the loop measures: per-task and per-language token losses (sums and counts, reduced
-across ranks), device peak FLOP/s for MFU, memory in use, and the history the plots are drawn from."""
+"""What the loop measures: the named sums of a step, per-task and per-language token losses (sums
+and counts, reduced across ranks), device peak FLOP/s for MFU, memory in use, and the history the
+plots are drawn from. FLOP counts are in track/flops.py."""
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass, fields
+from typing import Any
 
 import psutil
 import torch
 
 from sabiscale.data.batch import Batch, Vocab
-from sabiscale.loss.masked import TokenLosses
+from sabiscale.loss.objective import TokenLosses
 
 
-def selection_sums(out: TokenLosses) -> torch.Tensor:
-    """(5,) float64 [candidates, selected, excess sum of selected, excess sum of rejected, rejected]
-    of one micro-batch; zeros unless the loss was selective."""
-    if out.excess is None:
-        return torch.zeros(5, dtype=torch.float64, device=out.per_token.device)
-    keep = out.selected[out.candidates]  # which candidates won, in candidate order
-    excess = out.excess.double()
-    return torch.stack([torch.tensor(float(len(excess)), dtype=torch.float64, device=excess.device),
-                        keep.sum().double(), excess[keep].sum(), excess[~keep].sum(), (~keep).sum().double()])
+@dataclass
+class StepSums:
+    """What one optimizer step adds up over its micro-batches: 0-dim float64 tensors on the device
+    while the step runs, plain floats once `all_reduced` has summed them over every rank in one call."""
+
+    targets: Any          # supervised targets the loss counted (the divisor of train/loss)
+    loss: Any             # weighted sum of the counted targets' losses
+    answer_loss: Any      # sum of the losses of counted targets that are answer tokens
+    answer_tokens: Any    # how many counted targets are answer tokens
+    needed_flops: Any     # FLOPs the step needs (track/flops.py), for MFU
+    # kinds that rank candidates (selective): candidates, and the kept and rejected ones with their excess losses
+    candidates: Any
+    selected: Any
+    excess_selected: Any
+    excess_rejected: Any
+    rejected: Any
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "StepSums":
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in fields(cls)))
+
+    def add(self, batch: Batch, out: TokenLosses, needed_flops: float) -> None:
+        answer = batch.loss_mask[:, 1:][out.selected]  # which counted targets are answer tokens
+        self.loss += out.loss_sum.detach().double()
+        self.answer_loss += out.per_token[answer].sum().double()
+        self.answer_tokens += answer.sum()
+        self.needed_flops += needed_flops
+        if out.excess is not None:
+            keep = out.selected[out.candidates]  # which candidates won, in candidate order
+            excess = out.excess.double()
+            self.candidates += len(excess)
+            self.selected += keep.sum()
+            self.excess_selected += excess[keep].sum()
+            self.excess_rejected += excess[~keep].sum()
+            self.rejected += (~keep).sum()
+
+    def all_reduced(self, all_reduce) -> "StepSums":
+        total = all_reduce(torch.stack([getattr(self, f.name) for f in fields(self)]))
+        return StepSums(*(float(v) for v in total))
+
+    def finite(self) -> bool:
+        return all(math.isfinite(float(getattr(self, f.name))) for f in fields(self))
 
 
-def selection_metrics(sums: torch.Tensor) -> dict[str, float]:
-    """Per step, from the rank-reduced selection_sums: selected fraction and mean excess loss of
-    selected vs rejected tokens."""
-    candidates, selected, ex_sel, ex_rej, rejected = (float(v) for v in sums)
-    return {"select/selected_fraction": selected / max(candidates, 1.0),
-            "select/excess_selected": ex_sel / max(selected, 1.0),
-            "select/excess_rejected": ex_rej / max(rejected, 1.0),
-            "select/candidates": candidates}
+def selection_metrics(sums: StepSums) -> dict[str, float]:
+    """Per step, from the rank-reduced sums: selected fraction and mean excess loss of selected vs
+    rejected tokens."""
+    return {"select/selected_fraction": sums.selected / max(sums.candidates, 1.0),
+            "select/excess_selected": sums.excess_selected / max(sums.selected, 1.0),
+            "select/excess_rejected": sums.excess_rejected / max(sums.rejected, 1.0),
+            "select/candidates": sums.candidates}
 
 
 class TokenStats:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from sabiscale.data.batch import Batch, Vocab
+from sabiscale.shards.format import load_npy, save_npy, save_npz
+from sabiscale.errors import UserError
 
 
 def answer_positions(loss_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -79,17 +81,17 @@ class ProbeRecorder:
             meta_path = self.out_dir / "meta.npz"
             meta = probe_metadata(batches, vocab)
             if meta_path.is_file():  # a resumed run must probe the very same tokens
-                before = np.load(meta_path, allow_pickle=False)
+                before = load_npy(meta_path)
                 if not np.array_equal(before["token_id"], meta["token_id"]):
-                    raise ValueError(f"{meta_path} describes another probe set than this run's validation shards; "
+                    raise UserError(f"{meta_path} describes another probe set than this run's validation shards; "
                                      "move the probe/ directory aside or set train.probe_every=0")
             else:
-                np.savez(meta_path, **meta)
+                save_npz(meta_path, **meta)
                 tracker.log_artifact(meta_path, "probe")
 
     def record(self, step: int, objective: torch.nn.Module, device: torch.device) -> None:
         losses = probe_losses(objective, self.batches, device)  # every rank: ZeRO-3 forwards are collective
         if self.rank == 0:
             path = self.out_dir / f"loss_{step:08d}.npy"
-            np.save(path, losses, allow_pickle=False)
+            save_npy(path, losses)
             self.tracker.log_artifact(path, "probe")

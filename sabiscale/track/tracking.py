@@ -21,7 +21,9 @@ MAX_PARAM_LENGTH = 6000
 
 
 class Tracker(Protocol):
-    run_id: str | None
+    run_id: str | None         # the MLflow run (None: tracking off, or the store never answered)
+    uri: str | None            # the store it logs to
+    experiment_id: str | None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
@@ -33,6 +35,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     run_id: str | None = None
+    uri: str | None = None
+    experiment_id: str | None = None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass

@@ -12,26 +12,26 @@ checkpoint directory must be on a filesystem every rank sees (as on SLURM cluste
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import torch
 
 from sabiscale.config import RunConfig, build_config
+from sabiscale.hashing import sha256_file
 from sabiscale.model.build import build_model
 from sabiscale.prep.tokenizer import load_tokenizer
+from sabiscale.errors import AlreadyExists, MissingInput, NoSpace, UserError
 
 CLIENT_STATE_VERSION = 1
 SIDECAR = "sabiscale.json"
 TAG_PATTERN = re.compile(r"step_[0-9]{8}")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used as it is; the message says which file and what to do."""
 
 
@@ -39,16 +39,12 @@ def step_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def kill_self() -> None:
-    """Fault injection for tests: die as abruptly as `kill -9` would make us."""
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, tokenizer_dir: Path,
-                    rank: int, keep_last: int = 0, keep_every: int = 0, kill_mid_write: bool = False) -> Path:
+                    rank: int, keep_last: int = 0, keep_every: int = 0, before_complete=None) -> Path:
     """Write atomically: every rank writes its partitions into `<tag>.partial/`; rank 0 adds the
     sidecar and tokenizer, renames the directory to `<tag>/` and only then points `latest` at it.
-    A crash at any point leaves the previous checkpoint as the newest complete one."""
+    A crash at any point leaves the previous checkpoint as the newest complete one.
+    `before_complete` is called on rank 0 with every file written, just before the rename (hooks)."""
     from sabiscale.train.engine import barrier
 
     tag = step_tag(step)
@@ -61,8 +57,8 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
             shutil.copytree(tokenizer_dir, partial / "tokenizer", dirs_exist_ok=True)
             state["files"] = file_inventory(partial)  # every rank's files are written (barrier above)
             (partial / SIDECAR).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-            if kill_mid_write:
-                kill_self()
+            if before_complete is not None:
+                before_complete()
             if final.exists():  # the same step saved again after a resume: replace it whole
                 shutil.rmtree(final)
             os.rename(partial, final)
@@ -74,7 +70,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
         previous = latest_complete(checkpoint_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         free = shutil.disk_usage(checkpoint_dir).free / 2**20
-        raise OSError(f"could not write checkpoint {final} ({err}; {free:.1f} MiB free there); {kept}; "
+        raise NoSpace(f"could not write checkpoint {final} ({err}; {free:.1f} MiB free there); {kept}; "
                       "free disk space (or point output_dir elsewhere) and run the same command to resume") from err
     barrier()
     return final
@@ -111,16 +107,11 @@ def prune(checkpoint_dir: Path, keep_last: int, keep_every: int) -> None:
             shutil.rmtree(path)
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def file_inventory(tag_dir: Path) -> dict[str, dict]:
     """relative path -> size and sha256 of every file of a checkpoint (but the sidecar itself).
     Recorded at save, checked before any load: a truncated or altered file is then named with
     its expected size instead of surfacing as an unpickling error deep inside DeepSpeed."""
-    return {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != SIDECAR}
 
 
@@ -133,7 +124,7 @@ def damaged_files(tag_dir: Path, recorded: dict[str, dict]) -> list[str]:
             problems.append(f"{rel}: missing")
         elif (size := path.stat().st_size) != want["bytes"]:
             problems.append(f"{rel}: {size} bytes, {want['bytes']} when saved (truncated or overwritten)")
-        elif _sha256(path) != want["sha256"]:
+        elif sha256_file(path) != want["sha256"]:
             problems.append(f"{rel}: content differs from what was saved (sha256 mismatch)")
     return problems
 
@@ -180,7 +171,7 @@ def resolve_checkpoint(path: Path) -> Path:
     newest = latest_complete(path)
     if newest is not None:
         return newest
-    raise FileNotFoundError(f"{path} is not a sabiscale checkpoint (no {SIDECAR}, no `latest` pointing to one); "
+    raise MissingInput(f"{path} is not a sabiscale checkpoint (no {SIDECAR}, no `latest` pointing to one); "
                             "pass a checkpoints/step_XXXXXXXX directory written by `sabiscale train`")
 
 
@@ -213,7 +204,7 @@ def load_trained_lm(path: Path):
                               f"({str(err).splitlines()[-1].strip()}); was the sidecar copied from another run?") from None
     missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{tag_dir}: checkpoint does not fit the model in its config "
+        raise UserError(f"{tag_dir}: checkpoint does not fit the model in its config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     if cfg.model.tie_embeddings:
         lm.tie_weights()
@@ -227,7 +218,7 @@ def export_hf(path: Path, out_dir: Path) -> Path:
     lm, tok, meta = load_trained_lm(path)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory (nothing was overwritten)")
+        raise AlreadyExists(f"{out_dir} exists and is not empty; choose a new directory (nothing was overwritten)")
     lm.config.use_cache = True  # for generation by users; training packs and turns it off
     lm.set_attn_implementation("sdpa")  # sabiscale's packed attention is not in plain transformers
     lm.save_pretrained(str(out_dir))

@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from sabiscale.errors import UserError
 from sabiscale.config import OptimConfig, RunConfig
 
 
-class EngineConfigError(ValueError):
+class EngineConfigError(UserError):
     pass
 
 

@@ -1,34 +1,17 @@
-"""Prompt-masked (SabiYarn) and all-token (CLM) next-token loss, paying the head only where it counts.
+"""The output head, paid only where the loss reads: a fused linear + cross-entropy over the
+supervised positions, chunk by chunk.
 
-HF-style training builds (B, T, V) logits and hides prompt tokens with labels=-100. Here the final
-hidden states are computed at the supervised positions only (the last layer's output projection,
-MLP and final norm run there alone, sabiscale/model.py::hidden_at), and the output projection plus
-cross-entropy run only there, chunk by chunk with the gradients computed on the spot
-(FusedLinearCrossEntropy), so at most (chunk, V) logits are alive at once and no B x T x V
-tensor exists. The head is called as a module, so under ZeRO-3 DeepSpeed gathers its weight as
-for any forward.
-
-The objective returns a *sum* and a *count*; the training loop divides once by the global count of
-supervised tokens, so the result does not depend on micro-batching or the number of ranks.
+HF-style training builds (B, T, V) logits and hides prompt tokens with labels=-100. Here the
+objective (loss/objective.py) hands the head only the final hidden states of the positions whose
+next token counts, and the output projection plus cross-entropy run only there, chunk by chunk
+with the gradients computed on the spot (FusedLinearCrossEntropy), so at most (chunk, V) logits
+are alive at once and no B x T x V tensor exists. The head is called as a module, so under ZeRO-3
+DeepSpeed gathers its weight as for any forward. With reference losses (the selective kind) the
+head first ranks the candidates by excess loss and trains the top share only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-from sabiscale.model.build import hidden_at
-
-
-@dataclass
-class TokenLosses:
-    loss_sum: torch.Tensor   # () weighted sum of the selected tokens' losses; carries the gradient
-    count: torch.Tensor      # () number of selected target tokens
-    per_token: torch.Tensor  # (N,) detached, unweighted loss of each selected target
-    selected: torch.Tensor   # (B, T-1) bool, which next-token targets were selected
-    # selective loss only: the candidates ranked (B, T-1) and their excess losses (C,), detached
-    candidates: torch.Tensor | None = None
-    excess: torch.Tensor | None = None
 
 
 def selected_count(candidates: int, ratio: float) -> int:
@@ -202,77 +185,3 @@ def install_supervised_head(lm: torch.nn.Module) -> torch.nn.Module:
         head.weight = old.weight
         lm.lm_head = head
     return lm
-
-
-def target_selection(loss_mask: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                     kind: str, pad_id: int) -> torch.Tensor:
-    """(B, T-1) bool: the next-token targets the loss counts.
-
-    masked (and the candidates of selective): the packed loss_mask (answer tokens and EOS). clm:
-    every real token that is not the first of its document (nothing in its document predicts it)
-    and not padding.
-    """
-    if kind in ("masked", "selective"):
-        return loss_mask[:, 1:]
-    return (position_ids[:, 1:] != 0) & (input_ids[:, 1:] != pad_id)
-
-
-class TokenLossObjective(torch.nn.Module):
-    """Wraps a causal LM; forward returns the TokenLosses of one micro-batch."""
-
-    def __init__(self, lm: torch.nn.Module, kind: str, chunk_size: int, pad_id: int,
-                 task_weights: list[float] | None = None, ratio: float = 1.0) -> None:
-        super().__init__()
-        self.lm = install_supervised_head(lm)
-        self.kind, self.chunk_size, self.pad_id, self.ratio = kind, chunk_size, pad_id, ratio
-        # index = task id of the run's Vocab; None = every task weighs 1
-        self.task_weights = task_weights
-
-    def _weights(self, task_ids: torch.Tensor | None) -> torch.Tensor | None:
-        if self.task_weights is None or task_ids is None:
-            return None
-        table = torch.tensor([*self.task_weights, 0.0], device=task_ids.device)  # id -1 (padding) -> 0
-        return table[task_ids[:, 1:]]  # (B, T-1)
-
-    def select(self, input_ids, position_ids, loss_mask, task_ids=None, kind: str | None = None):
-        """((B, T-1) bool targets, (B, T-1) weights or None); an explicit kind ignores task weights."""
-        selected = target_selection(loss_mask, input_ids, position_ids, kind or self.kind, self.pad_id)
-        weights = self._weights(task_ids) if kind is None else None
-        if weights is not None:
-            selected = selected & (weights > 0)
-        return selected, weights
-
-    def count_targets(self, input_ids, position_ids, loss_mask, task_ids=None) -> torch.Tensor:
-        """How many targets forward() will count, without running the model: for the selective
-        loss that is a fixed share of the candidates, whichever tokens win."""
-        candidates = self.select(input_ids, position_ids, loss_mask, task_ids)[0].sum()
-        if self.kind == "selective":
-            return torch.tensor(selected_count(int(candidates), self.ratio), device=candidates.device)
-        return candidates
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor,
-                task_ids: torch.Tensor | None = None, ref_loss: torch.Tensor | None = None,
-                kind: str | None = None) -> TokenLosses:
-        """kind overrides the training kind, e.g. "masked" to measure answer-token loss of a CLM run.
-        ref_loss (B, T): the reference model's loss of each token, needed by the selective loss.
-
-        Selection is per micro-batch, among its candidates: a micro-batch is the unit of the
-        world-size-invariant data stream, so a selective run picks the same tokens on 1 rank with
-        accumulation as on many ranks, and no collective is needed inside the forward."""
-        selected, weights = self.select(input_ids, position_ids, loss_mask, task_ids, kind)
-        needed = torch.cat([selected, selected.new_zeros(selected.shape[0], 1)], dim=1)  # position t predicts t+1
-        h = hidden_at(self.lm, input_ids, position_ids, needed)  # (N, H), in the order of [selected]
-        targets = input_ids[:, 1:][selected]  # (N,)
-        token_weights = weights[selected].float() if weights is not None else None
-        if (kind or self.kind) != "selective":
-            loss_sum, losses = self.lm.lm_head(h, targets=targets, token_weights=token_weights, chunk=self.chunk_size)
-            return TokenLosses(loss_sum, selected.sum(), losses, selected)
-        if ref_loss is None:
-            raise ValueError("the selective loss needs reference losses: train from shards written by "
-                             "`sabiscale score`, or set loss.reference=online")
-        reference = ref_loss[:, 1:][selected].float()
-        loss_sum, losses, keep, excess = self.lm.lm_head(h, targets=targets, token_weights=token_weights,
-                                                         chunk=self.chunk_size, reference=reference, ratio=self.ratio)
-        chosen = torch.zeros_like(selected)
-        chosen[selected] = keep
-        return TokenLosses(loss_sum, keep.sum(), losses, chosen, candidates=selected, excess=excess)

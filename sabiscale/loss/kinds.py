@@ -1,0 +1,130 @@
+"""The loss kinds: which next-token targets of a micro-batch count, and how the head turns them
+into a loss. One class per kind, registered by name; `loss.kind` in a recipe picks one, once, when
+the objective is built. Adding a kind is one class here (and its test): the config accepts every
+registered name, and the objective, the loop and the metrics ask the kind, never its name.
+
+    masked     SabiYarn: only answer tokens (and each answer's end of text) count
+    clm        every real token that something in its document predicts
+    selective  Rho-1: of the answer tokens of each micro-batch, the `loss.ratio` share with the
+               highest excess loss (current minus a reference model's loss)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from sabiscale.errors import UserError
+from sabiscale.loss.head import SupervisedHead, selected_count
+
+
+@dataclass
+class HeadLoss:
+    loss_sum: torch.Tensor              # () weighted sum of the kept targets' losses; carries the gradient
+    losses: torch.Tensor                # (K,) detached, unweighted loss of each kept target
+    keep: torch.Tensor | None = None    # (C,) bool, which candidates were kept (None: all of them)
+    excess: torch.Tensor | None = None  # (C,) the candidates' excess losses, when the kind ranks them
+
+
+class LossKind:
+    """Default behaviour: every candidate target counts, with its (task-weighted) loss."""
+
+    name: ClassVar[str]
+    reads_reference: ClassVar[bool] = False  # needs each token's reference loss (shards or online)
+    ranks: ClassVar[bool] = False            # keeps a share of its candidates (selection metrics are logged)
+
+    def __init__(self, cfg) -> None:  # cfg: sabiscale.config.LossConfig
+        self.cfg = cfg
+
+    @staticmethod
+    def problems(cfg) -> list[str]:
+        """What is wrong with the loss section for this kind (checked when the recipe loads)."""
+        return []
+
+    def check_shards(self, manifest: dict, shards_dir: Path) -> None:
+        """Refuse shards this kind cannot train from, before the engine starts."""
+
+    def candidates(self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor,
+                   pad_id: int) -> torch.Tensor:
+        """(B, T-1) bool: the next-token targets this kind may count."""
+        raise NotImplementedError
+
+    def counted(self, candidates: int) -> int:
+        """How many targets a micro-batch with this many candidates counts, known before any forward."""
+        return candidates
+
+    def head_loss(self, head: SupervisedHead, hidden: torch.Tensor, targets: torch.Tensor,
+                  token_weights: torch.Tensor | None, chunk: int, reference: torch.Tensor | None) -> HeadLoss:
+        loss_sum, losses = head(hidden, targets=targets, token_weights=token_weights, chunk=chunk)
+        return HeadLoss(loss_sum, losses)
+
+
+LOSS_KINDS: dict[str, type[LossKind]] = {}
+
+
+def register(kind: type[LossKind]) -> type[LossKind]:
+    LOSS_KINDS[kind.name] = kind
+    return kind
+
+
+@register
+class Masked(LossKind):
+    name = "masked"
+
+    def candidates(self, input_ids, position_ids, loss_mask, pad_id):
+        return loss_mask[:, 1:]
+
+
+@register
+class CausalLM(LossKind):
+    """Every real token that is not the first of its document (nothing in its document predicts
+    it) and is not padding."""
+
+    name = "clm"
+
+    def candidates(self, input_ids, position_ids, loss_mask, pad_id):
+        return (position_ids[:, 1:] != 0) & (input_ids[:, 1:] != pad_id)
+
+
+@register
+class Selective(Masked):
+    """Selection is per micro-batch, among its answer tokens: a micro-batch is the unit of the
+    world-size-invariant data stream, so a selective run picks the same tokens on 1 rank with
+    accumulation as on many ranks, and no collective is needed inside the forward."""
+
+    name = "selective"
+    reads_reference = True
+    ranks = True
+
+    @staticmethod
+    def problems(cfg) -> list[str]:
+        if cfg.reference == "online" and cfg.reference_checkpoint is None:
+            return ["loss.reference is 'online' but loss.reference_checkpoint is not set"]
+        return []
+
+    def check_shards(self, manifest, shards_dir):
+        if self.cfg.reference == "shards" and "reference" not in manifest:
+            raise UserError(
+                f"loss.kind=selective reads reference losses from the shards, but {shards_dir} has none; score "
+                f"them: `sabiscale score --reference REF_CHECKPOINT --shards {shards_dir} --out NEW_DIR` and set "
+                "data.shards_dir=NEW_DIR (or set loss.reference=online with loss.reference_checkpoint)")
+
+    def counted(self, candidates):
+        return selected_count(candidates, self.cfg.ratio)
+
+    def head_loss(self, head, hidden, targets, token_weights, chunk, reference):
+        if reference is None:
+            raise UserError("the selective loss needs reference losses: train from shards written by "
+                            "`sabiscale score`, or set loss.reference=online")
+        loss_sum, losses, keep, excess = head(hidden, targets=targets, token_weights=token_weights, chunk=chunk,
+                                              reference=reference, ratio=self.cfg.ratio)
+        return HeadLoss(loss_sum, losses, keep, excess)
+
+
+def make_loss_kind(cfg) -> LossKind:
+    """The kind a loss config names (cfg: sabiscale.config.LossConfig)."""
+    if cfg.kind not in LOSS_KINDS:
+        raise UserError(f"loss.kind {cfg.kind!r} is not one of {sorted(LOSS_KINDS)}")
+    return LOSS_KINDS[cfg.kind](cfg)

@@ -1,0 +1,88 @@
+"""Where a run continues from: the newest complete checkpoint of its run directory, checked
+against this run (tokenizer, model dimensions, world size, integrity) before anything loads."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from sabiscale.config import RunConfig
+from sabiscale.errors import AlreadyExists, MissingInput, UserError
+from sabiscale.train.checkpoint import (CheckpointError, check_intact, latest_complete, read_sidecar, remove_partial,
+                                        way_out)
+from sabiscale.train.engine import World, all_reduce_sum, barrier
+
+log = logging.getLogger("sabiscale.train")
+
+
+def find_resume_point(cfg: RunConfig, world: World, manifest: dict) -> dict | None:
+    """The sidecar of the newest complete checkpoint to continue from, checked against this run."""
+    if world.rank == 0:
+        for leftover in remove_partial(cfg.checkpoint_dir):
+            log.warning("removed %s: an incomplete checkpoint left by a crash during a save", leftover)
+    barrier()
+    newest = latest_complete(cfg.checkpoint_dir)
+    if newest is None:
+        if cfg.train.resume == "must":
+            raise MissingInput(f"--resume: no complete checkpoint in {cfg.checkpoint_dir}")
+        return None
+    if cfg.train.resume == "never":
+        raise AlreadyExists(f"{cfg.checkpoint_dir} already holds checkpoints (newest {newest.name}) and "
+                            "train.resume is 'never'; use a new output_dir or train.resume=auto")
+    meta, saved_cfg = read_sidecar(newest)
+    check_intact_on_rank0(newest, meta, world)
+    check_matches_run(newest, meta, saved_cfg, cfg, manifest, world)
+    return meta
+
+
+def check_intact_on_rank0(newest: Path, meta: dict, world: World) -> None:
+    """Rank 0 reads every file once; all ranks learn the verdict, so none is left waiting in a collective."""
+    problem = ""
+    if world.rank == 0:
+        try:
+            check_intact(newest, meta)
+        except CheckpointError as err:
+            problem = str(err)
+    if all_reduce_sum(torch.tensor(float(bool(problem)), device=world.device)) > 0:
+        raise CheckpointError(problem or f"rank 0 found {newest} damaged (its log names the files)")
+
+
+def check_matches_run(newest: Path, meta: dict, saved_cfg: RunConfig, cfg: RunConfig, manifest: dict,
+                      world: World) -> None:
+    missing = [k for k in ("world_size", "loader", "rng", "tokens_seen", "tokenizer_sha256") if k not in meta]
+    if missing:
+        raise UserError(f"{newest}/sabiscale.json lacks {missing}: it cannot be resumed exactly (written by an "
+                        "older sabiscale?); start a new output_dir, or evaluate/export it instead")
+    if meta["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
+        raise UserError(f"{newest} was trained with tokenizer {meta['tokenizer_sha256'][:12]}, but the shards in "
+                        f"{cfg.shards_dir} use {manifest['tokenizer_sha256'][:12]}; resume with the original "
+                        "shards, or start a new run in a new output_dir")
+    changed = config_changes(saved_cfg.model, cfg.model)
+    if changed:
+        raise CheckpointError(f"{newest} holds a model with other dimensions than this run's recipe "
+                              f"({', '.join(changed)}); resume with the model settings it was trained with, or "
+                              "start a new output_dir")
+    if meta["world_size"] != world.world_size:
+        raise UserError(
+            f"{newest} was written by {meta['world_size']} ranks and this run has {world.world_size}: ZeRO "
+            "partitions do not re-split by themselves. Resume with the same number of ranks, or convert it with "
+            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {newest} --output_folder "
+            f"{newest}_universal` and load that with DeepSpeed's universal checkpoint support "
+            "(the data position in sabiscale.json is valid for any world size)")
+
+
+def config_changes(saved, current, prefix: str = "model") -> list[str]:
+    """`field: saved -> current` for each field of a config section that differs."""
+    old, new = saved.model_dump(mode="json"), current.model_dump(mode="json")
+    return [f"{prefix}.{k}: {old[k]} in the checkpoint, {new[k]} now" for k in old if old[k] != new.get(k)]
+
+
+def load_engine_state(engine, tag_dir: Path) -> None:
+    """DeepSpeed's load, with its low-level failures (unpickling, zip, size mismatch) turned into
+    one message naming the checkpoint and the way out."""
+    try:
+        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as err:  # noqa: BLE001 - re-raised with context, never swallowed
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}\n{way_out(tag_dir)}") from err

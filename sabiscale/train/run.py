@@ -1,0 +1,169 @@
+"""What the training loop needs, built once: inputs checked, the objective inside the DeepSpeed
+engine, the resume point loaded, the data streams, the tracker, the probe and the FLOP model."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sabiscale.config import RunConfig, resolve_batch
+from sabiscale.data.batch import Batch, Vocab
+from sabiscale.data.loader import BatchStream, check_resumable, expected_counts, make_loader, shard_urls
+from sabiscale.errors import UserError
+from sabiscale.hashing import sha256_file
+from sabiscale.loss.kinds import LossKind, make_loss_kind
+from sabiscale.loss.objective import TokenLossObjective
+from sabiscale.model.build import build_model, count_parameters
+from sabiscale.prep.tokenizer import adopt_tokenizer, load_tokenizer, tokenizer_hash
+from sabiscale.shards.format import read_manifest
+from sabiscale.track.flops import StepCost, step_cost
+from sabiscale.track.metrics import MetricHistory, TokenStats, measure_matmul_peak
+from sabiscale.track.tracking import Tracker, make_tracker
+from sabiscale.train.checkpoint import restore_rng, step_tag
+from sabiscale.train.engine import World, engine_dtype, initialize, load_ds_config, resolve_precision
+from sabiscale.train.hooks import Hooks, SampleTrace, TrainHook
+from sabiscale.train.resume import find_resume_point, load_engine_state
+
+log = logging.getLogger("sabiscale.train")
+
+
+@dataclass
+class Run:
+    cfg: RunConfig        # resolved: accumulation for this world size, the MLflow run of a resumed run
+    world: World
+    manifest: dict
+    vocab: Vocab
+    kind: LossKind
+    engine: Any           # DeepSpeed engine around the TokenLossObjective
+    ds_config: dict
+    loader: BatchStream
+    val_batches: list[Batch]
+    reference: Any        # the online reference model of a selective run, else None
+    tracker: Tracker
+    probe: Any            # ProbeRecorder when train.probe_every is set, else None
+    cost: StepCost
+    peak_flops: float     # per device, the denominator of MFU
+    start_step: int
+    tokens_seen: int
+    hooks: Hooks
+    stats: TokenStats
+    history: MetricHistory = field(default_factory=MetricHistory)
+    manifest_sha256: str = ""  # recorded in every checkpoint
+
+
+def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
+    cfg = resolve_batch(cfg, world.world_size)
+    manifest = check_inputs(cfg)
+    vocab = Vocab.from_manifest(manifest)
+    kind = make_loss_kind(cfg.loss)
+    precision = resolve_precision(cfg.engine.precision)
+    ds_config = load_ds_config(cfg, world.world_size, precision)
+    engine = initialize(build_objective(cfg, vocab, kind), ds_config, cfg.optim)
+    resumed = find_resume_point(cfg, world, manifest)
+    if resumed is not None:
+        cfg = continue_from(resumed, engine, cfg)
+    loader, val_batches = data_streams(cfg, world, manifest, vocab, resumed)
+    reference = online_reference(cfg, kind, manifest, world)
+    tracker = make_tracker(cfg, world.rank)
+    tracker.log_json(ds_config, "config/deepspeed.json")
+    tracker.log_json(manifest, "data/manifest.json")
+    lm = engine.module.lm
+    tracker.log_metrics({"model/parameters": count_parameters(lm)}, step=0)
+    log.info("model: %.2fM parameters, precision %s, world size %d, ZeRO stage %s", count_parameters(lm) / 1e6,
+             precision, world.world_size, ds_config["zero_optimization"]["stage"])
+    trace = [SampleTrace(cfg.output_dir, world.rank)] if cfg.train.trace_samples else []
+    return Run(cfg=cfg, world=world, manifest=manifest, vocab=vocab, kind=kind, engine=engine, ds_config=ds_config,
+               loader=loader, val_batches=val_batches, reference=reference, tracker=tracker,
+               probe=make_probe(cfg, manifest, vocab, world.rank, tracker), cost=step_cost(lm),
+               peak_flops=cfg.train.peak_flops_per_s or measure_matmul_peak(world.device, engine_dtype(precision)),
+               start_step=resumed["step"] if resumed else 0, tokens_seen=resumed["tokens_seen"] if resumed else 0,
+               hooks=Hooks([*trace, *hooks]), stats=TokenStats(vocab, world.device),
+               manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"))
+
+
+def check_inputs(cfg: RunConfig) -> dict:
+    """The shards must come from the tokenizer we are about to train with (and suit the loss kind)."""
+    if not cfg.tokenizer_path.is_file() and cfg.tokenizer.path is not None:
+        adopt_tokenizer(Path(cfg.tokenizer.path), cfg.tokenizer_path)
+    manifest = read_manifest(cfg.shards_dir)
+    ours = tokenizer_hash(cfg.tokenizer_path)
+    if manifest["tokenizer_sha256"] != ours:
+        raise UserError(f"{cfg.shards_dir}/manifest.json was written with tokenizer "
+                        f"{manifest['tokenizer_sha256'][:12]} but {cfg.tokenizer_path} is {ours[:12]}; "
+                        "re-run `sabiscale prepare` so shards and tokenizer match (or set tokenizer.path to theirs)")
+    if manifest["seq_len"] != cfg.data.seq_len:
+        raise UserError(f"shards have seq_len {manifest['seq_len']} but data.seq_len is {cfg.data.seq_len}; "
+                        "re-run `sabiscale prepare` or set data.seq_len to match")
+    make_loss_kind(cfg.loss).check_shards(manifest, cfg.shards_dir)
+    return manifest
+
+
+def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind) -> TokenLossObjective:
+    tok = load_tokenizer(cfg.tokenizer_path)
+    lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
+    weights = [cfg.loss.task_weights.get(task, 1.0) for task in vocab.tasks] if cfg.loss.task_weights else None
+    objective = TokenLossObjective(lm, kind, cfg.loss.chunk_size, tok.pad_token_id, weights)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(lm)
+    return objective
+
+
+def enable_activation_checkpointing(lm) -> None:
+    """Non-reentrant recomputation per decoder layer (transformers renamed the method in 5.x)."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def continue_from(resumed: dict, engine, cfg: RunConfig) -> RunConfig:
+    """Load the engine state and RNG of the resume point; keep logging into the run that wrote it."""
+    load_engine_state(engine, cfg.checkpoint_dir / step_tag(resumed["step"]))
+    restore_rng(resumed["rng"])
+    if cfg.tracking.run_id is None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.tracking.run_id = resumed["mlflow_run_id"]
+    log.info("resuming from %s at step %d", cfg.checkpoint_dir / step_tag(resumed["step"]), resumed["step"])
+    return cfg
+
+
+def data_streams(cfg: RunConfig, world: World, manifest: dict, vocab: Vocab,
+                 resumed: dict | None) -> tuple[BatchStream, list[Batch]]:
+    """This rank's training stream (from the saved position when resuming) and its validation micro-batches."""
+    micro_bs = cfg.train.micro_batch_size
+    train_urls = shard_urls(cfg.shards_dir, manifest, "train")
+    if resumed is not None:
+        check_resumable(resumed["loader"], micro_bs, cfg.seed, cfg.data.shuffle_buffer, train_urls)
+    loader = make_loader(train_urls, vocab, micro_bs, world.rank, world.world_size, cfg.seed,
+                         cfg.data.shuffle_buffer, cfg.data.loader_workers,
+                         start=resumed["loader"]["position"] if resumed else 0,
+                         expected=expected_counts(cfg.shards_dir, manifest))
+    val_loader = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
+                             world.world_size, cfg.seed, 0, 0)
+    return loader, [next(val_loader) for _ in range(cfg.train.eval_batches)]
+
+
+def make_probe(cfg: RunConfig, manifest: dict, vocab: Vocab, rank: int, tracker):
+    """The fixed probe set: the first validation micro-batches, read alike on every rank."""
+    if not cfg.train.probe_every:
+        return None
+    from sabiscale.track.probe import ProbeRecorder
+
+    stream = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, cfg.train.micro_batch_size, 0, 1,
+                         cfg.seed, 0, 0)
+    return ProbeRecorder([next(stream) for _ in range(cfg.train.probe_batches)], vocab, cfg.output_dir / "probe",
+                         rank, tracker)
+
+
+def online_reference(cfg: RunConfig, kind: LossKind, manifest: dict, world: World):
+    """The frozen reference model that scores each micro-batch at training time, when the kind reads
+    reference losses and the recipe asks for them online (one more forward per micro-batch)."""
+    if not kind.reads_reference or cfg.loss.reference != "online":
+        return None
+    from sabiscale.evaluate.score import Reference
+
+    reference = Reference(Path(cfg.loss.reference_checkpoint), world.device, cfg.loss.chunk_size)
+    reference.check_tokenizer(manifest, cfg.shards_dir)
+    log.info("online reference model: %s (step %d)", reference.tag_dir, reference.meta["step"])
+    return reference

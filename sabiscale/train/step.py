@@ -1,0 +1,48 @@
+"""One optimizer step: forward, backward and update over the step's micro-batches, with the
+loss divided once by the global count of supervised targets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sabiscale.data.batch import Batch
+from sabiscale.track.flops import batch_flops
+from sabiscale.track.metrics import StepSums
+from sabiscale.train.engine import all_reduce_sum
+
+
+@dataclass
+class StepOutput:
+    sums: StepSums                    # reduced over all ranks
+    local_targets: int                # supervised targets this rank counted
+    local_flops: tuple[float, float]  # this rank's (needed, executed) FLOPs
+
+
+def train_step(run, micro: list[Batch], step: int) -> StepOutput:
+    """run: sabiscale.train.run.Run. The sums come back reduced over all ranks in one call."""
+    engine, world, objective = run.engine, run.world, run.engine.module
+    # The global count of targets is known before any backward: count with the kind's own rule
+    # (no model call needed) and reduce once.
+    counts = [objective.count_targets(b.input_ids, b.position_ids, b.loss_mask, b.task_ids) for b in micro]
+    n_local = int(torch.stack(counts).sum())
+    n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=world.device)).clamp(min=1)
+    # DeepSpeed divides by the accumulation steps and averages over ranks; undo both so the
+    # gradient is sum(token losses) / global supervised count, whatever the split.
+    scale = len(micro) * world.world_size / n_global
+    local = StepSums.zeros(world.device)
+    executed = 0.0
+    for batch in micro:
+        if run.reference is not None:
+            batch.ref_loss = run.reference.score(batch)
+        out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids, batch.ref_loss)
+        run.hooks.after_forward(step, out)
+        engine.backward(out.loss_sum * scale)
+        run.hooks.after_backward(step)
+        engine.step()
+        needed, batch_executed = batch_flops(run.cost, batch.position_ids, batch.task_ids >= 0, int(out.count))
+        executed += batch_executed
+        local.add(batch, out, needed)
+        run.stats.add(batch, out)
+    local.targets += n_local
+    return StepOutput(local.all_reduced(all_reduce_sum), n_local, (float(local.needed_flops), executed))
