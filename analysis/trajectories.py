@@ -1,7 +1,7 @@
 """Token-level loss trajectories (Rho-1's L->L, H->L, H->H, L->H), per run and side by side.
 
 Input: what `train.probe_every` leaves in a run directory (probe/meta.npz, probe/loss_*.npy; see
-sabiscale/probe.py). Method, after Rho-1 ("Not All Tokens Are What You Need", section 2):
+sabiscale/track/probe.py). Method, after Rho-1 ("Not All Tokens Are What You Need", section 2):
 - x = training progress of each probe point, step / last step (0..1), so a slope is the change of
   a token's loss over the whole run;
 - each token's losses are fitted with a least-squares line over x;
@@ -35,7 +35,7 @@ class Trajectories:
     run_dir: Path
     steps: np.ndarray    # (S,)
     losses: np.ndarray   # (S, N) float32
-    meta: dict           # probe metadata arrays (sabiscale/probe.py)
+    meta: dict           # probe metadata arrays (sabiscale/track/probe.py)
 
     @property
     def name(self) -> str:

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import step_throughput as bench  # the standard workload and its measurements (run as a script: its folder is on sys.path)
+import step_throughput as bench  # the standard workload and its measurements (a sibling: run this as a script)
 
 ROOT = bench.ROOT
 RATIO = 0.6

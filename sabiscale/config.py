@@ -83,7 +83,7 @@ class DataConfig(_Section):
     source: Literal["demo", "jsonl", "files"] = "demo"
     jsonl_root: Path | None = None
     files: list[FileSource] = []
-    # Tasks declared in the recipe (or built-ins redefined): see sabiscale/tasks.py.
+    # Tasks declared in the recipe (or built-ins redefined): see sabiscale/prep/tasks.py.
     task_defs: dict[str, TaskDef] = {}
     demo_examples_per_task: int = Field(600, gt=0)
     # Cap on records read from each input file (None = all); keeps tests and smoke runs small.

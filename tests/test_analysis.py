@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis.trajectories import CATEGORIES, Trajectories, classify, fractions, slopes
+from sabiscale_analysis.trajectories import CATEGORIES, Trajectories, classify, fractions, slopes
 from conftest import BIN, fresh_run_dir, run_cli
 
 
@@ -74,7 +74,7 @@ def test_runs_probed_on_different_tokens_are_not_compared(probed_runs, tmp_path)
     meta = dict(np.load(other / "probe" / "meta.npz"))
     meta["token_id"] = meta["token_id"][::-1].copy()
     np.savez(other / "probe" / "meta.npz", **meta)
-    from analysis.trajectories import write_report
+    from sabiscale_analysis.trajectories import write_report
 
     with pytest.raises(ValueError, match="probed on different tokens"):
         write_report([masked, other], tmp_path / "r")

@@ -5,7 +5,7 @@ Two ways to name inputs (data.source):
       translation/eng-<lang>.jsonl   <task>/<lang>.jsonl
   descramble, langid and diacritize are derived from text/;
 - `files`: a list of files or globs, each with its task, format (jsonl, tsv, conll, text) and
-  options (sabiscale/sources.py).
+  options (sabiscale/prep/sources.py).
 
 The train/validation split is a stable hash of each record's location (file name and line), so it
 does not move when other files change. Files are read independently (in parallel with

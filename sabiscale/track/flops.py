@@ -48,7 +48,7 @@ def step_cost(model: LlamaForCausalLM) -> StepCost:
 def batch_flops(cost: StepCost, position_ids: torch.Tensor, real: torch.Tensor, read: int) -> tuple[float, float]:
     """(needed, executed) FLOPs of one packed micro-batch whose head reads `read` positions.
     Executed: the body's first layers and the last layer's keys and values run on padding too,
-    and attention runs on length buckets padded to their longest document (sabiscale/attention.py)."""
+    and attention runs on length buckets padded to their longest document (sabiscale/model/attention.py)."""
     starts, lengths = attention.document_spans(position_ids)
     needed = cost.needed(lengths[real.reshape(-1)[starts]], read)
     buckets = attention.bucket_plan(position_ids).shapes
