@@ -208,7 +208,7 @@ def test_a_reused_tokenizer_must_know_the_task_tags(demo_cfg, tmp_path):
 
 
 def test_shards_from_another_tokenizer_are_refused_before_training(demo_cfg, tmp_path):
-    from sabiscale.train.loop import check_inputs
+    from sabiscale.train.run import check_inputs
 
     other = load_config(None, [f"output_dir={tmp_path}", "data.demo_examples_per_task=40", "data.seq_len=128",
                                "tokenizer.vocab_size=500"])

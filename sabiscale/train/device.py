@@ -1,0 +1,100 @@
+"""Decisions that depend on the device, made in one place from facts a test can give without the
+device: the precision for a compute capability, the Adam implementation DeepSpeed is handed, and
+whether GPUs are present but unusable by this torch build."""
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+
+from sabiscale.errors import UserError
+
+# Native bf16 tensor cores start with Ampere (sm80). Before it (T4 sm75, V100 sm70, Quadro RTX
+# 6000 sm75) torch reports bf16 as "supported" through emulation, which is several times slower
+# than fp16 there, so fp16 with dynamic loss scaling is chosen instead.
+BF16_CAPABILITY = (8, 0)
+
+
+def choose_precision(requested: str, device_type: str, capability: tuple[int, int] | None,
+                     bf16_supported: bool = False) -> str:
+    """fp32 on the CPU (bf16 is emulated there); on CUDA bf16 from sm80 on, fp16 below; other
+    accelerators: bf16 where they say they have it, else fp16."""
+    if requested != "auto":
+        return requested
+    if device_type == "cpu":
+        return "fp32"
+    if device_type == "cuda" and capability is not None:
+        return "bf16" if tuple(capability) >= BF16_CAPABILITY else "fp16"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def resolve_adam(ds_config: dict, fused_adam_prebuilt: bool, device_type: str) -> dict:
+    """The DeepSpeed JSON with its Adam decided. DeepSpeed turns "AdamW" without offload into its
+    FusedAdam, JIT-compiled from CUDA source: that needs an nvcc matching torch's CUDA, which
+    pip's torch does not ship. Unless the op was prebuilt, hand DeepSpeed torch's AdamW instead
+    (`torch_adam`; on CUDA its fused kernel, shipped inside the torch wheel). Offloaded optimizer
+    states keep DeepSpeedCPUAdam (compiled for the CPU by `sabiscale build-ops`)."""
+    optimizer = ds_config.get("optimizer") or {}
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if optimizer.get("type", "").lower() not in ("adam", "adamw") or offload not in ("none", None):
+        return ds_config
+    if fused_adam_prebuilt:
+        return ds_config
+    out = copy.deepcopy(ds_config)
+    params = out["optimizer"].setdefault("params", {})
+    params.setdefault("torch_adam", True)
+    params.setdefault("adam_w_mode", optimizer["type"].lower() == "adamw")
+    if device_type == "cuda":
+        params.setdefault("fused", True)
+    return out
+
+
+def fused_adam_prebuilt() -> bool:
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get("fused_adam"))
+
+
+def read_nvidia_smi() -> tuple[str, str] | None:
+    """(`nvidia-smi -L`, `nvidia-smi`) output, or None where there is no NVIDIA driver."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return listing, header
+
+
+def unusable_gpus(smi: tuple[str, str] | None, cuda_available: bool, torch_version: str,
+                  torch_cuda: str | None) -> str | None:
+    """Why the GPUs nvidia-smi sees cannot be used by this torch, or None when there is nothing to say."""
+    if smi is None or cuda_available:
+        return None
+    listing, header = smi
+    gpus = [line for line in listing.splitlines() if line.startswith("GPU ")]
+    if not gpus:
+        return None
+    driver = re.search(r"Driver Version:\s*([\d.]+)", header)
+    supports = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    build = f"is built for CUDA {torch_cuda}" if torch_cuda else "is a CPU-only build"
+    wheel = f"cu{supports.group(1).replace('.', '')}" if supports else "cuXYZ"
+    return (f"nvidia-smi sees {len(gpus)} GPU(s) (driver {driver.group(1) if driver else '?'}, CUDA up to "
+            f"{supports.group(1) if supports else '?'}), but torch {torch_version} {build} and cannot use them: "
+            "training would run on the CPU in fp32. Install a torch built for your driver's CUDA, e.g. "
+            f"`.venv/bin/pip install --force-reinstall torch=={torch_version.split('+')[0]} --index-url "
+            f"https://download.pytorch.org/whl/{wheel}` (or a newer driver); to train on the CPU on purpose, "
+            "set engine.device=cpu")
+
+
+def check_accelerator(device: str) -> None:
+    """At the CLI edge, before the engine starts: refuse a silent fall-back to the CPU."""
+    if device == "cpu":
+        return
+    import torch
+
+    problem = unusable_gpus(read_nvidia_smi(), torch.cuda.is_available(), torch.__version__, torch.version.cuda)
+    if problem:
+        raise UserError(problem)

@@ -1,0 +1,76 @@
+"""The GPU paths, proven on the CPU by the decisions and computations they rest on: the DeepSpeed
+config every profile resolves to, the precision per compute capability, the message when GPUs
+are present but unusable, the packed-attention metadata for flash-attention, and no gradient
+work where no gradient is wanted."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sabiscale.config import load_config
+from sabiscale.train.device import BF16_CAPABILITY, choose_precision, resolve_adam, unusable_gpus
+from sabiscale.train.engine import fill_ds_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = sorted((ROOT / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_no_profile_needs_a_cuda_compiler(path, device):
+    """DeepSpeed JIT-compiles FusedAdam from CUDA source for "AdamW" without offload; every
+    resolved profile must instead name torch's AdamW, or DeepSpeed's CPU Adam under offload."""
+    cfg = load_config(None, ["train.grad_accum_steps=2"])
+    filled = fill_ds_config(json.loads(path.read_text()), cfg, 1, "bf16", str(path))
+    resolved = resolve_adam(filled, fused_adam_prebuilt=False, device_type=device)
+    params = resolved["optimizer"]["params"]
+    offloaded = resolved["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+    if offloaded:
+        assert "torch_adam" not in params  # DeepSpeedCPUAdam, built for the CPU at install time
+    else:
+        assert params["torch_adam"] is True and params["adam_w_mode"] is True
+        assert params.get("fused") is (True if device == "cuda" else None)
+    assert resolve_adam(filled, fused_adam_prebuilt=True, device_type=device) == filled  # a prebuilt op is used
+
+
+@pytest.mark.parametrize("requested,device,capability,bf16,expected", [
+    ("auto", "cpu", None, False, "fp32"),
+    ("auto", "cuda", (7, 0), True, "fp16"),   # V100: bf16 only emulated
+    ("auto", "cuda", (7, 5), True, "fp16"),   # T4, Quadro RTX 6000 24 GB
+    ("auto", "cuda", (8, 0), True, "bf16"),   # A100
+    ("auto", "cuda", (8, 6), True, "bf16"),   # RTX 3090 / A10 24 GB
+    ("auto", "cuda", (8, 9), True, "bf16"),   # RTX 4090 / L4
+    ("auto", "cuda", (9, 0), True, "bf16"),   # H100
+    ("auto", "xpu", None, True, "bf16"),
+    ("auto", "xpu", None, False, "fp16"),
+    ("fp16", "cuda", (9, 0), True, "fp16"),   # an explicit choice is kept
+    ("fp32", "cuda", (8, 0), True, "fp32"),
+])
+def test_precision_by_compute_capability(requested, device, capability, bf16, expected):
+    assert choose_precision(requested, device, capability, bf16) == expected
+    assert BF16_CAPABILITY == (8, 0)
+
+
+SMI_LIST = "GPU 0: NVIDIA A10G (UUID: GPU-1)\nGPU 1: NVIDIA A10G (UUID: GPU-2)\n"
+SMI_HEADER = "| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2     |\n"
+
+
+def test_gpus_torch_cannot_use_are_named_with_the_way_out():
+    message = unusable_gpus((SMI_LIST, SMI_HEADER), cuda_available=False, torch_version="2.13.0+cu130",
+                            torch_cuda="13.0")
+    assert "2 GPU(s)" in message and "driver 535.104.05" in message and "CUDA up to 12.2" in message
+    assert "built for CUDA 13.0" in message and "whl/cu122" in message and "engine.device=cpu" in message
+    cpu_build = unusable_gpus((SMI_LIST, SMI_HEADER), False, "2.13.0+cpu", None)
+    assert "CPU-only build" in cpu_build
+    assert unusable_gpus((SMI_LIST, SMI_HEADER), True, "2.13.0", "12.1") is None  # torch sees them
+    assert unusable_gpus(None, False, "2.13.0", None) is None                    # no driver: a CPU machine
+    assert unusable_gpus(("", SMI_HEADER), False, "2.13.0", None) is None         # a driver but no GPU
+
+
+def test_this_machine_passes_the_accelerator_check():
+    from sabiscale.train.device import check_accelerator
+
+    check_accelerator("auto")  # no NVIDIA driver here, or torch uses the GPUs: nothing to refuse
