@@ -9,7 +9,9 @@ other. Calls that are not packed training batches (generation) use plain sdpa.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import zlib
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,10 +48,40 @@ def attention_implementation() -> str:
     return attention.NAME
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, eos_id: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)  # identical init on every rank and every run with this seed
-    model = LlamaForCausalLM(llama_config(cfg, vocab_size, max_len, pad_id, eos_id))
-    return model.float()
+def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, eos_id: int, seed: int,
+                gathered=None) -> LlamaForCausalLM:
+    """fp32 model with init_parameters' weights. _from_config, not the constructor: under DeepSpeed
+    ZeRO-3 (train/engine.py::model_construction) it builds each rank's partition only, and
+    `gathered(param)` then gives a context in which that parameter is whole."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM._from_config(llama_config(cfg, vocab_size, max_len, pad_id, eos_id), dtype=torch.float32)
+    init_parameters(model, seed, gathered)
+    return model
+
+
+@torch.no_grad()
+def init_parameters(model: LlamaForCausalLM, seed: int, gathered=None) -> None:
+    """Llama's init (weights ~ N(0, initializer_range), the padding embedding 0, norms 1), each
+    parameter from its own generator seeded by the run seed and the parameter's name. The values
+    do not depend on the order modules are built or initialized in, so a model built whole and one
+    built in ZeRO-3 partitions (whose construction draws no random numbers) start identical."""
+    std = model.config.initializer_range
+    seen: set[int] = set()  # tied weights are initialized once, as the module that owns them first
+    for name, module in model.named_modules():
+        for attr, param in module.named_parameters(prefix=name, recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            with gathered(param) if gathered is not None else contextlib.nullcontext():
+                if param.numel() == 0:  # ZeRO-3 partition on a rank that does not modify it
+                    continue
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(attr.encode()))
+                    param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
+                    if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                        param[module.padding_idx].zero_()
+                else:
+                    param.fill_(1.0)  # RMSNorm scales
 
 
 def numel(p: torch.Tensor) -> int:

@@ -7,6 +7,7 @@ disagrees with the run config is an error rather than a silent override.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 from sabiscale.errors import UserError
 from sabiscale.config import OptimConfig, RunConfig
+from sabiscale.train.device import choose_precision, fused_adam_prebuilt, resolve_adam
 
 
 class EngineConfigError(UserError):
@@ -65,14 +67,13 @@ def init_distributed() -> World:
 
 
 def resolve_precision(requested: str) -> str:
-    """auto: fp32 on CPU (bf16 is emulated and ~20x slower there), bf16 where the GPU has it,
-    fp16 with loss scaling otherwise."""
-    if requested != "auto":
-        return requested
+    """auto: fp32 on CPU (bf16 is emulated and ~20x slower there), bf16 on GPUs with native bf16
+    (compute capability 8.0 on), fp16 with loss scaling otherwise (train/device.py decides)."""
     accel = get_accelerator()
-    if accel.device_name() == "cpu":
-        return "fp32"
-    return "bf16" if accel.is_bf16_supported() else "fp16"
+    device_type = accel.device_name()
+    capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
+    bf16 = requested == "auto" and device_type not in ("cpu", "cuda") and accel.is_bf16_supported()
+    return choose_precision(requested, device_type, capability, bf16)
 
 
 def engine_dtype(precision: str) -> torch.dtype:
@@ -98,6 +99,8 @@ def _owned_values(cfg: RunConfig, world_size: int, precision: str) -> dict[str, 
         "scheduler.params.cos_min_ratio": o.min_lr_ratio,
         "bf16.enabled": precision == "bf16",
         "fp16.enabled": precision == "fp16",
+        # summing micro-batch gradients in bf16 loses the small ones; DeepSpeed accumulates in fp32 when told
+        "data_types.grad_accum_dtype": "fp32" if precision == "bf16" and t.grad_accum_steps > 1 else None,
     }
 
 
@@ -109,8 +112,12 @@ def fill_ds_config(raw: dict, cfg: RunConfig, world_size: int, precision: str, o
         *parents, leaf = dotted.split(".")
         node = filled
         for part in parents:
-            node = node.setdefault(part, {})
+            node = node.setdefault(part, {}) if value is not None else node.get(part, {})
         current = node.get(leaf, "auto")
+        if value is None:  # nothing to set: the JSON's own value (or DeepSpeed's default) stands
+            if current == "auto":
+                node.pop(leaf, None)
+            continue
         if current == "auto":
             node[leaf] = value
         elif current != value and not (isinstance(value, float) and current == value):
@@ -131,8 +138,29 @@ def load_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
         raise EngineConfigError(f"{path}: not valid JSON: {err}") from None
     filled = fill_ds_config(raw, cfg, world_size, precision, str(path))
     if cfg.optim.kind != "adamw":
-        filled = client_optimizer_config(filled, cfg.optim.kind)
-    return filled
+        return client_optimizer_config(filled, cfg.optim.kind)
+    return resolve_adam(filled, fused_adam_prebuilt(), get_accelerator().device_name())
+
+
+@contextlib.contextmanager
+def model_construction(ds_config: dict):
+    """Where the model is built; yields how to make one parameter whole for its initialization
+    (None: parameters are whole). Under ZeRO-3 each rank builds only its partition (transformers'
+    zero.Init path, switched on by an HfDeepSpeedConfig for the duration) and rank 0 initializes one
+    gathered parameter at a time, so a model larger than one GPU, or than a rank's share of host
+    memory, can start. Other stages build the whole model: DeepSpeed replicates it anyway."""
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        yield None
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    active = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it here
+    try:
+        yield lambda param: deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    finally:
+        unset_hf_deepspeed_config()
+        del active
 
 
 def initialize(objective: torch.nn.Module, ds_config: dict, optim: OptimConfig):

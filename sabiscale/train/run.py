@@ -21,7 +21,8 @@ from sabiscale.track.flops import StepCost, step_cost
 from sabiscale.track.metrics import MetricHistory, TokenStats, measure_matmul_peak
 from sabiscale.track.tracking import Tracker, make_tracker
 from sabiscale.train.checkpoint import restore_rng, step_tag
-from sabiscale.train.engine import World, engine_dtype, initialize, load_ds_config, resolve_precision
+from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, model_construction,
+                                    resolve_precision)
 from sabiscale.train.hooks import Hooks, SampleTrace, TrainHook
 from sabiscale.train.resume import find_resume_point, load_engine_state
 
@@ -59,7 +60,9 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     kind = make_loss_kind(cfg.loss)
     precision = resolve_precision(cfg.engine.precision)
     ds_config = load_ds_config(cfg, world.world_size, precision)
-    engine = initialize(build_objective(cfg, vocab, kind), ds_config, cfg.optim)
+    with model_construction(ds_config) as gathered:
+        objective = build_objective(cfg, vocab, kind, gathered)
+    engine = initialize(objective, ds_config, cfg.optim)
     resumed = find_resume_point(cfg, world, manifest)
     if resumed is not None:
         cfg = continue_from(resumed, engine, cfg)
@@ -99,9 +102,9 @@ def check_inputs(cfg: RunConfig) -> dict:
     return manifest
 
 
-def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind) -> TokenLossObjective:
+def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None) -> TokenLossObjective:
     tok = load_tokenizer(cfg.tokenizer_path)
-    lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
+    lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed, gathered)
     weights = [cfg.loss.task_weights.get(task, 1.0) for task in vocab.tasks] if cfg.loss.task_weights else None
     objective = TokenLossObjective(lm, kind, cfg.loss.chunk_size, tok.pad_token_id, weights)
     if cfg.train.activation_checkpointing:
