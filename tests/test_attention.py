@@ -64,3 +64,54 @@ def test_the_model_gives_the_same_hidden_states_and_gradients_as_sdpa(demo_cfg, 
     # without the flag (generation, padded batches) it is plain sdpa with transformers' mask
     plain = ours.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     torch.testing.assert_close(plain, h_ref.detach(), rtol=1e-4, atol=1e-4)
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    """flash_attn_varlen_func's contract on the CPU: (total, H, D) tokens, causal attention inside
+    each [cu[i], cu[i+1]) segment, GQA by head groups."""
+    assert cu_q.dtype == torch.int32 and causal and dropout_p == 0.0 and torch.equal(cu_q, cu_k)
+    out = torch.empty_like(q)
+    bounds = cu_q.tolist()
+    assert max_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+    for a, b in zip(bounds, bounds[1:]):
+        seg = lambda x: x[a:b].transpose(0, 1)[None]  # noqa: E731  (1, H, L, D)
+        o = F.scaled_dot_product_attention(seg(q), seg(k), seg(v), is_causal=True, scale=softmax_scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_flash_varlen_metadata_of_a_multi_row_batch_is_its_documents(kv_heads):
+    """transformers' own flash path treats a (B > 1, T) batch as B plain causal rows and mixes the
+    documents; sabiscale hands flash's varlen kernel the documents themselves."""
+    from sabiscale.model.attention import flash_document_attention, varlen_metadata
+
+    rows = [[1, 5, 17, 3, 38], [64], [30, 30, 1, 1, 2], [7] * 9 + [1]]
+    pos = _packed_positions(rows)
+    cu, longest = varlen_metadata(pos)
+    lengths = [n for row in rows for n in row]
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert longest == 64
+    torch.manual_seed(1)
+    q, k, v = torch.randn(4, 4, 64, 16), torch.randn(4, kv_heads, 64, 16), torch.randn(4, kv_heads, 64, 16)
+    ours = flash_document_attention(_varlen_reference, q, k, v, pos, 16 ** -0.5)
+    torch.testing.assert_close(ours, _dense(q, k, v, pos), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,dtype,capability,expected", [
+    ("cuda", torch.bfloat16, (8, 0), True), ("cuda", torch.float16, (9, 0), True),
+    ("cuda", torch.float32, (8, 0), False),   # eval and scoring load fp32 models: sdpa
+    ("cuda", torch.float16, (7, 5), False),   # T4: flash-attention 2 needs sm80
+    ("cpu", torch.bfloat16, None, False), ("cpu", torch.float32, None, False)])
+def test_the_flash_kernel_is_chosen_per_call(device, dtype, capability, expected):
+    from sabiscale.model.attention import flash_applies, flash_varlen_kernel
+
+    assert flash_applies(device, dtype, capability) is expected
+    assert flash_varlen_kernel(torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16)) is None  # CPU tensor
+
+
+def test_the_model_never_asks_transformers_for_flash_attention(demo_cfg):
+    from sabiscale.model.build import attention_implementation
+
+    assert attention_implementation() == NAME

@@ -92,3 +92,44 @@ def test_zero3_builds_each_rank_its_partition_only(tmp_path):
     for r in ranks:
         assert r["data"] == 0 and r["identical"]
         assert r["held"] == pytest.approx(r["total"] / 2, abs=64)  # DeepSpeed pads partitions a little
+
+
+def _head_problem(dtype, rows=96, hidden=32, vocab=300):
+    from sabiscale.loss.head import SupervisedHead
+
+    torch.manual_seed(0)
+    head = SupervisedHead(hidden, vocab, bias=False).to(dtype)
+    h = torch.randn(rows, hidden, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    return head, h, targets
+
+
+def test_eval_and_probes_do_no_gradient_work_under_no_grad():
+    """Under torch.no_grad the head runs its logits GEMM only: not the two gradient GEMMs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    head, h, targets = _head_problem(torch.float32)
+    one_gemm = 2 * h.shape[0] * head.weight.shape[0] * h.shape[1]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss_sum, losses = head(h, targets=targets, chunk=40)
+    assert counter.get_total_flops() == one_gemm
+    with FlopCounterMode(display=False) as counter:
+        with_grad, _ = head(h, targets=targets, chunk=40)
+    assert counter.get_total_flops() >= 2 * one_gemm  # logits and d hidden (+ the weight's, addmm_ is not counted)
+    assert torch.equal(loss_sum, with_grad.detach())
+
+
+def test_the_head_weight_gradient_runs_in_the_compute_dtype():
+    """bf16 training: the weight-gradient GEMM is a bf16 GEMM (fp32 accumulation, summed over
+    chunks in fp32), close to the fp32 computation on the same bf16 inputs."""
+    head16, h16, targets = _head_problem(torch.bfloat16)
+    head32, _, _ = _head_problem(torch.float32)
+    with torch.no_grad():
+        head32.weight.copy_(head16.weight.float())
+    h32 = h16.detach().float().requires_grad_()
+    for head, h in ((head32, h32), (head16, h16)):
+        loss_sum, _ = head(h, targets=targets, chunk=40)
+        loss_sum.backward()
+    assert head16.weight.grad.dtype == torch.bfloat16
+    for ours, exact in ((head16.weight.grad, head32.weight.grad), (h16.grad, h32.grad)):
+        assert (ours.float() - exact).norm() / exact.norm() < 0.01

@@ -78,8 +78,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, chunk: int, lse_known=None, known=None, workspace=None):
-        needs_grad = hidden.requires_grad or weight.requires_grad
+    def forward(ctx, hidden, weight, targets, token_weights, chunk: int, lse_known=None, known=None, workspace=None,
+                needs_grad: bool = True):
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
@@ -106,7 +106,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     d_logits.mul_(token_weights[start:start + chunk, None])
                 d_logits = d_logits.to(weight.dtype)
                 grad_hidden[start:start + chunk] = d_logits @ weight
-                grad_weight.addmm_(d_logits.T.float(), h.float())
+                if weight.dtype == torch.float32:
+                    grad_weight.addmm_(d_logits.T, h.float())
+                else:  # a GEMM in the compute dtype (fp32 accumulation inside it), summed over chunks in fp32
+                    grad_weight.add_(d_logits.T @ h.to(weight.dtype))
         weighted = losses * token_weights if token_weights is not None else losses
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -117,7 +120,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_sum, grad_losses):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_sum.to(grad_hidden.dtype), (grad_weight * grad_sum).to(ctx.weight_dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class SupervisedHead(torch.nn.Linear):
@@ -145,9 +148,12 @@ class SupervisedHead(torch.nn.Linear):
         if targets is None:
             return super().forward(hidden)
         workspace = self.workspace(min(chunk, hidden.shape[0]))
+        # under torch.no_grad (eval, probes, scoring) no gradient is wanted: skip the two GEMMs and
+        # the V x H buffer the fused pass would otherwise fill
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or self.weight.requires_grad)
         if reference is None:
             return FusedLinearCrossEntropy.apply(hidden, self.weight, targets, token_weights, chunk, None, None,
-                                                 workspace)
+                                                 workspace, grad)
         weights = token_weights
         if hidden.shape[0] <= chunk:
             # one block: rank with the softmax rows the gradient needs, then keep only the winners'
@@ -162,7 +168,8 @@ class SupervisedHead(torch.nn.Linear):
                 known = (probs[keep], current[keep])
                 del logits, probs
             return (*FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep],
-                                                   weights[keep] if weights is not None else None, chunk, None, known),
+                                                   weights[keep] if weights is not None else None, chunk, None, known,
+                                                   None, grad),
                     keep, excess)
         current, lse = chunked_token_losses(hidden.detach(), self.weight.detach(), targets, chunk, workspace)
         excess = current - reference
@@ -172,7 +179,7 @@ class SupervisedHead(torch.nn.Linear):
         lse_known = lse[keep] if ratio < 1 else None
         loss_sum, losses = FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep],
                                                          weights[keep] if weights is not None else None, chunk,
-                                                         lse_known, None, workspace)
+                                                         lse_known, None, workspace, grad)
         return loss_sum, losses, keep, excess
 
 

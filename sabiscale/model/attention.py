@@ -3,8 +3,9 @@
 sdpa with a block-diagonal mask (transformers' default for packed sequences) scores every query
 against all T keys of its row and then masks most of them away: with ~60-token documents in
 512-token rows, >85% of that work is thrown away, and on a CPU it is a large share of the step.
-flash-attention's varlen kernel avoids it on GPUs where flash-attn is installed; this does the
-same with plain sdpa, everywhere:
+flash-attention's varlen kernel avoids it: where it can run the call (flash-attn installed, a
+CUDA GPU of sm80 on, fp16/bf16; decided per call) it gets the documents' `cu_seqlens` from the
+restarting position_ids (varlen_metadata). Everywhere else this does the same with plain sdpa:
 
 1. document spans come from the restarting `position_ids` (a document starts at position 0);
 2. documents are sorted by length and grouped into buckets; each bucket is padded to its longest
@@ -21,6 +22,7 @@ cache, padded batches) is plain sdpa with transformers' mask.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "sabiscale_documents"
+log = logging.getLogger("sabiscale.attention")
 # A bucket closes when padding it to its longest document would waste more than this share of
 # its attention work; fewer, fuller buckets mean fewer kernel calls.
 MAX_PADDING_WASTE = 0.25
@@ -135,11 +138,61 @@ def document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return Reindex.apply(torch.cat(outputs), plan.back, plan.unread, True).view(batch, length, heads, dim)
 
 
+def varlen_metadata(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, max_seqlen) of the documents of a packed (B, T) batch, for flash-attention's
+    varlen kernel over the flattened B*T tokens: int32 document boundaries (D + 1 of them) and the
+    longest document. Every row starts a document, so none spans two rows."""
+    starts, lengths = document_spans(position_ids)
+    ends = torch.tensor([position_ids.numel()], dtype=starts.dtype, device=starts.device)
+    return torch.cat([starts, ends]).to(torch.int32), int(lengths.max())
+
+
+def flash_applies(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> bool:
+    """flash-attention 2 runs on CUDA GPUs from sm80 on, in fp16 or bf16 only."""
+    return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and capability is not None
+            and tuple(capability) >= (8, 0))
+
+
+_flash: dict = {}
+
+
+def flash_varlen_kernel(query: torch.Tensor):
+    """flash_attn_varlen_func when it can run this call, else None (chosen per call from dtype,
+    device and compute capability; a missing or broken flash-attn wheel falls back to sdpa with
+    one log line)."""
+    capability = torch.cuda.get_device_capability(query.device) if query.device.type == "cuda" else None
+    if not flash_applies(query.device.type, query.dtype, capability):
+        return None
+    if "kernel" not in _flash:
+        try:
+            from flash_attn import flash_attn_varlen_func
+            _flash["kernel"] = flash_attn_varlen_func
+        except Exception as err:  # noqa: BLE001 - any broken install falls back the same way
+            log.info("flash-attn is not usable here (%s: %s); packed attention runs sdpa per document",
+                     type(err).__name__, err)
+            _flash["kernel"] = None
+    return _flash["kernel"]
+
+
+def flash_document_attention(kernel, query, key, value, position_ids, scaling) -> torch.Tensor:
+    """Causal attention inside each document with flash's varlen kernel: (B, H, T, D) -> (B, T, H, D)."""
+    batch, heads, length, dim = query.shape
+    cu_seqlens, max_seqlen = varlen_metadata(position_ids.expand(batch, -1))
+    flat = lambda x: x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)  # noqa: E731
+    out = kernel(flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                 dropout_p=0.0, softmax_scale=scaling, causal=True)
+    return out.view(batch, length, heads, dim)
+
+
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, packed_documents: bool = False, position_ids=None,
                              document_plan: BucketPlan | None = None, **kwargs):
-    """transformers attention interface: per-document attention for packed batches, sdpa otherwise."""
+    """transformers attention interface: per-document attention for packed batches (flash's varlen
+    kernel where it runs, else sdpa per length bucket), plain sdpa otherwise."""
     if packed_documents and position_ids is not None and query.shape[2] == key.shape[2] and not dropout:
+        kernel = flash_varlen_kernel(query)
+        if kernel is not None:
+            return flash_document_attention(kernel, query, key, value, position_ids, scaling), None
         return document_attention(query, key, value, position_ids, scaling, document_plan), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   position_ids=position_ids, **kwargs)

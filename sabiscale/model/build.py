@@ -10,7 +10,6 @@ other. Calls that are not packed training batches (generation) use plain sdpa.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import zlib
 
 import torch
@@ -43,8 +42,9 @@ def llama_config(cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, e
 
 
 def attention_implementation() -> str:
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+    """Always sabiscale's: it keeps packed documents apart itself and picks flash-attention's
+    varlen kernel per call where that can run (transformers' own flash_attention_2 would mix the
+    documents of a batch of several rows, and rejects fp32 calls such as eval and scoring)."""
     return attention.NAME
 
 
@@ -94,7 +94,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 # Attention implementations that keep packed documents apart from position_ids alone, with no mask.
-_MASK_FREE_PACKING = {attention.NAME, "flash_attention_2", "flash_attention_3"}
+_MASK_FREE_PACKING = {attention.NAME}
 
 
 def hidden_at(lm: LlamaForCausalLM, input_ids: torch.Tensor, position_ids: torch.Tensor,
