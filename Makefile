@@ -8,15 +8,13 @@ STAMP  := $(VENV)/.stamp-install
 
 install: $(STAMP)
 
-# torch: the CPU wheel (torch==2.13.0) where there is no NVIDIA driver, so a fresh install does
-# not pull a multi-GB CUDA build; with a driver, pip resolves pyproject's range to a CUDA build.
-# DeepSpeed's CPU Adam and shared-memory comm ops are JIT-compiled once here (~2 min), not in
-# the middle of the first run.
-$(STAMP): pyproject.toml
+# torch: the tested version, the CPU wheel where there is no NVIDIA driver (no multi-GB CUDA
+# download), else the CUDA build the driver can run (launch/install_torch.sh). DeepSpeed's CPU
+# Adam and shared-memory comm ops are JIT-compiled once here (~2 min), not in the first run.
+$(STAMP): pyproject.toml launch/install_torch.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1; then echo "NVIDIA driver found: torch from PyPI's default (CUDA) build"; \
-	else $(BIN)/pip install -q torch==2.13.0; fi
+	launch/install_torch.sh $(BIN)/pip
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/sabiscale build-ops
 	touch $(STAMP)

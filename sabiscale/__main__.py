@@ -56,6 +56,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _run_training(cfg: RunConfig, hooks=()):
+    from sabiscale.train.device import check_accelerator
+
+    check_accelerator(cfg.engine.device)
+    if cfg.engine.device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read by DeepSpeed when it is first imported, just below
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
     from sabiscale.train.loop import train
 
@@ -123,6 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tag_dir = resolve_checkpoint(Path(args.checkpoint))
     lm, tok, meta = load_trained_lm(tag_dir)
+    lm = lm.to(_eval_device())
     cfg = build_config(meta["config"], origin=str(tag_dir))  # the run's own tasks, languages, held-out split
     root = _data_root(cfg, args.data)
     keep = is_dev_record if args.split == "dev" else None
@@ -139,6 +145,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"\nfull report: {out}")
     return 0
+
+
+def _eval_device():
+    """The GPU where torch sees one (evaluation runs there; fp32, so sdpa attention), else the CPU."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _data_root(cfg: RunConfig, given: str | None) -> Path | None:

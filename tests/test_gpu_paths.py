@@ -133,3 +133,45 @@ def test_the_head_weight_gradient_runs_in_the_compute_dtype():
     assert head16.weight.grad.dtype == torch.bfloat16
     for ours, exact in ((head16.weight.grad, head32.weight.grad), (h16.grad, h32.grad)):
         assert (ours.float() - exact).norm() / exact.norm() < 0.01
+
+
+@pytest.mark.parametrize("skipped,loss_finite,precision,counts", [
+    (False, True, "fp16", False), (True, True, "fp16", False),   # loss-scale backoff: normal with fp16
+    (True, False, "fp16", True), (False, False, "fp16", True),   # a NaN loss always counts
+    (True, True, "bf16", True), (True, True, "fp32", True),      # no loss scaling: a skipped step is a bad one
+    (False, True, "bf16", False)])
+def test_fp16_loss_scale_backoff_does_not_stop_training(skipped, loss_finite, precision, counts):
+    from sabiscale.train.loop import counts_as_nonfinite
+
+    assert counts_as_nonfinite(skipped, loss_finite, precision) is counts
+
+
+def test_the_matmul_peak_probe_on_this_device_is_plausible():
+    from sabiscale.track.metrics import measure_matmul_peak
+
+    peak = measure_matmul_peak(torch.device("cpu"), size=512, repeats=3)
+    assert 1e9 < peak < 1e14
+
+
+@pytest.mark.parametrize("driver_cuda,expected", [
+    (None, "pip install -q torch==2.13.0"),                              # no driver: the CPU wheel
+    ("13.1", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"),
+    ("12.9", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"),
+    ("12.6", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"),
+    ("12.2", "older than every CUDA build")])
+def test_make_install_picks_the_torch_build_the_driver_runs(tmp_path, driver_cuda, expected):
+    """launch/install_torch.sh, dry run, with a stand-in `nvidia-smi` printing a driver's header
+    (the real one needs the hardware)."""
+    import os
+    import subprocess
+
+    path = "/usr/bin:/bin"
+    if driver_cuda is not None:
+        smi = tmp_path / "nvidia-smi"
+        smi.write_text(f"#!/bin/sh\necho '| NVIDIA-SMI 550.1   Driver Version: 550.1   CUDA Version: {driver_cuda} |'\n")
+        smi.chmod(0o755)
+        path = f"{tmp_path}:{path}"
+    out = subprocess.run([str(ROOT / "launch" / "install_torch.sh"), "pip", "--dry-run"], capture_output=True,
+                         text=True, env={**os.environ, "PATH": path})
+    assert expected in out.stdout + out.stderr
+    assert (out.returncode == 2) is ("older" in expected)

@@ -51,6 +51,7 @@ def teacher_forced(lm, tok, examples: list[Example], batch_size: int = 16) -> di
         for row, (d_ids, d_mask) in enumerate(docs):
             ids[row, :len(d_ids)] = torch.from_numpy(d_ids.astype(np.int64))
             mask[row, :len(d_mask)] = torch.from_numpy(d_mask.astype(bool))
+        ids, mask = ids.to(lm.device), mask.to(lm.device)
         logits = lm(input_ids=ids, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
         for row, example in enumerate(chunk):
@@ -68,7 +69,7 @@ def greedy_answers(lm, tok, examples: list[Example], max_new_tokens: int, batch_
     tok.padding_side = "left"  # generation continues from the right edge of every row
     outputs = []
     for chunk in _batches(examples, batch_size):
-        enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
         generated = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         new = generated[:, enc["input_ids"].shape[1]:]

@@ -59,7 +59,8 @@ def train(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> TrainRes
         micro = [next(run.loader).to(world.device) for _ in range(cfg.train.grad_accum_steps)]
         skipped_before = engine.skipped_steps
         out = train_step(run, micro, step)
-        nonfinite_in_row = check_finite(engine, skipped_before, out.sums, step, micro, nonfinite_in_row,
+        skipped = engine.skipped_steps != skipped_before
+        nonfinite_in_row = check_finite(skipped, out.sums, run.precision, step, micro, nonfinite_in_row,
                                         cfg.train.max_nonfinite_steps)
         t1 = time.monotonic()
         run.tokens_seen += sum(b.num_tokens for b in micro) * world.world_size
@@ -163,11 +164,21 @@ def checkpoint(run: Run, step: int) -> Path:
     return path
 
 
-def check_finite(engine, skipped_before: int, sums: StepSums, step: int, micro: list, in_row: int,
+def counts_as_nonfinite(skipped: bool, loss_finite: bool, precision: str) -> bool:
+    """Whether a step is one of the `train.max_nonfinite_steps` in a row that stop training. With
+    fp16, DeepSpeed's dynamic loss scaling skips a step whenever the scaled gradients overflow and
+    lowers the scale: normal, above all at the start (backing off from 2^16 takes several steps in
+    a row), so there only a non-finite loss counts (DeepSpeed itself stops at its minimum scale)."""
+    return not loss_finite or (skipped and precision != "fp16")
+
+
+def check_finite(skipped: bool, sums: StepSums, precision: str, step: int, micro: list, in_row: int,
                  limit: int) -> int:
     """DeepSpeed skips an optimizer step whose gradient norm is inf/NaN (parameters untouched, LR
     schedule not advanced). Count such steps in a row and stop at `limit`, naming the batches."""
-    if engine.skipped_steps == skipped_before and sums.finite():
+    if not counts_as_nonfinite(skipped, sums.finite(), precision):
+        if skipped:
+            log.info("step %d: fp16 gradients overflowed; DeepSpeed lowered the loss scale and skipped the update", step)
         return 0
     in_row += 1
     batches = [b.index for b in micro]

@@ -37,6 +37,7 @@ class Run:
     vocab: Vocab
     kind: LossKind
     engine: Any           # DeepSpeed engine around the TokenLossObjective
+    precision: str        # fp32, bf16 or fp16, as train/device.py chose it
     ds_config: dict
     loader: BatchStream
     val_batches: list[Batch]
@@ -76,7 +77,8 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     log.info("model: %.2fM parameters, precision %s, world size %d, ZeRO stage %s", count_parameters(lm) / 1e6,
              precision, world.world_size, ds_config["zero_optimization"]["stage"])
     trace = [SampleTrace(cfg.output_dir, world.rank)] if cfg.train.trace_samples else []
-    return Run(cfg=cfg, world=world, manifest=manifest, vocab=vocab, kind=kind, engine=engine, ds_config=ds_config,
+    return Run(cfg=cfg, world=world, manifest=manifest, vocab=vocab, kind=kind, engine=engine, precision=precision,
+               ds_config=ds_config,
                loader=loader, val_batches=val_batches, reference=reference, tracker=tracker,
                probe=make_probe(cfg, manifest, vocab, world.rank, tracker), cost=step_cost(lm),
                peak_flops=cfg.train.peak_flops_per_s or measure_matmul_peak(world.device, engine_dtype(precision)),
