@@ -14,22 +14,32 @@ set -euo pipefail
 : "${NNODES:?set NNODES (number of nodes)}" "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
 : "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+# The GPUs this job may use: Slurm (or the user) names them in CUDA_VISIBLE_DEVICES, and the
+# launcher below would overwrite that variable with the ids it is given, so it is given these ids.
+IFS=',' read -r -a visible <<< "${CUDA_VISIBLE_DEVICES:-}"
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-  GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-  [[ "$GPUS_PER_NODE" -gt 0 ]] || GPUS_PER_NODE=1
+  if [[ ${#visible[@]} -gt 0 ]]; then GPUS_PER_NODE=${#visible[@]}
+  else
+    GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+    [[ "$GPUS_PER_NODE" -gt 0 ]] || GPUS_PER_NODE=1
+  fi
 fi
 [[ $# -ge 1 ]] || { echo "usage: launch/node.sh RECIPE [key=value ...]" >&2; exit 2; }
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${SABISCALE_PYTHON:-$here/../.venv/bin/python}"
 [[ -x "$python" ]] || python=python3
 
-# world_info: every node's local device ids, in node-rank order (DeepSpeed derives global ranks from it)
+# world_info: every node's local device ids, in node-rank order (DeepSpeed derives global ranks
+# from it and sets CUDA_VISIBLE_DEVICES to this node's list): the visible ones where given
 world_info=$("$python" -c '
 import base64, json, sys
-nodes, per_node = int(sys.argv[1]), int(sys.argv[2])
-info = {f"node{i}": list(range(per_node)) for i in range(nodes)}
-print(base64.urlsafe_b64encode(json.dumps(info).encode()).decode())' "$NNODES" "$GPUS_PER_NODE")
+nodes, per_node, visible = int(sys.argv[1]), int(sys.argv[2]), [d for d in sys.argv[3].split(",") if d]
+ids = [int(d) if d.isdigit() else d for d in visible][:per_node] if len(visible) >= per_node else list(range(per_node))
+print(base64.urlsafe_b64encode(json.dumps({f"node{i}": ids for i in range(nodes)}).encode()).decode())' \
+  "$NNODES" "$GPUS_PER_NODE" "${CUDA_VISIBLE_DEVICES:-}")
 
-echo "sabiscale node $NODE_RANK/$NNODES on ${SLURMD_NODENAME:-$(hostname)}: $GPUS_PER_NODE rank(s), master $MASTER_ADDR:$MASTER_PORT"
+echo "sabiscale node $NODE_RANK/$NNODES on ${SLURMD_NODENAME:-$(hostname)}: $GPUS_PER_NODE rank(s)" \
+     "(devices ${CUDA_VISIBLE_DEVICES:-0..$((GPUS_PER_NODE - 1))}), master $MASTER_ADDR:$MASTER_PORT"
+[[ -z "${SABISCALE_DRY_RUN:-}" ]] || { echo "world_info=$world_info"; exit 0; }
 exec "$python" -m deepspeed.launcher.launch --world_info="$world_info" --node_rank="$NODE_RANK" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --module sabiscale "${SABISCALE_COMMAND:-train}" "$@"

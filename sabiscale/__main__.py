@@ -231,7 +231,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """GPU and host memory per DeepSpeed profile for the recipe's model; the cheapest that fits."""
-    from sabiscale.train.plan import GiB, format_plans, largest_fitting_model, parse_size, plan_all, PROFILES
+    from sabiscale.train.plan import (GiB, PROFILES, format_plans, largest_fitting_model, parse_size, plan_all,
+                                      slurm_resources)
 
     cfg = _config(args)
     vocab = _planned_vocab(cfg)
@@ -242,6 +243,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{cfg.name}: {_params_line(cfg, vocab)}; micro-batch {cfg.train.micro_batch_size} x "
           f"{cfg.data.seq_len} tokens; {ranks} GPU(s) of {gpu / GiB:.1f} GiB\n")
     print(format_plans(plans, best, gpu, host))
+    if args.slurm and best is not None:
+        cpus, mem = slurm_resources(best, args.gpus_per_node, cfg.data.loader_workers)
+        print(f"\nslurm: --nodes={args.nodes} --gpus-per-node={args.gpus_per_node} --cpus-per-task={cpus} --mem={mem}G")
     if args.largest:
         print(f"\nlargest model of this shape family that fits one {gpu / GiB:.0f} GiB GPU "
               f"(micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}):")
@@ -340,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-node", type=int, default=1)
     plan.add_argument("--nodes", type=int, default=1)
     plan.add_argument("--largest", action="store_true", help="also the largest model that fits, per profile")
+    plan.add_argument("--slurm", action="store_true",
+                      help="also the sbatch resources per node for the recommendation (launch/submit.sh uses them)")
     plan.set_defaults(func=cmd_plan)
     for plugin in entry_points(group="sabiscale.commands"):
         plugin.load()(sub)  # e.g. `sabiscale analyze`, from the sabiscale_analysis package

@@ -165,6 +165,19 @@ def slurm(tmp_path):
         _run(["/usr/sbin/munged", "--stop"])
 
 
+def _wait_for_job(job: str, env: dict, d: Path, timeout: float = 600) -> tuple[str, str]:
+    """(final JobState, the job's output) once the job has ended."""
+    deadline, state = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        shown = _run(["scontrol", "show", "job", job], env=env).stdout
+        state = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("JobState=")), "")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(2)
+    log = (d / f"job-{job}.out").read_text() if (d / f"job-{job}.out").exists() else "(no job output)"
+    return state, log
+
+
 def test_sbatch_trains_on_two_slurm_nodes(demo_cfg, slurm, tmp_path):
     env, d = slurm
     out = fresh_run_dir(demo_cfg, tmp_path / "run")
@@ -173,15 +186,58 @@ def test_sbatch_trains_on_two_slurm_nodes(demo_cfg, slurm, tmp_path):
                       str(ROOT / "launch/recipes/demo.yaml"), *_overrides(out)], cwd=ROOT, env=job_env)
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
-    deadline, state = time.monotonic() + 600, ""
-    while time.monotonic() < deadline:
-        shown = _run(["scontrol", "show", "job", job], env=env).stdout
-        state = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("JobState=")), "")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            break
-        time.sleep(2)
-    log = (d / f"job-{job}.out").read_text() if (d / f"job-{job}.out").exists() else "(no job output)"
+    state, log = _wait_for_job(job, env, d)
     assert state == "COMPLETED", f"job {job} ended {state or 'not in time'}:\n{log[-4000:]}"
     assert "nodes n[1-2]" in log and "master 127.0.0.1:" in log
     assert "sabiscale node 0/2 on n1" in log and "sabiscale node 1/2 on n2" in log
     _assert_trained_on_two_ranks(out)
+
+
+def test_plain_srun_starts_one_world_of_two_ranks(demo_cfg, slurm, tmp_path):
+    """`srun -n 2 sabiscale train` without node.sh: rank and world size come from Slurm, the master
+    from the first node of the job; not two worlds of one rank."""
+    env, d = slurm
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    command = " ".join([sys.executable, "-m", "sabiscale", "train", str(ROOT / "launch/recipes/demo.yaml"), *_overrides(out)])
+    submitted = _run(["sbatch", "--parsable", "--nodes=2", "--ntasks=2", f"--output={d}/job-%j.out",
+                      f"--wrap=srun {command}"], cwd=ROOT, env=child_env(env))
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    state, log = _wait_for_job(job, env, d)
+    assert state == "COMPLETED", f"job {job} ended {state or 'not in time'}:\n{log[-4000:]}"
+    _assert_trained_on_two_ranks(out)
+
+
+def test_slurm_tasks_map_to_ranks_and_keep_their_gpus():
+    from sabiscale.train.engine import slurm_rendezvous
+
+    env = {"SLURM_NTASKS": "16", "SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "4242",
+           "MASTER_ADDR": "10.0.0.1", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    assert slurm_rendezvous(env) == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "10.0.0.1",
+                                     "MASTER_PORT": str(20000 + 4242 % 20000)}
+    bound = slurm_rendezvous({**env, "CUDA_VISIBLE_DEVICES": "3"})  # --gpus-per-task=1: its one GPU is cuda:0
+    assert bound["LOCAL_RANK"] == "0"
+
+
+def test_node_launcher_keeps_the_gpus_slurm_gave_the_job():
+    import base64
+
+    env = {**os.environ, "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1", "CUDA_VISIBLE_DEVICES": "5,7",
+           "SABISCALE_DRY_RUN": "1"}
+    env.pop("GPUS_PER_NODE", None)
+    out = _run([str(ROOT / "launch" / "node.sh"), "recipe.yaml"], env=env)
+    assert out.returncode == 0, out.stderr
+    info = next(line.split("=", 1)[1] for line in out.stdout.splitlines() if line.startswith("world_info="))
+    assert json.loads(base64.urlsafe_b64decode(info)) == {"node0": [5, 7]}
+    assert "2 rank(s) (devices 5,7)" in out.stdout
+
+
+def test_submit_derives_cores_and_memory_from_the_profile():
+    env = {**os.environ, "SUBMIT_DRY_RUN": "1", "NODES": "2", "GPUS_PER_NODE": "4",
+           "SABISCALE_BIN": str(Path(sys.executable).parent / "sabiscale")}
+    offload = _run([str(ROOT / "launch" / "submit.sh"), str(ROOT / "launch/recipes/demo.yaml")], env=env)
+    assert offload.returncode == 0, offload.stderr
+    flags = dict(f.lstrip("-").split("=") for f in offload.stdout.split() if f.startswith("--"))
+    assert flags["nodes"] == "2" and flags["gpus-per-node"] == "4"
+    assert int(flags["cpus-per-task"]) >= 4 * 2 and int(flags["mem"].rstrip("G")) >= 4 * 4
+    assert offload.stdout.split()[0] == "sbatch" and "slurm.sbatch" in offload.stdout

@@ -44,13 +44,43 @@ def _free_port() -> int:
 
 
 def ensure_launcher_env(environ: dict = os.environ) -> None:
-    """Let a plain `sabiscale train` run as a one-rank world. Without a launcher DeepSpeed would
-    fall back to MPI discovery; the launchers (deepspeed, torchrun, SLURM script) set these."""
+    """Let a plain `sabiscale train` run as a one-rank world, and `srun -n N sabiscale train` as N
+    ranks. Without a launcher DeepSpeed would fall back to MPI discovery; the launchers (deepspeed,
+    torchrun, launch/node.sh) set these themselves."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
+        return
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
+        environ.update(slurm_rendezvous(environ))
         return
     environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     environ.setdefault("MASTER_ADDR", "127.0.0.1")
     environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def slurm_rendezvous(environ: dict) -> dict[str, str]:
+    """One rank per Slurm task of `srun -n N ...`: rank and world size from Slurm, the master on the
+    first node of the job (its NodeAddr), a port from the job id (as launch/slurm.sbatch does)."""
+    master = environ.get("MASTER_ADDR") or first_node_address(environ.get("SLURM_JOB_NODELIST", ""))
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    # a task Slurm bound to one GPU (--gpus-per-task=1) sees it as device 0, whatever its local id
+    local = 0 if len(visible) == 1 else int(environ.get("SLURM_LOCALID", "0"))
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"], "LOCAL_RANK": str(local),
+            "MASTER_ADDR": master,
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)}
+
+
+def first_node_address(nodelist: str) -> str:
+    import subprocess
+
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()[0]
+        shown = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, IndexError, subprocess.SubprocessError) as err:
+        raise UserError(f"`srun` started several sabiscale tasks but their master address cannot be found "
+                        f"({err}); set MASTER_ADDR (and MASTER_PORT), or submit launch/slurm.sbatch") from None
+    address = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("NodeAddr=")), first)
+    return address
 
 
 def init_distributed() -> World:

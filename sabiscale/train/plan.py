@@ -68,6 +68,14 @@ class Plan:
     activation_checkpointing: bool
     device: dict[str, float] = field(default_factory=dict)  # bytes per GPU (or the CPU process)
     host: dict[str, float] = field(default_factory=dict)    # bytes per node on the host
+    # bytes per node on the host while the model is built, before the engine takes it over: every
+    # rank builds the whole fp32 model below ZeRO-3; under ZeRO-3 (zero.Init) one gathered parameter
+    build_host: float = 0.0
+    offload_optimizer: bool = False
+
+    @property
+    def host_peak(self) -> float:
+        return max(self.host_total, self.build_host)
 
     @property
     def device_total(self) -> float:
@@ -165,7 +173,8 @@ def plan_profile(cfg: RunConfig, shape: ModelShape, profile: str, ds_config: dic
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     device.update(activation_bytes(shape, tokens, tokens, cfg.data.seq_len, cfg.train.micro_batch_size, dtype_bytes,
                                    checkpointing, cfg.loss.chunk_size))
-    plan = Plan(profile, optimizer, checkpointing)
+    plan = Plan(profile, optimizer, checkpointing, offload_optimizer=z["offload_optimizer"])
+    plan.build_host = 4 * (shape.largest_layer if z["stage"] >= 3 else shape.params) * gpus_per_node
     # the host holds what each of its GPUs offloads
     plan.host = {k: v * gpus_per_node for k, v in host.items()}
     if not on_gpu:  # one CPU process: "device" and host are the same memory
@@ -193,7 +202,7 @@ def plan_all(cfg: RunConfig, vocab: int, gpu_bytes: float, host_bytes: float | N
              for profile in PROFILES for ckpt in (False, True) for opt in OPTIMIZERS]
 
     def fits(p: Plan) -> bool:
-        return p.device_total <= gpu_bytes and (host_bytes is None or p.host_total <= host_bytes)
+        return p.device_total <= gpu_bytes and (host_bytes is None or p.host_peak <= host_bytes)
 
     return plans, next((p for p in plans if fits(p)), None)
 
@@ -229,7 +238,7 @@ def parse_size(text: str) -> float:
 def format_plans(plans: list[Plan], best: Plan | None, gpu_bytes: float, host_bytes: float | None) -> str:
     lines = [f"{'profile':<15}{'optimizer':<11}{'act. ckpt':<11}{'GPU GiB':>9}{'host GiB':>10}  fits"]
     for p in plans:
-        ok = p.device_total <= gpu_bytes and (host_bytes is None or p.host_total <= host_bytes)
+        ok = p.device_total <= gpu_bytes and (host_bytes is None or p.host_peak <= host_bytes)
         lines.append(f"{p.profile:<15}{p.optimizer:<11}{'yes' if p.activation_checkpointing else 'no':<11}"
                      f"{p.device_total / GiB:>9.2f}{p.host_total / GiB:>10.2f}  {'yes' if ok else 'no'}")
     if best is None:
@@ -243,4 +252,20 @@ def format_plans(plans: list[Plan], best: Plan | None, gpu_bytes: float, host_by
     if best.host:
         lines += [f"host memory ({best.host_total / GiB:.2f} GiB per node):"]
         lines += [f"  {k:<48}{v / GiB:>8.3f} GiB" for k, v in best.host.items()]
+    lines.append(f"host memory while the model is built: {best.build_host / GiB:.2f} GiB per node")
     return "\n".join(lines)
+
+
+# Per rank: the Python process with torch, CUDA's host side, DeepSpeed and the data loader (a
+# measured CPU run of the default recipe holds ~1.5 GiB besides its model states; CUDA adds ~1-2).
+RANK_HOST_OVERHEAD = 4 * GiB
+CORES_PER_RANK = 2                # the training process and its data reading
+OFFLOAD_ADAM_CORES_PER_RANK = 4   # DeepSpeedCPUAdam's threads when the optimizer runs on the host
+
+
+def slurm_resources(plan: Plan, gpus_per_node: int, loader_workers: int) -> tuple[int, int]:
+    """(--cpus-per-task, --mem in GiB) for the one launcher task per node that runs every rank of it."""
+    cores = gpus_per_node * (CORES_PER_RANK + loader_workers
+                             + (OFFLOAD_ADAM_CORES_PER_RANK if plan.offload_optimizer else 0))
+    memory = plan.host_peak + RANK_HOST_OVERHEAD * gpus_per_node
+    return cores, int(-(-memory // GiB))
