@@ -175,3 +175,17 @@ def test_make_install_picks_the_torch_build_the_driver_runs(tmp_path, driver_cud
                          text=True, env={**os.environ, "PATH": path})
     assert expected in out.stdout + out.stderr
     assert (out.returncode == 2) is ("older" in expected)
+
+
+def test_gpu_smoke_script_dry_runs_on_a_cpu(tmp_path):
+    """benchmarks/gpu_smoke.py on a machine without a GPU: the CPU rows pass, the GPU rows skip and say why."""
+    import subprocess
+
+    from conftest import BIN, child_env
+
+    out = subprocess.run([str(BIN / "python"), str(ROOT / "benchmarks" / "gpu_smoke.py"), "--out", str(tmp_path / "t.md")],
+                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = (tmp_path / "t.md").read_text()
+    assert "| device and decisions | PASS |" in table and "| packed attention vs masked reference (fp32) | PASS |" in table
+    assert "| train zero1 + adamw | SKIP | no CUDA GPU here" in table
