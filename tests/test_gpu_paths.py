@@ -189,3 +189,12 @@ def test_gpu_smoke_script_dry_runs_on_a_cpu(tmp_path):
     table = (tmp_path / "t.md").read_text()
     assert "| device and decisions | PASS |" in table and "| packed attention vs masked reference (fp32) | PASS |" in table
     assert "| train zero1 + adamw | SKIP | no CUDA GPU here" in table
+
+
+@pytest.mark.parametrize("precision,accumulation,expected", [
+    ("bf16", 4, "fp32"), ("bf16", 1, None), ("fp32", 4, None), ("fp16", 4, None)])
+def test_bf16_gradients_accumulate_in_fp32(precision, accumulation, expected):
+    path = ROOT / "ds_configs" / "zero2.json"
+    cfg = load_config(None, [f"train.grad_accum_steps={accumulation}"])
+    filled = fill_ds_config(json.loads(path.read_text()), cfg, 2, precision, str(path))
+    assert filled.get("data_types", {}).get("grad_accum_dtype") == expected
