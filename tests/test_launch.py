@@ -140,7 +140,7 @@ def slurm(tmp_path):
     host = socket.gethostname().split(".")[0]
     conf = d / "slurm.conf"
     conf.write_text(SLURM_CONF.format(host=host, d=d, ctld_port=_free_port(), port1=_free_port(), port2=_free_port()))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    env = {**child_env(), "SLURM_CONF": str(conf)}  # without this process's rendezvous (MASTER_PORT)
     started_munge = False
     if _run(["pgrep", "-x", "munged"]).returncode != 0:
         _run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"])
