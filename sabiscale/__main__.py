@@ -198,6 +198,14 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards_index(args: argparse.Namespace) -> int:
+    """Add the sample index to shards written by an earlier sabiscale (the shards stay as they are)."""
+    from sabiscale.shards.write import index_existing
+
+    print(f"indexed: {index_existing(Path(args.dir))}")
+    return 0
+
+
 def cmd_tokenizer_report(args: argparse.Namespace) -> int:
     """Fertility, bytes per token and byte-fallback share per language."""
     from sabiscale.prep.corpus import load_corpus
@@ -330,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = shards.add_parser("verify", help="check every shard against manifest.json (sha256, counts, dtypes, shapes)")
     verify.add_argument("dir", help="a shards directory (with manifest.json)")
     verify.set_defaults(func=cmd_shards_verify)
+    index = shards.add_parser("index", help="add the per-sample index to shards of an earlier sabiscale (format 1 -> 2)")
+    index.add_argument("dir", help="a shards directory (with manifest.json)")
+    index.set_defaults(func=cmd_shards_index)
     score = sub.add_parser("score", help="reference losses of every answer token into new shards (Rho-1)")
     score.add_argument("--reference", required=True, help="the reference model: a checkpoint (or checkpoints/ for the newest)")
     score.add_argument("--shards", required=True, help="shards directory to score (with manifest.json)")

@@ -106,7 +106,6 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     # Training-time DataLoader processes per rank that read and decode shards (0 = in the training process).
     loader_workers: int = Field(0, ge=0)
-    shuffle_buffer: int = Field(64, ge=0)
     # Train from these shards instead of <output_dir>/shards, e.g. shards carrying reference
     # losses written by `sabiscale score` (then also set tokenizer.path to their tokenizer).
     shards_dir: Path | None = None
@@ -362,11 +361,16 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 # Keys an earlier sabiscale accepted -> their name now.
 RENAMED = {"data.workers": "data.prepare_workers", "data.num_workers": "data.loader_workers"}
+# Keys an earlier sabiscale accepted that are gone -> why.
+REMOVED = {"data.shuffle_buffer": "removed: the sample order is a seeded shuffle of shards and of the samples in each "
+                                  "(sabiscale/data/order.py), read by index; delete the key"}
 
 
 def _unknown_key(where: str) -> str:
     if where in RENAMED:
         return f"renamed: use {RENAMED[where]}"
+    if where in REMOVED:
+        return REMOVED[where]
     *parents, key = where.split(".")
     section: type[BaseModel] = RunConfig
     for part in parents:

@@ -22,7 +22,7 @@ def _take(it, n):
 
 
 def test_batches_have_the_contract_shapes(demo_cfg):
-    batch = next(make_loader(_urls(demo_cfg), 4, 0, 1, seed=3, shuffle_buffer=16, num_workers=0))
+    batch = next(make_loader(_urls(demo_cfg), 4, 0, 1, seed=3, shuffle=True, num_workers=0))
     T = demo_cfg.data.seq_len
     assert batch.input_ids.shape == batch.loss_mask.shape == batch.position_ids.shape == (4, T)
     assert batch.input_ids.dtype == torch.int64 and batch.loss_mask.dtype == torch.bool
@@ -36,9 +36,9 @@ def test_batches_have_the_contract_shapes(demo_cfg):
 
 def test_ranks_and_workers_split_one_global_stream(demo_cfg):
     urls = _urls(demo_cfg)
-    single = _take(make_loader(urls, 4, 0, 1, seed=3, shuffle_buffer=16, num_workers=0), 8)
-    rank0 = _take(make_loader(urls, 4, 0, 2, seed=3, shuffle_buffer=16, num_workers=2), 4)
-    rank1 = _take(make_loader(urls, 4, 1, 2, seed=3, shuffle_buffer=16, num_workers=0), 4)
+    single = _take(make_loader(urls, 4, 0, 1, seed=3, shuffle=True, num_workers=0), 8)
+    rank0 = _take(make_loader(urls, 4, 0, 2, seed=3, shuffle=True, num_workers=2), 4)
+    rank1 = _take(make_loader(urls, 4, 1, 2, seed=3, shuffle=True, num_workers=0), 4)
     assert Vocab.from_manifest(read_manifest(demo_cfg.shards_dir)) == VOCAB
     assert [b.index for b in rank0] == [0, 2, 4, 6] and [b.index for b in rank1] == [1, 3, 5, 7]
     for b in rank0 + rank1:
@@ -51,33 +51,56 @@ def test_ranks_and_workers_split_one_global_stream(demo_cfg):
 def test_epochs_chain_and_reshuffle(demo_cfg):
     urls = _urls(demo_cfg)
     n = sum(s["sequences"] for s in read_manifest(demo_cfg.shards_dir)["splits"]["train"]["shards"])
-    batches = _take(make_loader(urls, 1, 0, 1, seed=3, shuffle_buffer=16, num_workers=0), 2 * n)
+    batches = _take(make_loader(urls, 1, 0, 1, seed=3, shuffle=True, num_workers=0), 2 * n)
     first = [tuple(b.input_ids[0].tolist()) for b in batches[:n]]
     second = [tuple(b.input_ids[0].tolist()) for b in batches[n:]]
     assert len(set(first)) == n and set(first) == set(second) and first != second
 
 
-def test_pipe_urls_read_the_same_data(demo_cfg):
-    urls = _urls(demo_cfg)
-    piped = [f"pipe:cat {u}" for u in urls]
-    a = _take(make_loader(urls, 4, 0, 1, seed=5, shuffle_buffer=0, num_workers=0), 3)
-    b = _take(make_loader(piped, 4, 0, 1, seed=5, shuffle_buffer=0, num_workers=0), 3)
-    assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+def test_each_rank_reads_only_its_own_samples(demo_cfg):
+    """Bytes read by a rank are those of its own micro-batches: with 4 ranks, a quarter of what
+    one rank alone reads for the same global micro-batches."""
+    shards = _urls(demo_cfg)
+    alone = make_loader(shards, 4, 0, 1, seed=3, shuffle=True)
+    _take(alone, 16)
+    quarters = [make_loader(shards, 4, r, 4, seed=3, shuffle=True) for r in range(4)]
+    for stream in quarters:
+        _take(stream, 4)
+    assert sum(s.bytes_read for s in quarters) == alone.bytes_read
+    assert all(s.bytes_read < 0.3 * alone.bytes_read for s in quarters)
+
+
+def test_resume_seeks_without_reading_what_came_before(demo_cfg):
+    shards = _urls(demo_cfg)
+    far = make_loader(shards, 4, 0, 1, seed=3, shuffle=True, start=5000)
+    batch = next(far)
+    assert batch.index == 5000 and far.bytes_read < 4 * 2 * 4096  # four samples' bytes, not 5000 micro-batches'
+    fresh = make_loader(shards, 4, 0, 1, seed=3, shuffle=True)
+    fresh.load_state_dict({**fresh.state_dict(), "position": 5000})
+    assert torch.equal(next(fresh).input_ids, batch.input_ids)
+
+
+def test_a_checkpoint_of_the_earlier_sample_order_is_refused_with_the_way_out(demo_cfg):
+    stream = make_loader(_urls(demo_cfg), 2, 0, 1, seed=3)
+    old = {"position": 10, "batch_size": 2, "seed": 3, "shuffle_buffer": 64,
+           "urls": [s["path"].rsplit("/", 1)[1] for s in _urls(demo_cfg)]}
+    with pytest.raises(ValueError, match="sample order of an earlier sabiscale"):
+        stream.load_state_dict(old)
 
 
 def test_exact_resume_with_workers_ranks_and_a_new_world_size(demo_cfg):
     urls = _urls(demo_cfg)
-    uninterrupted = [b.index for b in _take(make_loader(urls, 2, 0, 1, seed=3, shuffle_buffer=16, num_workers=0), 24)]
-    reference = _take(make_loader(urls, 2, 0, 1, seed=3, shuffle_buffer=16, num_workers=0), 24)
+    uninterrupted = [b.index for b in _take(make_loader(urls, 2, 0, 1, seed=3, shuffle=True, num_workers=0), 24)]
+    reference = _take(make_loader(urls, 2, 0, 1, seed=3, shuffle=True, num_workers=0), 24)
 
     # 2 ranks with 2 workers each run 3 rounds, save, and stop
-    first = [make_loader(urls, 2, r, 2, seed=3, shuffle_buffer=16, num_workers=2) for r in (0, 1)]
+    first = [make_loader(urls, 2, r, 2, seed=3, shuffle=True, num_workers=2) for r in (0, 1)]
     seen = [b for _ in range(3) for stream in first for b in [next(stream)]]
     states = [stream.state_dict() for stream in first]
     assert states[0] == states[1] and states[0]["position"] == 6
 
     # resume on 3 ranks (a different world size) from the saved position
-    resumed = [make_loader(urls, 2, r, 3, seed=3, shuffle_buffer=16, num_workers=r % 2, start=states[0]["position"])
+    resumed = [make_loader(urls, 2, r, 3, seed=3, shuffle=True, num_workers=r % 2, start=states[0]["position"])
                for r in range(3)]
     seen += [b for _ in range(6) for stream in resumed for b in [next(stream)]]
     assert sorted(b.index for b in seen) == uninterrupted  # no repeats, no gaps
@@ -89,47 +112,71 @@ def test_load_state_dict_continues_after_the_last_batch_read(demo_cfg):
     """Read k batches, save the state, rebuild the loader, load it, continue: the concatenation
     equals an uninterrupted read, with workers and ranks; another stream definition is refused."""
     urls = _urls(demo_cfg)
-    uninterrupted = _take(make_loader(urls, 2, 0, 1, seed=4, shuffle_buffer=16, num_workers=0), 12)
-    before = [make_loader(urls, 2, r, 2, seed=4, shuffle_buffer=16, num_workers=2) for r in (0, 1)]
+    uninterrupted = _take(make_loader(urls, 2, 0, 1, seed=4, shuffle=True, num_workers=0), 12)
+    before = [make_loader(urls, 2, r, 2, seed=4, shuffle=True, num_workers=2) for r in (0, 1)]
     seen = [b for _ in range(2) for stream in before for b in [next(stream)]]
     state = before[0].state_dict()
-    after = [make_loader(urls, 2, r, 2, seed=4, shuffle_buffer=16, num_workers=1) for r in (0, 1)]
+    after = [make_loader(urls, 2, r, 2, seed=4, shuffle=True, num_workers=1) for r in (0, 1)]
     for stream in after:
         stream.load_state_dict(state)
     seen += [b for _ in range(4) for stream in after for b in [next(stream)]]
     assert [b.index for b in seen] == list(range(12))
     assert all(torch.equal(b.input_ids, uninterrupted[b.index].input_ids) for b in seen)
-    other = make_loader(urls, 2, 0, 1, seed=5, shuffle_buffer=16, num_workers=0)
+    other = make_loader(urls, 2, 0, 1, seed=5, shuffle=True, num_workers=0)
     with pytest.raises(ValueError, match="seed changed since the checkpoint"):
         other.load_state_dict(state)
 
 
-def test_a_truncated_shard_is_named_not_silently_shortened(demo_cfg, tmp_path):
-    """A shard cut at a 512-byte tar block boundary reads as a shorter but valid tar: the loader
-    compares each shard with its manifest entry as soon as it has been read."""
+def test_a_truncated_or_replaced_shard_is_named_before_the_first_read(demo_cfg, tmp_path):
+    """A shard cut at a 512-byte tar block boundary reads as a shorter but valid tar: the shards of
+    a split are checked against the manifest's sizes when the loader is built, before any step."""
     import shutil
-
-    import pytest
-
-    from sabiscale.data.loader import expected_counts
 
     shards = tmp_path / "shards"
     shutil.copytree(demo_cfg.shards_dir, shards)
     manifest = read_manifest(shards)
-    victim = shards / manifest["splits"]["train"]["shards"][0]["name"]
+    entry = manifest["splits"]["train"]["shards"][0]
+    victim = shards / entry["name"]
     data = victim.read_bytes()
     victim.write_bytes(data[: (len(data) // 2) // 512 * 512])  # whole blocks: tarfile sees a clean end
-    urls = shard_urls(shards, manifest, "train")
-    loader = make_loader(urls, 4, 0, 1, seed=0, shuffle_buffer=0, num_workers=0,
-                         expected=expected_counts(shards, manifest))
-    with pytest.raises(ValueError, match=f"{victim}: [0-9]+ samples, its manifest lists "
-                                         f"{manifest['splits']['train']['shards'][0]['sequences']}"):
-        for _ in range(1000):
-            next(loader)
-    # cut inside a member: tarfile raises; the error names the shard
-    victim.write_bytes(data[: len(data) // 2 + 100])
-    loader = make_loader(urls, 4, 0, 1, seed=0, shuffle_buffer=0, num_workers=0,
-                         expected=expected_counts(shards, manifest))
-    with pytest.raises(ValueError, match=f"{victim}"):
-        for _ in range(1000):
-            next(loader)
+    with pytest.raises(ValueError, match=f"{victim}: [0-9]+ bytes, its manifest lists {entry['bytes']}"):
+        shard_urls(shards, manifest, "train")
+    # same size, bytes changed inside a sample: the read names the shard and the sample
+    victim.write_bytes(data[:600] + b"\xff" * 200 + data[800:])
+    loader = make_loader(shard_urls(shards, manifest, "train"), 4, 0, 1, seed=0, shuffle=False)
+    with pytest.raises(ValueError, match=f"{victim}(: sample 0|:train-000000000: member .* cannot be decoded)"):
+        next(loader)
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{victim}: listed in"):
+        shard_urls(shards, manifest, "train")
+
+
+def test_shards_of_the_earlier_format_are_indexed_in_place(demo_cfg, tmp_path):
+    """Version-1 shards (no sample index) are refused with the way out; `sabiscale shards index`
+    adds the index without touching the shards, and the loader then reads the same batches."""
+    import json
+    import shutil
+
+    from conftest import BIN, run_cli
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_cfg.shards_dir, shards)
+    manifest = read_manifest(shards)
+    for idx in shards.glob("*.idx.npy"):
+        idx.unlink()
+    old = json.loads(json.dumps(manifest))
+    old["format_version"] = 1
+    for split in old["splits"].values():
+        for s in split["shards"]:
+            del s["bytes"], s["index"]
+    (shards / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="sabiscale shards index"):
+        shard_urls(shards, read_manifest(shards), "train")
+    before = {p.name: p.read_bytes() for p in shards.glob("*.tar")}
+    run_cli([str(BIN / "sabiscale"), "shards", "index", str(shards)])
+    assert {p.name: p.read_bytes() for p in shards.glob("*.tar")} == before
+    upgraded = read_manifest(shards)
+    assert upgraded["format_version"] == 2 and upgraded["splits"] == manifest["splits"]
+    a = next(make_loader(shard_urls(shards, upgraded, "train"), 4, 0, 1, seed=1))
+    b = next(make_loader(_urls(demo_cfg), 4, 0, 1, seed=1))
+    assert torch.equal(a.input_ids, b.input_ids)

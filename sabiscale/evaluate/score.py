@@ -28,8 +28,8 @@ from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
 from sabiscale.data.batch import Batch, Vocab, collate
 from sabiscale.loss.objective import TokenLossObjective
 from sabiscale.hashing import sha256_file
-from sabiscale.shards.format import (REF_FIELD, decode_sample, raw_samples, read_manifest, save_manifest,
-                                     shard_writer, with_array)
+from sabiscale.shards.format import (FORMAT_VERSION, REF_FIELD, decode_sample, raw_samples, read_manifest,
+                                     save_manifest, shard_entry, shard_writer, with_array)
 from sabiscale.errors import AlreadyExists, UserError
 
 log = logging.getLogger("sabiscale.score")
@@ -148,8 +148,9 @@ def _claim(path: Path, identity: dict, in_dir: Path, rank: int, barrier) -> None
 def _write_scored_manifest(manifest: dict, out_dir: Path, identity: dict) -> None:
     scored = json.loads(json.dumps(manifest))
     for split in scored["splits"].values():
-        for shard in split["shards"]:
-            shard["sha256"] = sha256_file(out_dir / shard["name"])
+        split["shards"] = [shard_entry(out_dir / s["name"], s["sequences"], sha256_file(out_dir / s["name"]))
+                           for s in split["shards"]]
+    scored["format_version"] = FORMAT_VERSION
     scored["fields"] = {REF_FIELD: {"dtype": "float16", "aligned_with": "input_ids",
                                     "meaning": "reference loss of token t at answer tokens, NaN elsewhere"}}
     scored["reference"] = identity

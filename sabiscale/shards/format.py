@@ -12,9 +12,12 @@ Sample layout (one tar member per field):
     {key}.ref_loss.npy      (T,) float16 optional, added by `sabiscale score`: the reference loss of
                             token t at answer tokens, NaN elsewhere (see check_aligned)
 
-manifest.json (format_version 1):
+Beside each shard, `<shard>.idx.npy`: (samples, 2) int64, the byte offset and length of each
+sample's members in the tar, so a reader fetches one sample with one seek and one read.
+
+manifest.json (format_version 2; version 1 lacked `bytes` and `index`):
     format_version, tokenizer_sha256, seq_len, nfc, pad_id,
-    splits: {train|val: {shards: [{name, sha256, sequences}], counts: {...}}},
+    splits: {train|val: {shards: [{name, sha256, sequences, bytes, index}], counts: {...}}},
     sources: [{task, path, format, sha256}], tasks: {name: its template}, mix: {...},
     skipped: {records, by_task, list}, not_applicable: {task: records}
 and, for scored shards, fields ({ref_loss: {dtype, aligned_with, meaning}}) and reference
@@ -37,7 +40,8 @@ import webdataset as wds
 
 from sabiscale.errors import MissingInput, UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no sample index (`sabiscale shards index` adds it)
 FIELDS = ("input_ids", "loss_mask", "position_ids")
 REF_FIELD = "ref_loss"
 DTYPES = {"input_ids": np.uint32, "loss_mask": np.uint8, "position_ids": np.int32, REF_FIELD: np.float16}
@@ -88,16 +92,24 @@ def decode_sample(raw: dict, skip: tuple[str, ...] = ()) -> dict:
         if f"{name}.npy" not in raw:
             raise UserError(f"{where}: member {name}.npy is missing; the shard is not a sabiscale shard "
                             "or is damaged (run `sabiscale prepare` again)")
-        out[name] = npy_array(raw[f"{name}.npy"])
-    out["docs"] = json.loads(raw["docs.json"]) if "docs.json" in raw else []
+        out[name] = _decoded(where, f"{name}.npy", npy_array, raw)
+    out["docs"] = _decoded(where, "docs.json", json.loads, raw) if "docs.json" in raw else []
     out["key"] = raw.get("__key__", "")
     lengths = {len(out[name]) for name in FIELDS}
     if len(lengths) != 1:
         raise UserError(f"{where}: fields have different lengths {lengths}")
     if f"{REF_FIELD}.npy" in raw and REF_FIELD not in skip:
-        out[REF_FIELD] = npy_array(raw[f"{REF_FIELD}.npy"])
+        out[REF_FIELD] = _decoded(where, f"{REF_FIELD}.npy", npy_array, raw)
         check_aligned(out[REF_FIELD], out["loss_mask"], where)
     return out
+
+
+def _decoded(where: str, member: str, decode, raw: dict):
+    try:
+        return decode(raw[member])
+    except (ValueError, UnicodeDecodeError, EOFError) as err:  # json's and numpy's errors are ValueErrors
+        raise UserError(f"{where}: member {member} cannot be decoded ({type(err).__name__}: {err}); the shard is "
+                        "corrupted: run `sabiscale shards verify` on its directory and restore or re-write it") from None
 
 
 def check_aligned(ref_loss: np.ndarray, loss_mask: np.ndarray, where: str) -> None:
@@ -129,8 +141,13 @@ def raw_samples(sources: Iterator[dict]) -> Iterator[dict]:
 def read_members(path: Path) -> dict[str, dict[str, bytes]]:
     """key -> {member name: bytes} of a whole shard, every member checked to be complete (a
     truncated member raises EOFError, one of READ_ERRORS)."""
+    with open(path, "rb") as f:
+        return read_members_from(f)
+
+
+def read_members_from(fileobj) -> dict[str, dict[str, bytes]]:
     samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-    with tarfile.open(path) as tar:
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
         for member in tar:
             key = member.name.split(".", 1)[0]
             data = tar.extractfile(member).read()
@@ -138,6 +155,117 @@ def read_members(path: Path) -> dict[str, dict[str, bytes]]:
                 raise EOFError(f"member {member.name} has {len(data)} of its {member.size} bytes")
             samples[key][member.name] = data
     return samples
+
+
+BLOCK = 512  # tar's block: every member is a 512-byte header and its data padded to whole blocks
+
+
+def index_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".idx.npy")
+
+
+def index_shard(path: Path) -> np.ndarray:
+    """(samples, 2) int64: byte offset and length of each sample's members in the tar, in file
+    order, from the headers alone (tarfile seeks over the data). Written next to the shard."""
+    spans: list[list[int]] = []
+    keys: list[str] = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+            if keys and keys[-1] == key:
+                spans[-1][1] = end - spans[-1][0]
+            else:
+                keys.append(key)
+                spans.append([member.offset, end - member.offset])
+    index = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    save_npy(index_path(path), index)
+    return index
+
+
+def shard_entry(path: Path, sequences: int, sha256: str) -> dict:
+    """A shard's manifest entry, its index written beside it."""
+    index = index_shard(path)
+    if len(index) != sequences:
+        raise UserError(f"{path}: {len(index)} samples in the tar, {sequences} written; the shard is damaged")
+    return {"name": path.name, "sha256": sha256, "sequences": sequences, "bytes": path.stat().st_size,
+            "index": index_path(path).name}
+
+
+def split_shards(shards_dir: Path, manifest: dict, split: str) -> list[dict]:
+    """A split's shards for reading by index: path, sequences, bytes and the index path of each,
+    checked before the first read: present, as many bytes as the manifest lists (a truncated or
+    replaced shard is named now, not when a run reaches it), an index of the listed length."""
+    if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
+        raise UserError(f"{shards_dir}/manifest.json has no {split!r} shards; re-run `sabiscale prepare`")
+    out = []
+    for entry in manifest["splits"][split]["shards"]:
+        path = shards_dir / entry["name"]
+        if "index" not in entry:
+            raise UserError(f"{shards_dir}/manifest.json lists shards without a sample index (written by an earlier "
+                            f"sabiscale): run `sabiscale shards index {shards_dir}` once (it adds the index; the "
+                            "shards stay as they are), or re-run `sabiscale prepare`")
+        if not path.is_file():
+            raise MissingInput(f"{path}: listed in {shards_dir}/manifest.json but missing; restore it or re-run "
+                               "`sabiscale prepare`")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ShardDamaged(f"{path}: {size} bytes, its manifest lists {entry['bytes']}: the shard is truncated "
+                               "or was replaced; run `sabiscale shards verify` on its directory and restore or "
+                               "re-write it")
+        out.append({"path": str(path), "sequences": entry["sequences"], "bytes": entry["bytes"],
+                    "index": str(shards_dir / entry["index"])})
+    return out
+
+
+class ShardDamaged(UserError):
+    """A shard that does not match its manifest entry."""
+
+
+class ShardReader:
+    """Reads one sample by (shard, sample): one seek and one read of exactly its bytes. Files and
+    indexes are opened on first use (in each dataloader worker separately) and kept open."""
+
+    def __init__(self, shards: list[dict]) -> None:
+        self.shards = shards
+        self.bytes_read = 0
+        self._files: dict[int, object] = {}
+        self._indexes: dict[int, np.ndarray] = {}
+
+    def _index(self, shard: int) -> np.ndarray:
+        if shard not in self._indexes:
+            entry = self.shards[shard]
+            index = load_npy(entry["index"])
+            if index.shape != (entry["sequences"], 2) or int(index[-1].sum()) > entry["bytes"]:
+                raise ShardDamaged(f"{entry['index']} does not describe {entry['path']} ({len(index)} samples, its "
+                                   f"manifest lists {entry['sequences']}); run `sabiscale shards index` on its directory")
+            self._indexes[shard] = index
+        return self._indexes[shard]
+
+    def read(self, shard: int, sample: int) -> dict:
+        """The raw members of one sample (as decode_sample takes them), with __key__ and __url__."""
+        offset, length = (int(v) for v in self._index(shard)[sample])
+        path = self.shards[shard]["path"]
+        if shard not in self._files:
+            self._files[shard] = open(path, "rb")  # noqa: SIM115 - kept open for the reader's lifetime
+        f = self._files[shard]
+        f.seek(offset)
+        data = f.read(length)
+        self.bytes_read += len(data)
+        try:
+            members = read_members_from(io.BytesIO(data))
+        except READ_ERRORS as err:
+            raise ShardDamaged(f"{path}: sample {sample} cannot be read ({type(err).__name__}: {err}); the shard is "
+                               "corrupted: run `sabiscale shards verify` on its directory and restore or re-write it") from err
+        if len(data) != length or len(members) != 1:
+            raise ShardDamaged(f"{path}: sample {sample} is not where its index says; run `sabiscale shards verify`")
+        (key, raw), = members.items()
+        return {"__key__": key, "__url__": path, **{name.split(".", 1)[1]: v for name, v in raw.items()}}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 def write_manifest(out_dir: Path, tokenizer_sha256: str, seq_len: int, pad_id: int, splits: dict,
@@ -162,7 +290,7 @@ def read_manifest(shards_dir: Path) -> dict:
     if not path.is_file():
         raise MissingInput(f"{path} does not exist; run `sabiscale prepare` to write shards first")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise UserError(f"{path}: format_version {manifest.get('format_version')} is not "
                         f"{FORMAT_VERSION}; re-run `sabiscale prepare` with this sabiscale version")
     return manifest

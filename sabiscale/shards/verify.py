@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from sabiscale.hashing import sha256_file
-from sabiscale.shards.format import DTYPES, FIELDS, READ_ERRORS, check_aligned, npy_array, read_manifest, read_members
+from sabiscale.errors import UserError
+from sabiscale.shards.format import (DTYPES, FIELDS, READ_ERRORS, ShardReader, check_aligned, npy_array, read_manifest,
+                                     read_members)
 
 
 def _check_sample(shard: str, key: str, members: dict[str, bytes], seq_len: int, problems: list[str],
@@ -58,6 +60,26 @@ def _read_members(path: Path, problems: list[str]) -> dict[str, dict[str, bytes]
         return None
 
 
+def _check_index(shards_dir: Path, shard: dict, keys: list[str], problems: list[str]) -> None:
+    """The sample index must point at every sample, in file order, by its exact bytes."""
+    if "index" not in shard:
+        problems.append(f"{shard['name']}: no sample index (an earlier format); run `sabiscale shards index {shards_dir}`")
+        return
+    path = shards_dir / shard["name"]
+    reader = ShardReader([{"path": str(path), "sequences": shard["sequences"], "bytes": path.stat().st_size,
+                           "index": str(shards_dir / shard["index"])}])
+    try:
+        read = [reader.read(0, i)["__key__"] for i in range(shard["sequences"])]
+    except (UserError, OSError) as err:
+        problems.append(f"{shard['index']}: {err}")
+        return
+    finally:
+        reader.close()
+    if read != keys:
+        problems.append(f"{shard['index']}: does not point at the samples of {shard['name']} in order; "
+                        f"run `sabiscale shards index {shards_dir}`")
+
+
 def verify_shards(shards_dir: Path) -> tuple[list[str], dict]:
     """(problems, totals per split); no problems means every shard matches the manifest."""
     manifest = read_manifest(shards_dir)
@@ -81,6 +103,7 @@ def verify_shards(shards_dir: Path) -> tuple[list[str], dict]:
                 continue
             if len(samples) != shard["sequences"]:
                 problems.append(f"{shard['name']}: {len(samples)} samples, manifest.json says {shard['sequences']}")
+            _check_index(shards_dir, shard, sorted(samples), problems)
             for key, members in sorted(samples.items()):
                 t, s = _check_sample(shard["name"], key, members, seq_len, problems, fields)
                 tokens, supervised = tokens + t, supervised + s

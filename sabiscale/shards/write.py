@@ -7,7 +7,9 @@ from pathlib import Path
 
 from sabiscale.hashing import sha256_file
 from sabiscale.prep.parallel import SERIAL, Workers
-from sabiscale.shards.format import FIELDS, encode_sample, shard_writer
+from sabiscale.errors import UserError
+from sabiscale.shards.format import (FIELDS, FORMAT_VERSION, encode_sample, read_manifest, save_manifest, shard_entry,
+                                     shard_writer)
 from sabiscale.shards.pack import PackedSequence, PackStats
 
 
@@ -25,8 +27,7 @@ def write_shard(job: tuple[Path, str, int, list[PackedSequence]]) -> dict:
                 entry["documents"] += 1
                 entry["tokens"] += length
                 entry["supervised_tokens"] += int(seq.loss_mask[start:start + length].sum())
-    return {"shard": {"name": path.name, "sha256": sha256_file(path), "sequences": len(sequences)},
-            "by_task_lang": dict(per_doc)}
+    return {"shard": shard_entry(path, len(sequences), sha256_file(path)), "by_task_lang": dict(per_doc)}
 
 
 def write_split(sequences: list[PackedSequence], out_dir: Path, split: str, per_shard: int, stats: PackStats,
@@ -47,3 +48,18 @@ def write_split(sequences: list[PackedSequence], out_dir: Path, split: str, per_
               "supervised_tokens": sum(v["supervised_tokens"] for v in per_doc.values()),
               "by_task_lang": dict(sorted(per_doc.items()))}
     return {"shards": [r["shard"] for r in written], "counts": counts}
+
+
+def index_existing(shards_dir: Path) -> Path:
+    """`sabiscale shards index DIR`: add the sample index (format 2) to shards written without it.
+    The shards are only read, after their sha256 is checked against the manifest."""
+    manifest = read_manifest(shards_dir)
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            path = shards_dir / entry["name"]
+            if not path.is_file() or sha256_file(path) != entry["sha256"]:
+                raise UserError(f"{path}: missing or not the shard {shards_dir}/manifest.json lists (sha256 differs); "
+                                "restore it or re-run `sabiscale prepare` (nothing was changed)")
+            entry.update(shard_entry(path, entry["sequences"], entry["sha256"]))
+    manifest["format_version"] = FORMAT_VERSION
+    return save_manifest(shards_dir, manifest)

@@ -9,7 +9,7 @@ from typing import Any
 
 from sabiscale.config import RunConfig, resolve_batch
 from sabiscale.data.batch import Batch, Vocab
-from sabiscale.data.loader import BatchStream, check_resumable, expected_counts, make_loader, shard_urls
+from sabiscale.data.loader import BatchStream, check_resumable, make_loader, shard_urls
 from sabiscale.errors import UserError
 from sabiscale.hashing import sha256_file
 from sabiscale.loss.kinds import LossKind, make_loss_kind
@@ -135,17 +135,16 @@ def continue_from(resumed: dict, engine, cfg: RunConfig) -> RunConfig:
 
 def data_streams(cfg: RunConfig, world: World, manifest: dict, vocab: Vocab,
                  resumed: dict | None) -> tuple[BatchStream, list[Batch]]:
-    """This rank's training stream (from the saved position when resuming) and its validation micro-batches."""
+    """This rank's training stream (from the saved position when resuming: a seek, no replay) and
+    its validation micro-batches. Every shard is checked against the manifest before the first read."""
     micro_bs = cfg.train.micro_batch_size
-    train_urls = shard_urls(cfg.shards_dir, manifest, "train")
+    train_shards = shard_urls(cfg.shards_dir, manifest, "train")
     if resumed is not None:
-        check_resumable(resumed["loader"], micro_bs, cfg.seed, cfg.data.shuffle_buffer, train_urls)
-    loader = make_loader(train_urls, vocab, micro_bs, world.rank, world.world_size, cfg.seed,
-                         cfg.data.shuffle_buffer, cfg.data.loader_workers,
-                         start=resumed["loader"]["position"] if resumed else 0,
-                         expected=expected_counts(cfg.shards_dir, manifest))
+        check_resumable(resumed["loader"], micro_bs, cfg.seed, True, train_shards)
+    loader = make_loader(train_shards, vocab, micro_bs, world.rank, world.world_size, cfg.seed, True,
+                         cfg.data.loader_workers, start=resumed["loader"]["position"] if resumed else 0)
     val_loader = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
-                             world.world_size, cfg.seed, 0, 0)
+                             world.world_size, cfg.seed, False)
     return loader, [next(val_loader) for _ in range(cfg.train.eval_batches)]
 
 
@@ -156,7 +155,7 @@ def make_probe(cfg: RunConfig, manifest: dict, vocab: Vocab, rank: int, tracker)
     from sabiscale.track.probe import ProbeRecorder
 
     stream = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, cfg.train.micro_batch_size, 0, 1,
-                         cfg.seed, 0, 0)
+                         cfg.seed, False)
     return ProbeRecorder([next(stream) for _ in range(cfg.train.probe_batches)], vocab, cfg.output_dir / "probe",
                          rank, tracker)
 
