@@ -47,14 +47,13 @@ def run_prepare(workers: int, out: Path) -> dict:
 
 def run_loader(shards_dir: Path, world_size: int, batches: int) -> dict:
     from sabiscale.data.batch import Vocab
-    from sabiscale.data.loader import expected_counts, make_loader, shard_urls
+    from sabiscale.data.loader import make_loader, shard_urls
     from sabiscale.shards.format import read_manifest
 
     manifest = read_manifest(shards_dir)
-    urls = shard_urls(shards_dir, manifest, "train")
-    stream = make_loader(urls, Vocab.from_manifest(manifest), 8, 0, world_size, 1234, 256, 0, 0,
-                         expected_counts(shards_dir, manifest))
-    next(stream)  # the first batch fills the shuffle buffer; training pays that once
+    stream = make_loader(shard_urls(shards_dir, manifest, "train"), Vocab.from_manifest(manifest), 8, 0, world_size,
+                         1234, True)
+    next(stream)  # the first batch opens the files; training pays that once
     start = time.perf_counter()
     positions = 0
     for _ in range(batches):

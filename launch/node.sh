@@ -41,5 +41,8 @@ print(base64.urlsafe_b64encode(json.dumps({f"node{i}": ids for i in range(nodes)
 echo "sabiscale node $NODE_RANK/$NNODES on ${SLURMD_NODENAME:-$(hostname)}: $GPUS_PER_NODE rank(s)" \
      "(devices ${CUDA_VISIBLE_DEVICES:-0..$((GPUS_PER_NODE - 1))}), master $MASTER_ADDR:$MASTER_PORT"
 [[ -z "${SABISCALE_DRY_RUN:-}" ]] || { echo "world_info=$world_info"; exit 0; }
+# Slurm's --signal=USR1 reaches every process of the step: the launcher must survive it (its
+# default action is to die) while the ranks, which handle it, save a checkpoint and exit
+trap '' USR1
 exec "$python" -m deepspeed.launcher.launch --world_info="$world_info" --node_rank="$NODE_RANK" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --module sabiscale "${SABISCALE_COMMAND:-train}" "$@"

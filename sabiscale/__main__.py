@@ -389,8 +389,13 @@ def main(argv: list[str] | None = None, hooks=()) -> int:
     fail_fast_tracking()
     args = build_parser().parse_args(argv)
     args.hooks = list(hooks)
+    from sabiscale.train.preemption import PREEMPTED_EXIT, Preempted
+
     try:
         return args.func(args)
+    except Preempted as stopped:
+        print(f"sabiscale {args.command}: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except UserError as err:
         if args.debug:
             raise

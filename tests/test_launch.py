@@ -241,3 +241,47 @@ def test_submit_derives_cores_and_memory_from_the_profile():
     assert flags["nodes"] == "2" and flags["gpus-per-node"] == "4"
     assert int(flags["cpus-per-task"]) >= 4 * 2 and int(flags["mem"].rstrip("G")) >= 4 * 4
     assert offload.stdout.split()[0] == "sbatch" and "slurm.sbatch" in offload.stdout
+
+
+def _mlflow_losses(out: Path) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in history}
+
+
+def test_a_signalled_slurm_job_checkpoints_requeues_and_ends_as_if_uninterrupted(demo_cfg, slurm, tmp_path):
+    """Slurm's USR1 (as `--signal=USR1@120` sends before the time limit): every rank finishes its
+    step and saves, the job requeues itself, comes back, resumes and ends with the uninterrupted
+    run's losses."""
+    env, d = slurm
+    steps = 40
+    extra = [f"train.max_steps={steps}", "train.checkpoint_every=1000", "train.log_every=1"]
+    reference = fresh_run_dir(demo_cfg, tmp_path / "reference")
+    done = _run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29787",
+                 "--module", "sabiscale", "train", str(ROOT / "launch/recipes/demo.yaml"), *_overrides(reference),
+                 *extra], cwd=ROOT, env=child_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    job_env = {**child_env(env), "SABISCALE_PYTHON": sys.executable}
+    submitted = _run(["sbatch", "--parsable", f"--output={d}/job-%j.out", "--open-mode=append", "launch/slurm.sbatch",
+                      str(ROOT / "launch/recipes/demo.yaml"), *_overrides(out), *extra], cwd=ROOT, env=job_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    trace = out / "trace" / "rank0.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not trace.is_file() or len(trace.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    assert _run(["scancel", "--signal=USR1", job], env=env).returncode == 0
+    state, log = _wait_for_job(job, env, d)
+    assert state == "COMPLETED", f"job {job} ended {state or 'not in time'}:\n{log[-4000:]}"
+    assert "stopped by a signal with a checkpoint saved; requeueing" in log
+    shown = _run(["scontrol", "show", "job", job], env=env).stdout
+    assert "Restarts=1" in shown
+    losses, expected = _mlflow_losses(out), _mlflow_losses(reference)
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert [losses[s] for s in range(1, steps + 1)] == pytest.approx([expected[s] for s in range(1, steps + 1)],
+                                                                      rel=1e-5, abs=1e-6)

@@ -96,15 +96,40 @@ def test_two_ranks_killed_and_resumed(demo_cfg, reference, tmp_path):
     assert _samples(out) == ref_samples
 
 
-def test_resume_refuses_a_different_world_size_with_directions(demo_cfg, tmp_path):
+@pytest.mark.parametrize("profile", ["zero2_offload", "zero3_offload"])
+def test_elastic_resume_on_another_number_of_ranks_continues_the_curve(demo_cfg, reference, tmp_path, profile):
+    """2 ranks -> 1 and 1 -> 2 ranks, through DeepSpeed's universal checkpoint (converted once,
+    beside the checkpoint): the losses after the resume are the uninterrupted run's, and no sample
+    is repeated or skipped. The global batch stays 8 sequences (accumulation follows the ranks)."""
+    common = ["train.global_batch_size=8", f"engine.ds_config={ROOT / 'ds_configs' / profile}.json"]
+    if profile == "zero2_offload":  # the module's reference: 1 rank x 2 accumulation steps, the default profile
+        ref_losses, ref_samples = reference
+    else:
+        ref = fresh_run_dir(demo_cfg, tmp_path / "ref")
+        _train(ref, common)
+        ref_losses, ref_samples = _losses(ref)[0], _samples(ref)
+    for first, then in ((2, 1), (1, 2)):
+        out = fresh_run_dir(demo_cfg, tmp_path / f"{first}to{then}")
+        _train(out, common, launcher=first if first > 1 else None, fault="between_steps:4")
+        proc = _train(out, common, launcher=then if then > 1 else None)
+        assert "universal checkpoint" in proc.stdout
+        assert (out / "checkpoints" / "step_00000004_universal" / "converted").is_file()
+        losses, runs = _losses(out)
+        assert runs == 1, (first, then)
+        assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(
+            [ref_losses[s] for s in range(1, STEPS + 1)], rel=1e-4, abs=1e-5), (first, then)
+        assert _samples(out) == ref_samples, (first, then)
+
+
+def test_elastic_resume_of_an_8bit_optimizer_is_refused_with_the_reason(demo_cfg, tmp_path):
     out = fresh_run_dir(demo_cfg, tmp_path / "run")
-    _train(out, [], launcher=2, fault="between_steps:3")
+    _train(out, ["optim.kind=adamw8bit"], launcher=2, fault="between_steps:3")
     proc = subprocess.run([str(BIN / "sabiscale"), "train", str(ROOT / "launch/recipes/demo.yaml"),
                            *tiny_overrides(out), f"train.max_steps={STEPS}", "optim.warmup_steps=1",
-                           "train.checkpoint_every=2"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=600)
+                           "train.checkpoint_every=2", "optim.kind=adamw8bit"], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
-    assert "written by 2 ranks" in proc.stderr and "ds_to_universal" in proc.stderr
+    assert "written by 2 ranks" in proc.stderr and "universal format" in proc.stderr and "adamw8bit" in proc.stderr
 
 
 def test_prune_keeps_the_newest_and_every_nth(tmp_path):

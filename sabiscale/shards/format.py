@@ -247,7 +247,8 @@ class ShardReader:
         offset, length = (int(v) for v in self._index(shard)[sample])
         path = self.shards[shard]["path"]
         if shard not in self._files:
-            self._files[shard] = open(path, "rb")  # noqa: SIM115 - kept open for the reader's lifetime
+            # unbuffered: a sample is one read of exactly its bytes (a buffered file reads ahead)
+            self._files[shard] = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the reader's lifetime
         f = self._files[shard]
         f.seek(offset)
         data = f.read(length)

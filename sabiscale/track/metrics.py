@@ -32,6 +32,7 @@ class StepSums:
     excess_selected: Any
     excess_rejected: Any
     rejected: Any
+    stop_requests: Any = 0.0  # ranks that received a stop signal (train/preemption.py)
 
     @classmethod
     def zeros(cls, device: torch.device) -> "StepSums":

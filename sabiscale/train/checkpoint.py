@@ -29,6 +29,7 @@ from sabiscale.errors import AlreadyExists, MissingInput, NoSpace, UserError
 CLIENT_STATE_VERSION = 1
 SIDECAR = "sabiscale.json"
 TAG_PATTERN = re.compile(r"step_[0-9]{8}")
+UNIVERSAL_SUFFIX = "_universal"  # a checkpoint converted for another number of ranks (train/resume.py)
 
 
 class CheckpointError(UserError):
@@ -105,6 +106,7 @@ def prune(checkpoint_dir: Path, keep_last: int, keep_every: int) -> None:
         step = json.loads((path / SIDECAR).read_text())["step"]
         if not (keep_every and step % keep_every == 0):
             shutil.rmtree(path)
+            shutil.rmtree(path.with_name(path.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
 def file_inventory(tag_dir: Path) -> dict[str, dict]:

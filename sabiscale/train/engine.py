@@ -253,6 +253,26 @@ def build_ops() -> list[str]:
     return names
 
 
+def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's universal checkpoint (every parameter and optimizer state whole, per parameter)
+    of a checkpoint written by any number of ranks, which any number of ranks can load."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines are not the user's business
+        ds_to_universal(args)
+
+
+def load_universal(ds_config: dict) -> dict:
+    """The DeepSpeed config that loads a universal checkpoint (at engine creation)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
 def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict:
     """fp32 state dict of the whole model from the ZeRO partitions of every rank.
 

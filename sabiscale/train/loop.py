@@ -9,6 +9,7 @@ train/hooks.py, never through the recipe.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from sabiscale.track.plots import loss_plots
 from sabiscale.train.checkpoint import rng_state, save_checkpoint, step_tag
 from sabiscale.train.engine import World, all_reduce_sum
 from sabiscale.train.hooks import StepRecord, TrainHook
+from sabiscale.train.preemption import Preempted
 from sabiscale.train.run import Run, build_run
 from sabiscale.train.step import train_step
 
@@ -44,7 +46,12 @@ class TrainResult:
 
 def train(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> TrainResult:
     run = build_run(cfg, world, hooks)
-    cfg, engine, tracker = run.cfg, run.engine, run.tracker
+    with run.stop:
+        return train_loop(run)
+
+
+def train_loop(run: Run) -> TrainResult:
+    cfg, engine, tracker, world = run.cfg, run.engine, run.tracker, run.world
     result = TrainResult(steps=cfg.train.max_steps, run_id=tracker.run_id, tracking_uri=tracker.uri,
                          experiment_id=tracker.experiment_id)
     if run.start_step == 0:
@@ -82,6 +89,8 @@ def train(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> TrainRes
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not last:
             result.checkpoint = checkpoint(run, step)
         run.hooks.after_step(StepRecord(step, t0, t1, micro, out.sums, out.local_targets, out.local_flops))
+        if out.sums.stop_requests and not last:  # every rank sees the same reduced sums: all stop here
+            stop_for_preemption(run, step, result)
     bar.close()
     if run.start_step < cfg.train.max_steps:
         run_eval(run, cfg.train.max_steps, result)
@@ -91,6 +100,14 @@ def train(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> TrainRes
         result.checkpoint = cfg.checkpoint_dir / step_tag(run.start_step)
     tracker.finish()
     return result
+
+
+def stop_for_preemption(run: Run, step: int, result: TrainResult) -> None:
+    """A rank got SIGTERM/SIGUSR1: save this step (unless it just was), mark the run, stop."""
+    if result.checkpoint != run.cfg.checkpoint_dir / step_tag(step):
+        result.checkpoint = checkpoint(run, step)
+    run.tracker.finish("KILLED")
+    raise Preempted(step, result.checkpoint, run.stop.signum or signal.SIGTERM)
 
 
 def step_metrics(run: Run, sums: StepSums, micro: list, seconds: float) -> dict[str, float]:

@@ -3,15 +3,17 @@ against this run (tokenizer, model dimensions, world size, integrity) before any
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from sabiscale.config import RunConfig
 from sabiscale.errors import AlreadyExists, MissingInput, UserError
-from sabiscale.train.checkpoint import (CheckpointError, check_intact, latest_complete, read_sidecar, remove_partial,
-                                        way_out)
-from sabiscale.train.engine import World, all_reduce_sum, barrier
+from sabiscale.train.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, check_intact, latest_complete, read_sidecar,
+                                        remove_partial, way_out)
+from sabiscale.train.engine import World, all_reduce_sum, barrier, convert_to_universal
 
 log = logging.getLogger("sabiscale.train")
 
@@ -63,13 +65,36 @@ def check_matches_run(newest: Path, meta: dict, saved_cfg: RunConfig, cfg: RunCo
         raise CheckpointError(f"{newest} holds a model with other dimensions than this run's recipe "
                               f"({', '.join(changed)}); resume with the model settings it was trained with, or "
                               "start a new output_dir")
-    if meta["world_size"] != world.world_size:
+    if meta["world_size"] != world.world_size and cfg.optim.kind != "adamw":
         raise UserError(
-            f"{newest} was written by {meta['world_size']} ranks and this run has {world.world_size}: ZeRO "
-            "partitions do not re-split by themselves. Resume with the same number of ranks, or convert it with "
-            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {newest} --output_folder "
-            f"{newest}_universal` and load that with DeepSpeed's universal checkpoint support "
-            "(the data position in sabiscale.json is valid for any world size)")
+            f"{newest} was written by {meta['world_size']} ranks and this run has {world.world_size}, and its "
+            f"optimizer is bitsandbytes' {cfg.optim.kind}: DeepSpeed re-splits checkpoints for another number of "
+            "ranks only through its universal format, which holds DeepSpeed's own optimizer states, not a client "
+            f"optimizer's 8-bit ones. Resume on {meta['world_size']} ranks (once finished, the model itself can go "
+            "anywhere), or start a new run")
+
+
+def universal_checkpoint(tag_dir: Path, world: World) -> Path:
+    """A checkpoint of another world size, converted once to DeepSpeed's universal format into
+    `<tag>_universal/` beside it (by rank 0, atomically through `.partial`; a later resume of the
+    same checkpoint reuses it). The data position, RNG, step and MLflow run come from the original
+    sidecar, which holds for any number of ranks."""
+    out = tag_dir.with_name(f"{tag_dir.name}{UNIVERSAL_SUFFIX}")
+    if world.rank == 0 and not (out / "converted").is_file():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        log.info("converting %s (written by other ranks) to DeepSpeed's universal checkpoint in %s", tag_dir, out)
+        try:
+            convert_to_universal(tag_dir, partial)
+        except Exception as err:  # noqa: BLE001 - re-raised with the checkpoint named
+            shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(f"DeepSpeed could not convert {tag_dir} to its universal format "
+                                  f"({type(err).__name__}: {err}); resume on the number of ranks that wrote it") from err
+        (partial / "converted").write_text(tag_dir.name + "\n", encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(partial, out)
+    barrier()
+    return out
 
 
 def config_changes(saved, current, prefix: str = "model") -> list[str]:

@@ -20,11 +20,12 @@ from sabiscale.shards.format import read_manifest
 from sabiscale.track.flops import StepCost, step_cost
 from sabiscale.track.metrics import MetricHistory, TokenStats, measure_matmul_peak
 from sabiscale.track.tracking import Tracker, make_tracker
-from sabiscale.train.checkpoint import restore_rng, step_tag
-from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, model_construction,
-                                    resolve_precision)
+from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
+from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, load_universal,
+                                    model_construction, resolve_precision)
 from sabiscale.train.hooks import Hooks, SampleTrace, TrainHook
-from sabiscale.train.resume import find_resume_point, load_engine_state
+from sabiscale.train.preemption import StopRequest
+from sabiscale.train.resume import find_resume_point, load_engine_state, universal_checkpoint
 
 log = logging.getLogger("sabiscale.train")
 
@@ -51,6 +52,7 @@ class Run:
     hooks: Hooks
     stats: TokenStats
     history: MetricHistory = field(default_factory=MetricHistory)
+    stop: StopRequest = field(default_factory=StopRequest)  # a stop signal (preemption) was received
     manifest_sha256: str = ""  # recorded in every checkpoint
 
 
@@ -61,12 +63,15 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     kind = make_loss_kind(cfg.loss)
     precision = resolve_precision(cfg.engine.precision)
     ds_config = load_ds_config(cfg, world.world_size, precision)
+    resumed = find_resume_point(cfg, world, manifest)
+    source = resume_source(cfg, resumed, world)
+    if source is not None and source.name.endswith(UNIVERSAL_SUFFIX):
+        ds_config = load_universal(ds_config)
     with model_construction(ds_config) as gathered:
         objective = build_objective(cfg, vocab, kind, gathered)
     engine = initialize(objective, ds_config, cfg.optim)
-    resumed = find_resume_point(cfg, world, manifest)
     if resumed is not None:
-        cfg = continue_from(resumed, engine, cfg)
+        cfg = continue_from(resumed, source, engine, cfg)
     loader, val_batches = data_streams(cfg, world, manifest, vocab, resumed)
     reference = online_reference(cfg, kind, manifest, world)
     tracker = make_tracker(cfg, world.rank)
@@ -122,9 +127,22 @@ def enable_activation_checkpointing(lm) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def continue_from(resumed: dict, engine, cfg: RunConfig) -> RunConfig:
+def resume_source(cfg: RunConfig, resumed: dict | None, world: World) -> Path | None:
+    """The checkpoint directory DeepSpeed loads: the resume point itself, or its universal
+    conversion when it was written by another number of ranks."""
+    if resumed is None:
+        return None
+    tag_dir = cfg.checkpoint_dir / step_tag(resumed["step"])
+    if resumed["world_size"] == world.world_size:
+        return tag_dir
+    log.info("the checkpoint was written by %d ranks and this run has %d: resuming through DeepSpeed's universal "
+             "checkpoint", resumed["world_size"], world.world_size)
+    return universal_checkpoint(tag_dir, world)
+
+
+def continue_from(resumed: dict, source: Path, engine, cfg: RunConfig) -> RunConfig:
     """Load the engine state and RNG of the resume point; keep logging into the run that wrote it."""
-    load_engine_state(engine, cfg.checkpoint_dir / step_tag(resumed["step"]))
+    load_engine_state(engine, source)
     restore_rng(resumed["rng"])
     if cfg.tracking.run_id is None:
         cfg = cfg.model_copy(deep=True)

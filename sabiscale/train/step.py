@@ -45,4 +45,5 @@ def train_step(run, micro: list[Batch], step: int) -> StepOutput:
         local.add(batch, out, needed)
         run.stats.add(batch, out)
     local.targets += n_local
+    local.stop_requests += float(run.stop.requested)
     return StepOutput(local.all_reduced(all_reduce_sum), n_local, (float(local.needed_flops), executed))
