@@ -263,7 +263,8 @@ def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # the version marker a Megatron client would have saved
     with contextlib.redirect_stdout(io.StringIO()):  # its progress lines are not the user's business
         ds_to_universal(args)
 

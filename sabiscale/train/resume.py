@@ -91,6 +91,7 @@ def universal_checkpoint(tag_dir: Path, world: World) -> Path:
             raise CheckpointError(f"DeepSpeed could not convert {tag_dir} to its universal format "
                                   f"({type(err).__name__}: {err}); resume on the number of ranks that wrote it") from err
         (partial / "converted").write_text(tag_dir.name + "\n", encoding="utf-8")
+        (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer: we load by tag
         shutil.rmtree(out, ignore_errors=True)
         os.rename(partial, out)
     barrier()
