@@ -109,6 +109,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
+# job credentials live 10 s instead of 120: a requeued job may start again that much sooner
+AuthInfo=cred_expire=10
 ReturnToService=2
 MinJobAge=300
 KillWait=5
