@@ -19,6 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from sabiscale.errors import UserError
+from sabiscale.lock import DirectoryLock
 from sabiscale.config import PROJECT_ROOT, RunConfig, load_config, resolve_paths
 
 DEMO_RECIPE = PROJECT_ROOT / "launch" / "recipes" / "demo.yaml"
@@ -43,7 +44,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.skip_bad:
         cfg.data.skip_bad = True
-    prepared = prepare(cfg)
+    with DirectoryLock(cfg.output_dir, "prepare"):
+        prepared = prepare(cfg)
     print(f"tokenizer: {prepared.tokenizer_path}\nshards:    {prepared.shards_dir} "
           f"({prepared.train_documents} train / {prepared.val_documents} val documents)\n"
           f"manifest:  {prepared.manifest}")
@@ -59,6 +61,7 @@ def _run_training(cfg: RunConfig, hooks=()):
     from sabiscale.train.device import check_accelerator
 
     check_accelerator(cfg.engine.device)
+    _check_prepared(cfg)
     if cfg.engine.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # read by DeepSpeed when it is first imported, just below
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
@@ -70,10 +73,25 @@ def _run_training(cfg: RunConfig, hooks=()):
     return train(cfg, world, hooks), world
 
 
+def _global_rank() -> int:
+    """This process's rank as the launcher (or Slurm) gave it, before the process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _check_prepared(cfg: RunConfig) -> None:
+    """Missing or mismatched shards and tokenizer are named before DeepSpeed starts (seconds, not 20)."""
+    from sabiscale.data.loader import shard_urls
+    from sabiscale.train.run import check_inputs
+
+    manifest = check_inputs(cfg)
+    shard_urls(cfg.shards_dir, manifest, "train")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on the recipe's shards (continues from the newest checkpoint of its run directory)."""
     cfg = _config(args)
-    result, world = _run_training(cfg, args.hooks)
+    with DirectoryLock(cfg.output_dir, "train", take=_global_rank() == 0):
+        result, world = _run_training(cfg, args.hooks)
     if world.rank == 0:
         losses = result.eval_answer_loss
         change = (f"{losses[min(losses)]:.3f} -> {losses[max(losses)]:.3f}" if len(losses) > 1
@@ -93,8 +111,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg.output_dir = cfg.output_dir.with_name(f"{cfg.output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     _setup_logging(0)
     logging.getLogger("sabiscale").info("demo: preparing data in %s", cfg.output_dir)
-    prepared = prepare(cfg)
-    result, world = _run_training(cfg, args.hooks)
+    with DirectoryLock(cfg.output_dir, "demo", take=_global_rank() == 0):
+        prepared = prepare(cfg)
+        result, world = _run_training(cfg, args.hooks)
     if world.rank != 0:
         return 0
     losses = result.eval_answer_loss
@@ -229,8 +248,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     ensure_launcher_env()
     world = init_distributed()
     _setup_logging(world.rank)
-    manifest = score_shards(Path(args.reference), Path(args.shards), Path(args.out), world.rank, world.world_size,
-                            world.device, args.batch_size, barrier)
+    with DirectoryLock(Path(args.out), "score", take=world.rank == 0):
+        manifest = score_shards(Path(args.reference), Path(args.shards), Path(args.out), world.rank, world.world_size,
+                                world.device, args.batch_size, barrier)
     if world.rank == 0:
         print(f"scored shards: {manifest.parent} (manifest {manifest}); train from them with "
               f"data.shards_dir={manifest.parent} tokenizer.path=<the shards' tokenizer.json> loss.kind=selective")
@@ -387,7 +407,13 @@ def main(argv: list[str] | None = None, hooks=()) -> int:
     """hooks: train/hooks.py instruments for the training commands (tests, benchmarks)."""
     use_environment_toolchain()
     fail_fast_tracking()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow flags (`prepare RECIPE --skip-bad data.seq_len=512`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.hooks = list(hooks)
     from sabiscale.train.preemption import PREEMPTED_EXIT, Preempted
 

@@ -293,11 +293,6 @@ class RunConfig(_Section):
         if t.global_batch_size is not None and t.global_batch_size % t.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({t.micro_batch_size})")
-        if self.optim.warmup_steps >= self.train.max_steps:
-            raise ValueError(
-                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below "
-                f"train.max_steps ({self.train.max_steps})"
-            )
         return self
 
     # Paths every stage agrees on, derived from output_dir so they cannot drift apart.
@@ -312,6 +307,17 @@ class RunConfig(_Section):
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
+
+
+def resolve_warmup(cfg: RunConfig) -> tuple[RunConfig, str | None]:
+    """The config with a warm-up that fits the run, and the note to print when it was shortened:
+    a recipe's warm-up (say 100 steps) stays usable for a 30-step try-out (then a tenth of it)."""
+    if cfg.optim.warmup_steps < cfg.train.max_steps:
+        return cfg, None
+    resolved = cfg.model_copy(deep=True)
+    resolved.optim.warmup_steps = max(1, cfg.train.max_steps // 10)
+    return resolved, (f"optim.warmup_steps {cfg.optim.warmup_steps} is not below train.max_steps "
+                      f"{cfg.train.max_steps}: warming up for {resolved.optim.warmup_steps} steps instead")
 
 
 def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:

@@ -187,9 +187,14 @@ def _check_text(value: object, field: str, source: str, reserved: list[str]) -> 
     return text
 
 
-def _field_text(record: dict, field: str, source: str, reserved: list[str]) -> tuple[str, int | None]:
-    """A field as text (a list of strings is joined by spaces) and, for lists, its length."""
+def _field_text(record: dict, field: str, source: str, reserved: list[str],
+                list_ok: bool) -> tuple[str, int | None]:
+    """A field as text (a list of strings, for aligned fields, is joined by spaces) and, for lists,
+    its length."""
     value = record[field]
+    if isinstance(value, list) and not list_ok:
+        raise BadRecord(f"{source}: field {field!r} is a list ({len(value)} items); this task expects a string "
+                        "there (lists are for aligned fields such as NER tokens and tags)")
     if isinstance(value, list):
         if not value:
             raise BadRecord(f"{source}: field {field!r} is an empty list")
@@ -208,7 +213,7 @@ def render(task: str, spec: TaskDef, record: dict, source: str, reserved: list[s
                         "for this source in the recipe)")
     values, lengths = {}, {}
     for field in spec.fields:
-        values[field], lengths[field] = _field_text(record, field, source, reserved)
+        values[field], lengths[field] = _field_text(record, field, source, reserved, field in spec.aligned)
     if spec.aligned and len({lengths[f] for f in spec.aligned}) != 1:
         raise BadRecord(f"{source}: fields {spec.aligned} must be lists of the same length, got "
                         f"{[lengths[f] for f in spec.aligned]}")

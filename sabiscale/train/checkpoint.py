@@ -225,5 +225,8 @@ def export_hf(path: Path, out_dir: Path) -> Path:
     lm.set_attn_implementation("sdpa")  # sabiscale's packed attention is not in plain transformers
     lm.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
+    for written in out_dir.iterdir():  # safetensors writes 0600; a model is handed to others
+        if written.is_file():
+            written.chmod(0o644)
     (out_dir / "sabiscale.json").write_text(json.dumps({k: meta[k] for k in ("step", "tokenizer_sha256", "mlflow_run_id") if k in meta}, indent=2) + "\n")
     return out_dir

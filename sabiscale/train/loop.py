@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,13 @@ class TrainResult:
 def train(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> TrainResult:
     run = build_run(cfg, world, hooks)
     with run.stop:
-        return train_loop(run)
+        try:
+            return train_loop(run)
+        except Preempted:
+            raise  # already saved and marked KILLED
+        except BaseException as err:  # the MLflow run tells why it died, then the error goes on
+            mark_failed(run.tracker, err)
+            raise
 
 
 def train_loop(run: Run) -> TrainResult:
@@ -100,6 +107,13 @@ def train_loop(run: Run) -> TrainResult:
         result.checkpoint = cfg.checkpoint_dir / step_tag(run.start_step)
     tracker.finish()
     return result
+
+
+def mark_failed(tracker, err: BaseException) -> None:
+    """FAILED (KILLED for Ctrl-C) with the error's last lines as the run's `error` tag."""
+    tail = "".join(traceback.format_exception(err)).strip().splitlines()[-12:]
+    tracker.set_tags({"error": "\n".join(tail)[-4000:]})
+    tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
 
 
 def stop_for_preemption(run: Run, step: int, result: TrainResult) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sabiscale.config import RunConfig, resolve_batch
+from sabiscale.config import RunConfig, resolve_batch, resolve_warmup
 from sabiscale.data.batch import Batch, Vocab
 from sabiscale.data.loader import BatchStream, check_resumable, make_loader, shard_urls
 from sabiscale.errors import UserError
@@ -58,6 +58,9 @@ class Run:
 
 def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     cfg = resolve_batch(cfg, world.world_size)
+    cfg, note = resolve_warmup(cfg)
+    if note:
+        log.info(note)
     manifest = check_inputs(cfg)
     vocab = Vocab.from_manifest(manifest)
     kind = make_loss_kind(cfg.loss)

@@ -1,0 +1,108 @@
+"""What a user meets first and what protects their work: short runs, fast failures, overrides
+anywhere, typed fields, one writer per directory, a run's final state in MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, ROOT, child_env, fresh_run_dir, tiny_overrides
+from sabiscale.config import load_config, resolve_warmup
+
+
+def test_a_short_run_gets_a_warmup_that_fits_with_a_note():
+    cfg = load_config(ROOT / "launch/recipes/shared_data.yaml", ["train.max_steps=30"])
+    resolved, note = resolve_warmup(cfg)
+    assert cfg.optim.warmup_steps >= 30 and resolved.optim.warmup_steps == 3
+    assert "warming up for 3 steps instead" in note
+    unchanged, none = resolve_warmup(load_config(None, ["train.max_steps=500", "optim.warmup_steps=20"]))
+    assert unchanged.optim.warmup_steps == 20 and none is None
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([str(BIN / "sabiscale"), *args], cwd=ROOT, env=child_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_missing_shards_are_named_before_deepspeed_starts(tmp_path):
+    started = time.monotonic()
+    proc = _cli("train", str(ROOT / "launch/recipes/demo.yaml"), f"output_dir={tmp_path / 'nothing'}")
+    assert proc.returncode == 2 and "manifest.json does not exist" in proc.stderr and "sabiscale prepare" in proc.stderr
+    assert "deepspeed" not in proc.stdout.lower()  # refused before the engine was imported
+    assert time.monotonic() - started < 30
+
+
+def test_overrides_may_follow_flags(demo_cfg, tmp_path):
+    out = tmp_path / "p"
+    proc = _cli("prepare", str(ROOT / "launch/recipes/demo.yaml"), "--skip-bad", *tiny_overrides(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "shards" / "manifest.json").is_file()
+
+
+def test_a_list_where_text_is_expected_is_named(tmp_path):
+    from sabiscale.prep.tasks import BUILTIN_TASKS, BadRecord, render
+
+    record = {"text": ["a", "b"], "lang": "yor"}
+    with pytest.raises(BadRecord, match=r"f\.jsonl:3: field 'text' is a list \(2 items\); this task expects a string"):
+        render("text", BUILTIN_TASKS["text"], record, "f.jsonl:3", [], 0)
+    ner = {"tokens": ["Ade", "lo"], "tags": ["B-PER", "O"], "lang": "yor"}
+    assert render("ner", BUILTIN_TASKS["ner"], ner, "n.jsonl:1", [], 0).answer.strip() == "B-PER O"
+
+
+def test_an_exported_model_is_readable_by_others(demo_cfg, world, tmp_path):
+    from sabiscale.train.checkpoint import export_hf
+    from sabiscale.train.loop import train
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "run")
+    cfg.tracking.enabled = False
+    cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 2, 1, 1
+    out = export_hf(train(cfg, world).checkpoint, tmp_path / "hf")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and all(m & 0o044 == 0o044 for m in modes.values()), modes
+
+
+def test_a_second_run_on_one_directory_is_refused_naming_the_holder(demo_cfg, tmp_path):
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    args = ["train", str(ROOT / "launch/recipes/demo.yaml"), *tiny_overrides(out), "train.max_steps=400",
+            "optim.warmup_steps=1", "tracking.enabled=false"]
+    first = subprocess.Popen([str(BIN / "sabiscale"), *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        lock = out / ".sabiscale.lock"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (lock.is_file() and lock.read_text().strip()):
+            time.sleep(0.2)
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        second = _cli(*args[:-1], "train.max_steps=2")
+        assert second.returncode == 2
+        assert f"is in use by `sabiscale train` (pid {first.pid} on" in second.stderr and "nothing was written" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)  # dies holding the lock: the OS releases it
+        first.wait()
+    third = _cli(*args[:-2], "train.max_steps=2")
+    assert third.returncode == 0, third.stderr[-2000:]  # no stale lock left behind
+
+
+def test_a_run_that_raises_is_marked_failed_with_its_error(demo_cfg, world, tmp_path):
+    from faults import Fault
+
+    from sabiscale.errors import TrainingDiverged
+    from sabiscale.train.loop import train
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "run")
+    cfg.tracking.system_metrics = False
+    cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches, cfg.train.max_nonfinite_steps = 4, 1, 1, 1
+    with pytest.raises(TrainingDiverged):
+        train(cfg, world, [Fault("nan_loss:2")])
+    client = MlflowClient(tracking_uri=f"sqlite:///{cfg.output_dir / 'mlflow.db'}")
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert run.info.status == "FAILED"
+    assert "TrainingDiverged" in run.data.tags["error"] and "non-finite" in run.data.tags["error"]
