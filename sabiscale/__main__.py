@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sabiscale.errors import UserError
 from sabiscale.lock import DirectoryLock
+from sabiscale.track.tracking import run_page
 from sabiscale.config import PROJECT_ROOT, RunConfig, load_config, resolve_paths
 
 DEMO_RECIPE = PROJECT_ROOT / "launch" / "recipes" / "demo.yaml"
@@ -98,6 +99,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                   else f"{losses[max(losses)]:.3f}" if losses else "n/a")
         print(f"trained {result.steps} steps; eval answer loss {change}\n"
               f"checkpoint: {result.checkpoint}\nMLflow run: {result.run_id} ({result.tracking_uri})")
+        if result.run_id and result.tracking_uri:
+            ui = (result.tracking_uri if result.tracking_uri.startswith("http") else "http://127.0.0.1:5000")
+            print(f"run page:   {run_page(ui, result.experiment_id, result.run_id)}"
+                  + ("" if result.tracking_uri.startswith("http") else
+                     f"  (after `mlflow ui --backend-store-uri {result.tracking_uri} --port 5000`)"))
     return 0
 
 
@@ -131,7 +137,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "",
         "Look at the run:",
         f"  mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000",
-        f"  then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}",
+        f"  then open {run_page('http://127.0.0.1:5000', result.experiment_id, result.run_id)}",
     ]))
     return 0
 

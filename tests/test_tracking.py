@@ -131,14 +131,19 @@ def test_training_against_a_real_server_read_back_over_rest_and_in_the_browser(d
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (CI installs Debian's chromium; `apt-get install chromium`)")
-    page = f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs"
+    tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+    assert tags.get("mlflow.experimentKind") == "custom_model_development"  # the training view, not GenAI's
+    from sabiscale.track.tracking import run_page
+
+    page = run_page(mlflow_server, experiment["experiment_id"], run["info"]["run_id"])  # what `train` prints
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-    assert run_name in dom, "the run's name is not on the experiment page"
+    assert run_name in dom, "the run's name is not on its page"
+    assert "train/loss" in dom, "the run's page does not show its metrics"
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "mlflow_experiment_runs.png"
+    shot = ARTIFACTS / "mlflow_run_page.png"
     subprocess.run([chromium, *flags, f"--screenshot={shot}", page], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
 

@@ -106,3 +106,20 @@ def test_a_run_that_raises_is_marked_failed_with_its_error(demo_cfg, world, tmp_
     (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert run.info.status == "FAILED"
     assert "TrainingDiverged" in run.data.tags["error"] and "non-finite" in run.data.tags["error"]
+
+
+def test_a_local_run_keeps_its_artifacts_in_its_directory_and_prints_its_page(demo_cfg, tmp_path):
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    proc = subprocess.run([str(BIN / "sabiscale"), "train", str(ROOT / "launch/recipes/demo.yaml"), *tiny_overrides(out),
+                           "train.max_steps=2", "optim.warmup_steps=1", "tracking.system_metrics=false",
+                           f"engine.ds_config={ROOT / 'ds_configs/zero2_offload.json'}"],
+                          cwd=elsewhere, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (elsewhere / "mlruns").exists() and list((out / "mlruns").rglob("loss.png"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" in proc.stdout

@@ -88,6 +88,29 @@ def set_tracking_uri_quietly(mlflow, uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it holds
+# model training; this tag gives the classic runs, metrics and charts view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ensure_experiment(mlflow, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created (with the training view, artifacts where asked) if new."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+    else:
+        experiment_id = experiment.experiment_id
+        if "mlflow.experimentKind" not in experiment.tags:
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def run_page(ui: str, experiment_id: str | None, run_id: str | None) -> str:
+    """The MLflow UI page of one run (its metrics, parameters, artifacts and plots)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 class MLflowTracker:
     def __init__(self, cfg: RunConfig) -> None:
         import mlflow  # only rank 0 pays the import
@@ -95,7 +118,11 @@ class MLflowTracker:
         self._mlflow = mlflow
         self.uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
         set_tracking_uri_quietly(mlflow, self.uri)
-        mlflow.set_experiment(cfg.tracking.experiment or cfg.name)
+        # the default local store keeps its artifacts in the run directory too, not in ./mlruns of
+        # whatever directory the command ran in
+        local = cfg.tracking.uri is None
+        ensure_experiment(mlflow, cfg.tracking.experiment or cfg.name,
+                          (cfg.output_dir / "mlruns").resolve().as_uri() if local else None)
         if cfg.tracking.run_id:  # a continued run keeps its parameters; metrics go on from its last step
             self._run = mlflow.start_run(run_id=cfg.tracking.run_id, log_system_metrics=cfg.tracking.system_metrics)
         else:
