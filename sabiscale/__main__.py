@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
     from sabiscale.config import build_config
     from sabiscale.prep.corpus import is_dev_record, is_validation, load_corpus
-    from sabiscale.evaluate.heldout import generation_metrics, teacher_forced
+    from sabiscale.evaluate.heldout import generation_metrics, log_eval, teacher_forced
 
     tag_dir = resolve_checkpoint(Path(args.checkpoint))
     lm, tok, meta = load_trained_lm(tag_dir)
@@ -157,18 +157,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = build_config(meta["config"], origin=str(tag_dir))  # the run's own tasks, languages, held-out split
     root = _data_root(cfg, args.data)
     keep = is_dev_record if args.split == "dev" else None
-    corpus = load_corpus(cfg, root, keep, args.max_per_file)
+    corpus = load_corpus(cfg, root, keep, None if args.full else args.max_per_file)
     examples = [e for e, where in corpus.examples
                 if args.split != "val" or is_validation(where, cfg.data.val_fraction)]
     if not examples:
         raise UserError(f"no {args.split} examples under {root}")
+    generate = 200 if args.full else args.generate
     report = {"checkpoint": str(tag_dir), "data": str(root or "data.files"), "split": args.split, "step": meta["step"],
+              "examples_per_file": None if args.full else args.max_per_file,
               "teacher_forced": teacher_forced(lm, tok, examples),
-              "generation": generation_metrics(lm, tok, examples, args.generate, cfg.seed) if args.generate else {}}
+              "generation": generation_metrics(lm, tok, examples, generate, cfg.seed) if generate else {}}
     out = Path(args.out) if args.out else tag_dir / f"eval_{args.split}.json"
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(f"# Eval of {tag_dir} ({args.split})\n\n```\n{format_report(report)}\n```\n",
+                                      encoding="utf-8")
     print(format_report(report))
-    print(f"\nfull report: {out}")
+    print(f"\nfull report: {out} (and {out.with_suffix('.md').name})")
+    logged = log_eval(cfg, meta, report, [out, out.with_suffix(".md")])
+    if logged:
+        print(f"logged to MLflow run {logged}")
     return 0
 
 
@@ -344,8 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="JSONL root in the task layout, <task>/<lang>.jsonl (default: the run's data)")
     ev.add_argument("--split", choices=["dev", "val", "all"], default="dev",
                     help="dev: official dev records; val: the run's held-out hash split; all: everything")
-    ev.add_argument("--max-per-file", type=int, default=200, help="records read per file (default 200)")
-    ev.add_argument("--generate", type=int, default=50, help="examples decoded per task and language (0 = none)")
+    ev.add_argument("--max-per-file", type=int, default=60,
+                    help="records read per file (default 60: about a minute on 2 CPU cores)")
+    ev.add_argument("--generate", type=int, default=12, help="examples decoded per task and language (0 = none)")
+    ev.add_argument("--full", action="store_true", help="every record, and 200 decoded per task and language")
     ev.add_argument("--out", default=None, help="report JSON (default: eval_<split>.json in the checkpoint)")
     ev.set_defaults(func=cmd_eval)
     ex = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory")

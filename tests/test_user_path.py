@@ -123,3 +123,15 @@ def test_a_local_run_keeps_its_artifacts_in_its_directory_and_prints_its_page(de
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" in proc.stdout
+    # eval of its checkpoint: a report beside the checkpoint (JSON + markdown), scores in the same run
+    checkpoint = out / "checkpoints" / "step_00000002"
+    proc = subprocess.run([str(BIN / "sabiscale"), "eval", str(checkpoint), "--split", "val", "--generate", "1",
+                           "--max-per-file", "20"], cwd=elsewhere, env=child_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (checkpoint / "eval_val.json").is_file() and (checkpoint / "eval_val.md").is_file()
+    assert f"logged to MLflow run {run.info.run_id}" in proc.stdout
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert any(k.startswith("val/translation/") and k.endswith("/bits_per_byte") for k in logged), sorted(logged)[:10]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/eval_val.json", "eval/eval_val.md"} <= artifacts

@@ -10,18 +10,25 @@ An output that does not parse counts as wrong and is counted in `unparsed`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
+import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mlflow.entities import Metric
+from tqdm import tqdm
 
 from sabiscale.prep.tasks import Example
 from sabiscale.prep.tokenizer import encode_examples
+
+log = logging.getLogger("sabiscale.eval")
 
 IOB_TAG = re.compile(r"^(O|[BI]-[A-Z]+)$")
 SENTIMENT_LABELS = ("positive", "negative", "neutral")
@@ -33,6 +40,39 @@ class Held:
     reference: object  # the parsed gold answer: text, list of tags or a label
 
 
+def progress(total: int, what: str):
+    """A bar with ETA on a terminal; plain start lines in logs and pipes."""
+    interactive = sys.stderr.isatty()
+    if not interactive:
+        log.info("%s: %d examples", what, total)
+    return tqdm(total=total, desc=what, unit="ex", disable=not interactive, dynamic_ncols=True)
+
+
+def log_eval(cfg, meta: dict, report: dict, files: list) -> str | None:
+    """The scores into the MLflow run that trained the checkpoint, at its step (metrics
+    `<split>/<task>/<lang>/<score>`, the report files as artifacts); None where there is none."""
+    run_id = meta.get("mlflow_run_id")
+    if not run_id or not cfg.tracking.enabled:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from sabiscale.track.tracking import default_tracking_uri
+
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
+    metrics = {f"{report['split']}/{key}/{name}": float(value)
+               for section in ("teacher_forced", "generation") for key, scores in report[section].items()
+               for name, value in scores.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), report["step"]) for k, v in metrics.items()])
+        for path in files:
+            client.log_artifact(run_id, str(path), "eval")
+    except Exception as err:  # noqa: BLE001 - the report is on disk either way
+        log.warning("could not log the scores to MLflow run %s at %s (%s); the report files hold them", run_id, uri, err)
+        return None
+    return run_id
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -42,7 +82,9 @@ def _batches(items: list, size: int):
 def teacher_forced(lm, tok, examples: list[Example], batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Per "task/lang": answer tokens, bytes, perplexity and bits per byte."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])  # nats, tokens, bytes
+    bar = progress(len(examples), "teacher-forced")
     for chunk in _batches(examples, batch_size):
+        bar.update(len(chunk))
         docs = encode_examples(tok, chunk)
         width = max(len(ids) for ids, _ in docs)
         # right padding: causal attention never looks right, so padding changes nothing before it
@@ -121,8 +163,11 @@ def generation_metrics(lm, tok, examples: list[Example], per_group: int, seed: i
             groups[f"{e.task}/{e.lang}"].append(e)
     rng = random.Random(seed)
     results = {}
+    bar = progress(sum(min(per_group, len(g)) for g in groups.values()), "decoding")
     for key, group in sorted(groups.items()):
         picked = rng.sample(group, min(per_group, len(group)))
+        bar.set_postfix_str(key)
+        bar.update(len(picked))
         task = key.split("/")[0]
         gold = [e.answer.strip() for e in picked]
         longest = max(len(tok.encode(g, add_special_tokens=False)) for g in gold)
