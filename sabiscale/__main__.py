@@ -230,6 +230,25 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """How to prompt each task (markdown), from the task registry."""
+    from sabiscale.prep.tasks import task_guide, task_registry
+
+    cfg = _config(args) if args.recipe else None
+    print(task_guide(cfg.data.tasks if cfg else None, task_registry(cfg.data.task_defs) if cfg else None))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt with a trained checkpoint (greedy, until the end-of-text token)."""
+    from sabiscale.evaluate.heldout import generate_text
+    from sabiscale.train.checkpoint import load_trained_lm
+
+    lm, tok, _ = load_trained_lm(Path(args.checkpoint))
+    print(generate_text(lm.to(_eval_device()), tok, args.prompt, args.max_new_tokens))
+    return 0
+
+
 def cmd_shards_index(args: argparse.Namespace) -> int:
     """Add the sample index to shards written by an earlier sabiscale (the shards stay as they are)."""
     from sabiscale.shards.write import index_existing
@@ -395,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
     for plugin in entry_points(group="sabiscale.commands"):
         plugin.load()(sub)  # e.g. `sabiscale analyze`, from the sabiscale_analysis package
+    tasks = sub.add_parser("tasks", help="how to prompt each task: template and a worked example")
+    tasks.add_argument("recipe", nargs="?", default=None, help="a recipe (its tasks, incl. declared ones); default: built-ins")
+    tasks.add_argument("overrides", nargs="*", help="key=value overrides")
+    tasks.set_defaults(func=cmd_tasks)
+    gen = sub.add_parser("generate", help="continue a prompt with a checkpoint (see `sabiscale tasks` for prompts)")
+    gen.add_argument("checkpoint", help="checkpoints/step_XXXXXXXX (or checkpoints/, to take `latest`)")
+    gen.add_argument("prompt", help="e.g. \"<translate> Good morning <yor>\"")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.set_defaults(func=cmd_generate)
     ops = sub.add_parser("build-ops", help="compile DeepSpeed's CPU Adam and comm ops (run by make install)")
     ops.set_defaults(func=cmd_build_ops)
     return parser

@@ -135,3 +135,18 @@ def test_a_local_run_keeps_its_artifacts_in_its_directory_and_prints_its_page(de
     assert any(k.startswith("val/translation/") and k.endswith("/bits_per_byte") for k in logged), sorted(logged)[:10]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/eval_val.json", "eval/eval_val.md"} <= artifacts
+    # the prompt guide's example runs through `sabiscale generate`
+    proc = subprocess.run([str(BIN / "sabiscale"), "generate", str(out / "checkpoints"),
+                           "<translate> Good morning, my friend. <yor>", "--max-new-tokens", "5"], cwd=elsewhere,
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+
+
+def test_the_readme_prompt_guide_is_the_registry_s():
+    import re
+
+    from sabiscale.prep.tasks import task_guide
+
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"<!-- tasks:begin -->\n(.*?)\n<!-- tasks:end -->", readme, re.S).group(1)
+    assert shown == task_guide(), "README's prompt table drifted: paste the output of `sabiscale tasks` there"

@@ -119,6 +119,12 @@ def greedy_answers(lm, tok, examples: list[Example], max_new_tokens: int, batch_
     return outputs
 
 
+@torch.no_grad()
+def generate_text(lm, tok, prompt: str, max_new_tokens: int) -> str:
+    """A prompt's greedy continuation, until the end-of-text token."""
+    return greedy_answers(lm, tok, [Example("prompt", "", prompt, "", "command line")], max_new_tokens, 1)[0]
+
+
 def parse_ner(output: str, n_words: int) -> list[str] | None:
     tags = output.split()
     return tags if len(tags) == n_words and all(IOB_TAG.match(t) for t in tags) else None

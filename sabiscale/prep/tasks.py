@@ -143,6 +143,42 @@ BUILTIN_TASKS: dict[str, TaskDef] = {
 }
 
 
+# One record per built-in task, for the prompt guide (`sabiscale tasks`, the README, model cards).
+EXAMPLE_RECORDS: dict[str, dict] = {
+    "translation": {"src": "Good morning, my friend.", "tgt": "Ẹ káàárọ̀, ọ̀rẹ́ mi.", "tgt_lang": "yor"},
+    "sentiment": {"text": "I like this film well well!", "label": "positive", "lang": "pcm"},
+    "ner": {"tokens": ["Shugaba", "Tinubu", "ya", "ziyarci", "Kano"], "tags": ["O", "B-PER", "O", "O", "B-LOC"],
+            "lang": "hau"},
+    "descramble": {"text": "Mo fẹ́ràn oúnjẹ Yorùbá", "lang": "yor"},
+    "text": {"text": "Ìlú Èkó tóbi gan-an.", "lang": "yor"},
+    "langid": {"text": "Kedu ka i mere?", "lang": "ibo"},
+    "diacritize": {"text": "Ọjọ́ dára", "lang": "yor"},
+    "summarize": {"text": "The rains came early this year, and farmers in Kaduna planted maize a month ahead of "
+                          "the usual season.", "summary": "Early rains let Kaduna farmers plant maize sooner.",
+                  "lang": "eng"},
+    "headline": {"text": "Lagos opened a new ferry route between Ikorodu and CMS on Monday.",
+                 "title": "New Ikorodu-CMS ferry route opens", "lang": "eng"},
+    "qa": {"context": "Abuja became Nigeria's capital in 1991.", "question": "When did Abuja become the capital?",
+           "answer": "In 1991.", "lang": "eng"},
+    "instruction": {"prompt": "Greet a customer in Pidgin.", "response": "How far, wetin we fit do for you today?",
+                    "lang": "pcm"},
+}
+
+
+def task_guide(tasks: list[str] | None = None, registry: dict[str, TaskDef] | None = None) -> str:
+    """How to prompt each task, with an example rendered by the same code that writes the shards
+    (markdown): what to give the model, and what it should continue with."""
+    registry = registry or BUILTIN_TASKS
+    lines = ["| task | template (prompt -> answer) | example prompt | expected answer |", "|---|---|---|---|"]
+    for name in tasks or list(registry):
+        spec, record = registry[name], EXAMPLE_RECORDS.get(name)
+        example = render(name, spec, record, "example", [], 0) if record is not None else None
+        cell = lambda s: f"`{s.strip()}`".replace("|", "\\|")  # noqa: E731
+        lines.append(f"| {name} | {cell(spec.prompt)} -> {cell(spec.answer)} | "
+                     f"{cell(example.prompt) if example else '-'} | {cell(example.answer) if example else '-'} |")
+    return "\n".join(lines)
+
+
 def task_registry(task_defs: dict[str, TaskDef] | None = None) -> dict[str, TaskDef]:
     """Built-in tasks, with the recipe's task_defs added (a recipe may also redefine a built-in)."""
     return {**BUILTIN_TASKS, **(task_defs or {})}
