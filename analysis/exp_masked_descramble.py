@@ -75,11 +75,11 @@ def main() -> None:
     started = time.monotonic()
     shutil.rmtree(WORK, ignore_errors=True)
     data = WORK / "data"
-    sabiscale("prepare", str(RECIPE), *common(args), f"output_dir={data}")
+    sabiscale("prepare", str(RECIPE), *common(args), f"output_dir={data}", f"data.dir={data}")
     runs = {}
     for kind in ("masked", "clm"):
         runs[kind] = WORK / kind
-        sabiscale("train", str(RECIPE), *common(args), f"output_dir={runs[kind]}", f"loss.kind={kind}",
+        sabiscale("train", str(RECIPE), *common(args), f"output_dir={runs[kind]}", f"data.dir={runs[kind]}", f"loss.kind={kind}",
                   f"data.shards_dir={data / 'shards'}", f"tokenizer.path={data / 'tokenizer' / 'tokenizer.json'}")
     curves = {kind: answer_loss_curve(run) for kind, run in runs.items()}
     target = curves["clm"][max(curves["clm"])]

@@ -119,16 +119,16 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     noise = write_corpora(args.records, args.noise_share, args.seed)
     mix, ref = WORK / "mix", WORK / "reference"
-    sabiscale("prepare", str(RECIPE), *common(args), f"data.jsonl_root={WORK / 'noisy'}", f"output_dir={mix}")
+    sabiscale("prepare", str(RECIPE), *common(args), f"data.jsonl_root={WORK / 'noisy'}", f"output_dir={mix}", f"data.dir={mix}")
     tokenizer = mix / "tokenizer" / "tokenizer.json"
-    reference = [*common(args), f"data.jsonl_root={WORK / 'clean'}", f"output_dir={ref}", f"tokenizer.path={tokenizer}",
+    reference = [*common(args), f"data.jsonl_root={WORK / 'clean'}", f"output_dir={ref}", f"data.dir={ref}", f"tokenizer.path={tokenizer}",
                  f"train.max_steps={args.reference_steps}"]
     sabiscale("prepare", str(RECIPE), *reference)
     sabiscale("train", str(RECIPE), *reference)
     sabiscale("score", "--reference", str(ref / "checkpoints"), "--shards", str(mix / "shards"), "--out", str(WORK / "scored"))
     runs = {"all tokens": WORK / "all_tokens", f"selective {args.ratio}": WORK / "selective"}
     for (name, run), kind in zip(runs.items(), ("masked", "selective")):
-        sabiscale("train", str(RECIPE), *common(args), f"output_dir={run}", f"loss.kind={kind}",
+        sabiscale("train", str(RECIPE), *common(args), f"output_dir={run}", f"data.dir={run}", f"loss.kind={kind}",
                   f"loss.ratio={args.ratio}", f"data.jsonl_root={WORK / 'noisy'}", f"data.shards_dir={WORK / 'scored'}",
                   f"tokenizer.path={tokenizer}", f"train.max_steps={args.steps}",
                   f"train.checkpoint_every={args.checkpoint_every}", "train.keep_last=0",

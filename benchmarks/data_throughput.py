@@ -36,7 +36,7 @@ def run_prepare(workers: int, out: Path) -> dict:
     from sabiscale.prep.prepare import prepare
     from sabiscale.shards.format import read_manifest
 
-    cfg = load_config(RECIPE, [f"output_dir={out}", f"data.workers={workers}", f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}"])
+    cfg = load_config(RECIPE, [f"output_dir={out}", f"data.dir={out}", f"data.prepare_workers={workers}", f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}"])
     start = time.perf_counter()
     prepare(cfg)
     seconds = time.perf_counter() - start

@@ -36,7 +36,7 @@ RUN = ROOT / "runs" / "bench-memory"
 def _config(size: str, optimizer: str):
     hidden, layers, mlp, heads = SIZES[size]
     return bench._config("zero2_offload", [
-        f"output_dir={RUN / size}", f"data.shards_dir={ROOT / 'runs/bench/shards'}",
+        f"output_dir={RUN / size}", f"data.dir={RUN / size}", f"data.shards_dir={ROOT / 'runs/bench/shards'}",
         f"tokenizer.path={ROOT / 'runs/bench/tokenizer/tokenizer.json'}", f"model.hidden_size={hidden}",
         f"model.num_layers={layers}", f"model.intermediate_size={mlp}", f"model.num_heads={heads}",
         "train.micro_batch_size=2", "train.max_steps=2", "optim.warmup_steps=1", f"optim.kind={optimizer}",

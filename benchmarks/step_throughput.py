@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPE = ROOT / "launch" / "recipes" / "shared_data.yaml"
-WORKLOAD = ["output_dir=runs/bench", "data.seq_len=512", "train.micro_batch_size=8", "train.grad_accum_steps=1",
+WORKLOAD = ["output_dir=runs/bench", "data.dir=runs/bench", "data.seq_len=512", "train.micro_batch_size=8", "train.grad_accum_steps=1",
             "tokenizer.vocab_size=16384", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4",
             "model.intermediate_size=688", "model.tie_embeddings=false", "optim.warmup_steps=1",
             "train.eval_batches=1", "train.eval_every=0", "tracking.enabled=false"]

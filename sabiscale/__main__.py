@@ -45,8 +45,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.skip_bad:
         cfg.data.skip_bad = True
-    with DirectoryLock(cfg.output_dir, "prepare"):
+    with DirectoryLock(cfg.prepared_dir, "prepare"):
         prepared = prepare(cfg)
+    if prepared.reused:
+        print(f"{cfg.data.dir} already holds data prepared with these settings ({prepared.manifest}); nothing "
+              "to do: every run of this recipe trains from it")
+        return 0
     print(f"tokenizer: {prepared.tokenizer_path}\nshards:    {prepared.shards_dir} "
           f"({prepared.train_documents} train / {prepared.val_documents} val documents)\n"
           f"manifest:  {prepared.manifest}")
@@ -192,7 +196,7 @@ def _data_root(cfg: RunConfig, given: str | None) -> Path | None:
         return Path(given)
     if cfg.data.source == "files":
         return None
-    return Path(cfg.data.jsonl_root or cfg.output_dir / "raw")
+    return Path(cfg.data.jsonl_root or cfg.prepared_dir / "raw")
 
 
 def format_report(report: dict) -> str:

@@ -106,8 +106,12 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     # Training-time DataLoader processes per rank that read and decode shards (0 = in the training process).
     loader_workers: int = Field(0, ge=0)
-    # Train from these shards instead of <output_dir>/shards, e.g. shards carrying reference
-    # losses written by `sabiscale score` (then also set tokenizer.path to their tokenizer).
+    # Where `prepare` writes the prepared data (raw demo corpus, tokenizer, shards + manifest), once,
+    # for every run of recipes that name it; each run keeps its own output_dir (checkpoints,
+    # MLflow, plots). None: inside the run's output_dir.
+    dir: Path | None = None
+    # Train from these shards instead of <data dir>/shards, e.g. shards carrying reference losses
+    # written by `sabiscale score` (then also set tokenizer.path to their tokenizer).
     shards_dir: Path | None = None
 
     @model_validator(mode="after")
@@ -295,14 +299,19 @@ class RunConfig(_Section):
                              f"train.micro_batch_size ({t.micro_batch_size})")
         return self
 
-    # Paths every stage agrees on, derived from output_dir so they cannot drift apart.
+    # Paths every stage agrees on, derived from data.dir and output_dir so they cannot drift apart.
+    @property
+    def prepared_dir(self) -> Path:
+        """Where the prepared data live: data.dir, shared by runs, or the run's own output_dir."""
+        return self.data.dir or self.output_dir
+
     @property
     def tokenizer_path(self) -> Path:
-        return self.output_dir / "tokenizer" / "tokenizer.json"
+        return self.prepared_dir / "tokenizer" / "tokenizer.json"
 
     @property
     def shards_dir(self) -> Path:
-        return self.data.shards_dir or self.output_dir / "shards"
+        return self.data.shards_dir or self.prepared_dir / "shards"
 
     @property
     def checkpoint_dir(self) -> Path:

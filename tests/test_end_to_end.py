@@ -73,7 +73,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(demo_cfg, world, tmp_path):
 def test_real_data_prepare_and_train(shared_data, tmp_path):
     out = tmp_path / "real"
     recipe = ROOT / "launch/recipes/shared_data.yaml"
-    overrides = [f"output_dir={out}", f"data.jsonl_root={shared_data}", "data.max_records_per_file=40",
+    overrides = [f"output_dir={out}", f"data.dir={out}", f"data.jsonl_root={shared_data}", "data.max_records_per_file=40",
                  "data.seq_len=256", "data.sequences_per_shard=64", "data.val_fraction=0.1",
                  "tokenizer.vocab_size=1000", "model.hidden_size=64", "model.num_layers=1", "model.num_heads=2",
                  "model.intermediate_size=128", "train.max_steps=6", "train.eval_batches=1",

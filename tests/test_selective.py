@@ -252,9 +252,9 @@ def test_rho1_on_real_data_reference_on_the_high_quality_subset_score_and_train(
               "model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=128",
               "train.eval_batches=1", "optim.warmup_steps=1", "train.eval_every=0", "tracking.system_metrics=false"]
     mix, ref, sel = tmp_path / "mix", tmp_path / "reference", tmp_path / "selective"
-    run_cli([BIN / "sabiscale", "prepare", recipe, f"output_dir={mix}", *common])
+    run_cli([BIN / "sabiscale", "prepare", recipe, f"output_dir={mix}", f"data.dir={mix}", *common])
     tokenizer = mix / "tokenizer" / "tokenizer.json"
-    subset = [f"output_dir={ref}", f"tokenizer.path={tokenizer}", "data.tasks=[translation, ner]", "train.max_steps=8"]
+    subset = [f"output_dir={ref}", f"data.dir={ref}", f"tokenizer.path={tokenizer}", "data.tasks=[translation, ner]", "train.max_steps=8"]
     run_cli([BIN / "sabiscale", "prepare", recipe, *common, *subset])
     run_cli([BIN / "sabiscale", "train", recipe, *common, *subset])
     proc = run_cli([BIN / "sabiscale", "score", "--reference", str(ref / "checkpoints"), "--shards", str(mix / "shards"),
@@ -262,7 +262,7 @@ def test_rho1_on_real_data_reference_on_the_high_quality_subset_score_and_train(
     assert "scored shards" in proc.stdout
     manifest = read_manifest(tmp_path / "scored")
     assert manifest["reference"]["checkpoint"] == str(ref / "checkpoints" / "step_00000008")
-    run_cli([BIN / "sabiscale", "train", recipe, *common, f"output_dir={sel}", f"tokenizer.path={tokenizer}",
+    run_cli([BIN / "sabiscale", "train", recipe, *common, f"output_dir={sel}", f"data.dir={sel}", f"tokenizer.path={tokenizer}",
              f"data.shards_dir={tmp_path / 'scored'}", "loss.kind=selective", "loss.ratio=0.7", "train.max_steps=4",
              "train.log_every=2"])
     fraction, metrics = _selection_history(f"sqlite:///{sel / 'mlflow.db'}")

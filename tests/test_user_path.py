@@ -150,3 +150,22 @@ def test_the_readme_prompt_guide_is_the_registry_s():
     readme = (ROOT / "README.md").read_text()
     shown = re.search(r"<!-- tasks:begin -->\n(.*?)\n<!-- tasks:end -->", readme, re.S).group(1)
     assert shown == task_guide(), "README's prompt table drifted: paste the output of `sabiscale tasks` there"
+
+
+def test_two_runs_of_one_recipe_share_its_prepared_data(shared_data, tmp_path):
+    recipe = str(ROOT / "launch/recipes/shared_data.yaml")
+    small = [f"data.jsonl_root={shared_data}", f"data.dir={tmp_path / 'data'}", "data.max_records_per_file=30",
+             "data.seq_len=256", "data.sequences_per_shard=64", "data.val_fraction=0.1", "tokenizer.vocab_size=800",
+             "model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=128",
+             "train.eval_batches=1", "train.eval_every=0", "tracking.enabled=false"]
+    assert _cli("prepare", recipe, *small).returncode == 0
+    again = _cli("prepare", recipe, *small)
+    assert again.returncode == 0 and "already holds data prepared with these settings" in again.stdout
+    other = _cli("prepare", recipe, *small, "data.seq_len=512")
+    assert other.returncode == 2 and "data.seq_len" in other.stderr and "nothing was changed" in other.stderr
+    for name in ("first", "second"):  # no flag points at the data: the recipe's data.dir does
+        proc = _cli("train", recipe, *small, f"output_dir={tmp_path / name}", "train.max_steps=3")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / name / "checkpoints" / "step_00000003").is_dir() and not (tmp_path / name / "shards").exists()
+    rerun = _cli("train", recipe, *small, f"output_dir={tmp_path / 'first'}", "train.max_steps=3")
+    assert rerun.returncode == 0 and "nothing to do" in rerun.stdout and "raise train.max_steps" in rerun.stdout

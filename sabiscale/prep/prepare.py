@@ -37,11 +37,38 @@ class Prepared:
     train_documents: int
     val_documents: int
     skipped: list[dict] = field(default_factory=list)
+    reused: bool = False  # data.dir already held data prepared with these settings
+
+
+# data settings that do not change what `prepare` writes
+_RUNTIME_DATA_KEYS = ("loader_workers", "prepare_workers", "dir", "shards_dir")
+
+
+def prepared_settings(cfg: RunConfig) -> dict:
+    """What decides the prepared data: recorded in the manifest, compared when data.dir is reused."""
+    data = {k: v for k, v in cfg.model_dump(mode="json")["data"].items() if k not in _RUNTIME_DATA_KEYS}
+    return {"data": data, "tokenizer": cfg.tokenizer.model_dump(mode="json"), "seed": cfg.seed}
+
+
+def reuse_prepared(cfg: RunConfig) -> Prepared | None:
+    """A shared data.dir is prepared once: the same settings reuse it, other settings are refused."""
+    manifest_path = cfg.shards_dir / "manifest.json"
+    if cfg.data.dir is None or not manifest_path.is_file():
+        return None
+    recorded = json.loads(manifest_path.read_text(encoding="utf-8")).get("prepared_with")
+    wanted = prepared_settings(cfg)
+    if recorded != wanted:
+        changed = sorted(f"{section}.{k}" for section in ("data", "tokenizer") for k in wanted[section]
+                         if (recorded or {}).get(section, {}).get(k) != wanted[section][k])
+        raise AlreadyExists(f"data.dir {cfg.data.dir} holds data prepared with other settings ({', '.join(changed) or 'seed'} "
+                            "differ); runs may be training from it: choose another data.dir for these settings, or "
+                            "delete that directory to prepare it again (nothing was changed)")
+    return Prepared(cfg.tokenizer_path, cfg.shards_dir, manifest_path, 0, 0, reused=True)
 
 
 def data_root(cfg: RunConfig) -> Path | None:
     if cfg.data.source == "demo":
-        return generate_demo_corpus(cfg.output_dir / "raw", cfg.data.demo_examples_per_task, cfg.seed)
+        return generate_demo_corpus(cfg.prepared_dir / "raw", cfg.data.demo_examples_per_task, cfg.seed)
     return Path(cfg.data.jsonl_root) if cfg.data.jsonl_root is not None else None
 
 
@@ -113,6 +140,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cfg.data.shards_dir is not None and (cfg.data.shards_dir / "manifest.json").is_file():
         raise AlreadyExists(f"data.shards_dir {cfg.data.shards_dir} already holds shards, which `prepare` would "
                               "overwrite; unset data.shards_dir to prepare into <output_dir>/shards (nothing was changed)")
+    reused = reuse_prepared(cfg)
+    if reused is not None:
+        return reused
     root = data_root(cfg)
     with Workers(cfg.data.prepare_workers) as workers:
         corpus = read_corpus(cfg, root, workers)
@@ -130,7 +160,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     registry = task_registry(cfg.data.task_defs)
     extra = {"sources": _sources_record(corpus, root),
              "tasks": {t: registry[t].model_dump(exclude_defaults=True) for t in cfg.data.tasks},
-             "not_applicable": corpus.not_applicable}
+             "not_applicable": corpus.not_applicable, "prepared_with": prepared_settings(cfg)}
     if mix_entry is not None:
         extra["mix"] = mix_entry
     if cfg.data.skip_bad:

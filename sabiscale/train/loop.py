@@ -103,7 +103,9 @@ def train_loop(run: Run) -> TrainResult:
         run_eval(run, cfg.train.max_steps, result)
         result.checkpoint = checkpoint(run, cfg.train.max_steps)
     else:
-        log.info("already trained to step %d (train.max_steps); nothing to do", run.start_step)
+        log.info("%s already holds this run trained to step %d (train.max_steps): nothing to do. To train on, "
+                 "raise train.max_steps (it continues from there); for another run, give it its own "
+                 "output_dir=runs/<name> (it shares the prepared data)", cfg.checkpoint_dir, run.start_step)
         result.checkpoint = cfg.checkpoint_dir / step_tag(run.start_step)
     tracker.finish()
     return result
