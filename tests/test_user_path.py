@@ -3,10 +3,8 @@ anywhere, typed fields, one writer per directory, a run's final state in MLflow.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
