@@ -72,6 +72,8 @@ def _run_training(cfg: RunConfig, hooks=()):
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
     from sabiscale.train.loop import train
 
+    logging.getLogger("DeepSpeed").addFilter(_DropNotices())
+
     ensure_launcher_env()
     world = init_distributed()
     _setup_logging(world.rank)
@@ -86,7 +88,7 @@ def _global_rank() -> int:
 def _check_prepared(cfg: RunConfig) -> None:
     """Missing or mismatched shards and tokenizer are named before DeepSpeed starts (seconds, not 20)."""
     from sabiscale.data.loader import shard_urls
-    from sabiscale.train.run import check_inputs
+    from sabiscale.train.inputs import check_inputs
 
     manifest = check_inputs(cfg)
     shard_urls(cfg.shards_dir, manifest, "train")
@@ -346,29 +348,8 @@ def cmd_build_ops(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sabiscale", description=__doc__.split("\n\nThis is the edge")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK carries it too.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--debug", action="store_true", help="show the traceback of every error, also of input errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, needs_recipe in (("prepare", cmd_prepare, True), ("train", cmd_train, True)):
-        p = sub.add_parser(name, help=func.__doc__ or name)
-        p.add_argument("recipe", nargs="?" if not needs_recipe else None, help="YAML recipe (launch/recipes/)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
-        p.set_defaults(func=func)
-        if name == "prepare":
-            p.add_argument("--skip-bad", action="store_true",
-                           help="skip bad input records instead of stopping; each is listed in <shards>/skipped.jsonl")
-        if name == "train":
-            p.add_argument("--resume", action="store_true",
-                           help="continue from the newest checkpoint in output_dir (an error if there is none); "
-                                "without it, training resumes anyway when a checkpoint exists")
-    demo = sub.add_parser("demo", help="run every stage on the embedded demo corpus")
-    demo.add_argument("--out", default=None, help="output directory (default: runs/demo)")
-    demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
-    demo.set_defaults(func=cmd_demo)
+def _add_checkpoint_and_data_commands(sub) -> None:
+    """eval, export, tokenizer report, shards verify/index."""
     ev = sub.add_parser("eval", help="held-out metrics of a checkpoint (perplexity, bits/byte, chrF, BLEU, F1)")
     ev.add_argument("checkpoint", help="checkpoints/step_XXXXXXXX (or checkpoints/, to take `latest`)")
     ev.add_argument("--data", default=None, help="JSONL root in the task layout, <task>/<lang>.jsonl (default: the run's data)")
@@ -399,6 +380,32 @@ def build_parser() -> argparse.ArgumentParser:
     index = shards.add_parser("index", help="add the per-sample index to shards of an earlier sabiscale (format 1 -> 2)")
     index.add_argument("dir", help="a shards directory (with manifest.json)")
     index.set_defaults(func=cmd_shards_index)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sabiscale", description=__doc__.split("\n\nThis is the edge")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK carries it too.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error, also of input errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, needs_recipe in (("prepare", cmd_prepare, True), ("train", cmd_train, True)):
+        p = sub.add_parser(name, help=func.__doc__ or name)
+        p.add_argument("recipe", nargs="?" if not needs_recipe else None, help="YAML recipe (launch/recipes/)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
+        p.set_defaults(func=func)
+        if name == "prepare":
+            p.add_argument("--skip-bad", action="store_true",
+                           help="skip bad input records instead of stopping; each is listed in <shards>/skipped.jsonl")
+        if name == "train":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest checkpoint in output_dir (an error if there is none); "
+                                "without it, training resumes anyway when a checkpoint exists")
+    demo = sub.add_parser("demo", help="run every stage on the embedded demo corpus")
+    demo.add_argument("--out", default=None, help="output directory (default: runs/demo)")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
+    demo.set_defaults(func=cmd_demo)
+    _add_checkpoint_and_data_commands(sub)
     score = sub.add_parser("score", help="reference losses of every answer token into new shards (Rho-1)")
     score.add_argument("--reference", required=True, help="the reference model: a checkpoint (or checkpoints/ for the newest)")
     score.add_argument("--shards", required=True, help="shards directory to score (with manifest.json)")
@@ -443,6 +450,28 @@ def use_environment_toolchain() -> None:
         os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
 
 
+def quiet_libraries() -> None:
+    """sabiscale's own lines stay visible: MLflow's store INFO lines, DeepSpeed's accelerator
+    guess (it is told instead) and torch's deprecation notices from inside DeepSpeed are off."""
+    import warnings
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _DropNotices(logging.Filter):
+    """DeepSpeed lines that say nothing to a sabiscale user."""
+
+    NOTICES = ("Attempting to get learning rate from scheduler before it has started",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTICES)
+
+
 def fail_fast_tracking() -> None:
     """MLflow's HTTP client retries a dead server for minutes by default; training must not wait
     that long per metric (the tracker keeps metrics and retries on its own schedule)."""
@@ -454,6 +483,7 @@ def main(argv: list[str] | None = None, hooks=()) -> int:
     """hooks: train/hooks.py instruments for the training commands (tests, benchmarks)."""
     use_environment_toolchain()
     fail_fast_tracking()
+    quiet_libraries()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also follow flags (`prepare RECIPE --skip-bad data.seq_len=512`)

@@ -10,19 +10,18 @@ from typing import Any
 from sabiscale.config import RunConfig, resolve_batch, resolve_warmup
 from sabiscale.data.batch import Batch, Vocab
 from sabiscale.data.loader import BatchStream, check_resumable, make_loader, shard_urls
-from sabiscale.errors import UserError
 from sabiscale.hashing import sha256_file
 from sabiscale.loss.kinds import LossKind, make_loss_kind
 from sabiscale.loss.objective import TokenLossObjective
 from sabiscale.model.build import build_model, count_parameters
-from sabiscale.prep.tokenizer import adopt_tokenizer, load_tokenizer, tokenizer_hash
-from sabiscale.shards.format import read_manifest
+from sabiscale.prep.tokenizer import load_tokenizer
 from sabiscale.track.flops import StepCost, step_cost
 from sabiscale.track.metrics import MetricHistory, TokenStats, measure_matmul_peak
 from sabiscale.track.tracking import Tracker, make_tracker
 from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
 from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, load_universal,
                                     model_construction, resolve_precision)
+from sabiscale.train.inputs import check_inputs
 from sabiscale.train.hooks import Hooks, SampleTrace, TrainHook
 from sabiscale.train.preemption import StopRequest
 from sabiscale.train.resume import find_resume_point, load_engine_state, universal_checkpoint
@@ -93,23 +92,6 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
                start_step=resumed["step"] if resumed else 0, tokens_seen=resumed["tokens_seen"] if resumed else 0,
                hooks=Hooks([*trace, *hooks]), stats=TokenStats(vocab, world.device),
                manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"))
-
-
-def check_inputs(cfg: RunConfig) -> dict:
-    """The shards must come from the tokenizer we are about to train with (and suit the loss kind)."""
-    if not cfg.tokenizer_path.is_file() and cfg.tokenizer.path is not None:
-        adopt_tokenizer(Path(cfg.tokenizer.path), cfg.tokenizer_path)
-    manifest = read_manifest(cfg.shards_dir)
-    ours = tokenizer_hash(cfg.tokenizer_path)
-    if manifest["tokenizer_sha256"] != ours:
-        raise UserError(f"{cfg.shards_dir}/manifest.json was written with tokenizer "
-                        f"{manifest['tokenizer_sha256'][:12]} but {cfg.tokenizer_path} is {ours[:12]}; "
-                        "re-run `sabiscale prepare` so shards and tokenizer match (or set tokenizer.path to theirs)")
-    if manifest["seq_len"] != cfg.data.seq_len:
-        raise UserError(f"shards have seq_len {manifest['seq_len']} but data.seq_len is {cfg.data.seq_len}; "
-                        "re-run `sabiscale prepare` or set data.seq_len to match")
-    make_loss_kind(cfg.loss).check_shards(manifest, cfg.shards_dir)
-    return manifest
 
 
 def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None) -> TokenLossObjective:
