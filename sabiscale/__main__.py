@@ -45,6 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.skip_bad:
         cfg.data.skip_bad = True
+    _setup_logging(0)
     with DirectoryLock(cfg.prepared_dir, "prepare"):
         prepared = prepare(cfg)
     if prepared.reused:

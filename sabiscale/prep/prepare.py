@@ -12,7 +12,9 @@ for any number of workers.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,8 @@ class Prepared:
     val_documents: int
     skipped: list[dict] = field(default_factory=list)
     reused: bool = False  # data.dir already held data prepared with these settings
+
+log = logging.getLogger("sabiscale.prepare")
 
 
 # data settings that do not change what `prepare` writes
@@ -144,10 +148,16 @@ def prepare(cfg: RunConfig) -> Prepared:
     if reused is not None:
         return reused
     root = data_root(cfg)
+    started = time.monotonic()
     with Workers(cfg.data.prepare_workers) as workers:
+        log.info("reading %s", root or "data.files")
         corpus = read_corpus(cfg, root, workers)
         train, val = split_examples(cfg, corpus)
+        log.info("%d train / %d validation examples from %d files (%.0f s); tokenizer next", len(train), len(val),
+                 len(corpus.files), time.monotonic() - started)
         tok = _tokenizer(cfg, train, corpus.specials)
+        log.info("tokenizing, packing and writing shards to %s (%.0f s so far)", cfg.shards_dir,
+                 time.monotonic() - started)
         train_docs, mix_entry = encode(tok, train), None
         if not cfg.data.mix.is_natural():
             train_docs, mix_entry = mix_documents(train_docs, cfg.data.mix, cfg.seed)
