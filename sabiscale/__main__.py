@@ -158,6 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sabiscale.prep.corpus import is_dev_record, is_validation, load_corpus
     from sabiscale.evaluate.heldout import generation_metrics, log_eval, teacher_forced
 
+    _setup_logging(0)
     tag_dir = resolve_checkpoint(Path(args.checkpoint))
     lm, tok, meta = load_trained_lm(tag_dir)
     lm = lm.to(_eval_device())
