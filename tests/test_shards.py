@@ -146,3 +146,22 @@ def test_verify_command_exit_codes(demo_cfg, tmp_path):
     (shards / name).unlink()
     proc = subprocess.run([BIN / "sabiscale", "shards", "verify", str(shards)], capture_output=True, text=True)
     assert proc.returncode == 1 and f"{name}: listed in manifest.json but missing" in proc.stderr
+
+
+def test_verify_names_a_sample_index_that_does_not_fit_its_shard(demo_cfg, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from sabiscale.shards.verify import verify_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_cfg.shards_dir, shards)
+    assert verify_shards(shards)[0] == []
+    index = shards / "train-000000.tar.idx.npy"
+    spans = np.load(index)
+    spans[1, 1] += 512  # the second sample's span runs into the third
+    np.save(index, spans)
+    problems, _ = verify_shards(shards)
+    assert problems == [f"train-000000.tar.idx.npy: does not point at the samples of train-000000.tar in order; "
+                        f"run `sabiscale shards index {shards}`"]

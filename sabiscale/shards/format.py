@@ -165,8 +165,15 @@ def index_path(shard: Path) -> Path:
 
 
 def index_shard(path: Path) -> np.ndarray:
+    """The shard's sample index (sample_spans), written next to it."""
+    index = sample_spans(path)
+    save_npy(index_path(path), index)
+    return index
+
+
+def sample_spans(path: Path) -> np.ndarray:
     """(samples, 2) int64: byte offset and length of each sample's members in the tar, in file
-    order, from the headers alone (tarfile seeks over the data). Written next to the shard."""
+    order, from the headers alone (tarfile seeks over the data)."""
     spans: list[list[int]] = []
     keys: list[str] = []
     with tarfile.open(path) as tar:
@@ -178,9 +185,7 @@ def index_shard(path: Path) -> np.ndarray:
             else:
                 keys.append(key)
                 spans.append([member.offset, end - member.offset])
-    index = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    save_npy(index_path(path), index)
-    return index
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
 
 def shard_entry(path: Path, sequences: int, sha256: str) -> dict:

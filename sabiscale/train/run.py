@@ -80,8 +80,9 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     tracker.log_json(ds_config, "config/deepspeed.json")
     tracker.log_json(manifest, "data/manifest.json")
     lm = engine.module.lm
-    tracker.log_metrics({"model/parameters": count_parameters(lm)}, step=0)
-    log.info("model: %.2fM parameters, precision %s, world size %d, ZeRO stage %s", count_parameters(lm) / 1e6,
+    parameters = count_parameters(lm)
+    tracker.log_metrics({"model/parameters": parameters}, step=0)
+    log.info("model: %.2fM parameters, precision %s, world size %d, ZeRO stage %s", parameters / 1e6,
              precision, world.world_size, ds_config["zero_optimization"]["stage"])
     trace = [SampleTrace(cfg.output_dir, world.rank)] if cfg.train.trace_samples else []
     return Run(cfg=cfg, world=world, manifest=manifest, vocab=vocab, kind=kind, engine=engine, precision=precision,
