@@ -265,6 +265,20 @@ def cmd_shards_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tracking_sync(args: argparse.Namespace) -> int:
+    """Send what a run's tracking journal holds and the store never received (safe to repeat)."""
+    from sabiscale.track.tracking import run_page, sync
+
+    result = sync(Path(args.run_dir), args.uri)
+    if result.sent == 0:
+        print(f"nothing to send: {result.uri} already holds everything of run {result.run_id}")
+    else:
+        print(f"sent {result.sent} records to {result.uri}: MLflow run {result.run_id}")
+    if result.uri.startswith("http"):
+        print(f"run page: {run_page(result.uri, result.experiment_id, result.run_id)}")
+    return 0
+
+
 def cmd_tokenizer_report(args: argparse.Namespace) -> int:
     """Fertility, bytes per token and byte-fallback share per language."""
     from sabiscale.prep.corpus import load_corpus
@@ -375,6 +389,12 @@ def _add_checkpoint_and_data_commands(sub) -> None:
     report.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the recipe's run)")
     report.add_argument("--data", default=None, help="JSONL root (default: the recipe's data)")
     report.set_defaults(func=cmd_tokenizer_report)
+    tracking = sub.add_parser("tracking", help="MLflow tracking of runs").add_subparsers(dest="tracking_command",
+                                                                                       required=True)
+    sync = tracking.add_parser("sync", help="send what a run logged while its tracking store was unreachable")
+    sync.add_argument("run_dir", help="the run's output_dir (or a tracking_journal*.jsonl file)")
+    sync.add_argument("--uri", help="the store to send to, for a run never created (default: the one the run used)")
+    sync.set_defaults(func=cmd_tracking_sync)
     shards = sub.add_parser("shards", help="inspect written shards").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check every shard against manifest.json (sha256, counts, dtypes, shapes)")
     verify.add_argument("dir", help="a shards directory (with manifest.json)")

@@ -267,6 +267,8 @@ class TrackingConfig(_Section):
     system_metrics: bool = True
     # "path": record where the checkpoint is; "artifact": also upload it to the run's artifact store.
     checkpoints: Literal["path", "artifact"] = "path"
+    # while the store is unreachable, how often to try again (records wait in the run's journal)
+    retry_seconds: float = Field(30.0, ge=0)
 
 
 class RunConfig(_Section):

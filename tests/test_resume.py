@@ -33,10 +33,13 @@ def _train(out, extra, launcher=None, fault=None):
 
 
 def _losses(out):
-    """train/loss per step as the run finally has it (a re-run step's later value wins), and the run count."""
+    """train/loss per step as the run has it, and the run count. Every step is logged once: a
+    resumed run does not log again the steps it replays from its checkpoint."""
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.timestamp)
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(steps)}"
     return {m.step: m.value for m in history}, len(runs)
 
 

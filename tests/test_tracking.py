@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 from sabiscale.config import load_config
-from sabiscale.track.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, ResilientTracker, flatten, make_tracker
+from sabiscale.train.hooks import TrainHook
+from sabiscale.track.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, flatten, make_tracker
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -166,7 +167,7 @@ def test_a_run_can_be_continued_by_id(tmp_path):
 
 def test_an_unreachable_store_never_stops_training(tmp_path, monkeypatch, caplog):
     """A real server goes away mid-run and comes back: nothing raises, one warning, every metric
-    arrives; what cannot arrive by the end lands in the local fallback file."""
+    arrives; what cannot arrive by the end stays in the run's journal for `tracking sync`."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     port = _free_port()
@@ -174,8 +175,8 @@ def test_an_unreachable_store_never_stops_training(tmp_path, monkeypatch, caplog
     base = f"http://127.0.0.1:{port}"
     server = _start_server(store, port)
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"tracking.uri={base}", "tracking.system_metrics=false",
-                             "tracking.experiment=outage"])
-    tracker = ResilientTracker(cfg, retry_seconds=0)
+                             "tracking.experiment=outage", "tracking.retry_seconds=0"])
+    tracker = MLflowTracker(cfg)
     tracker.log_metrics({"train/loss": 3.0}, step=1)
     _stop_server(server)
     with caplog.at_level("WARNING", logger="sabiscale.tracking"):
@@ -190,9 +191,109 @@ def test_an_unreachable_store_never_stops_training(tmp_path, monkeypatch, caplog
     finally:
         _stop_server(server)
     tracker.log_metrics({"train/loss": 0.5}, step=5)
-    tracker.finish()  # store down at the end: the unsent record goes to the fallback file
-    lines = [json.loads(line) for line in tracker.fallback_path.read_text().splitlines()]
-    assert lines == [{"run_id": tracker.run_id, "step": 5, "metrics": {"train/loss": 0.5}}]
+    tracker.finish()  # store down at the end: the last metric and the end of the run wait in the journal
+    from sabiscale.track.journal import read_journal
+
+    journal = read_journal(cfg.output_dir / "tracking_journal.jsonl")
+    assert [r["op"] for r in journal.records[journal.sent:]] == ["metrics", "status"]
+    assert journal.records[journal.sent]["metrics"] == {"train/loss": 0.5}
+
+
+class StartServerAt(TrainHook):
+    """Brings the tracking server up after a given step (it was down before)."""
+
+    def __init__(self, step: int, store: Path, port: int) -> None:
+        self.step, self.store, self.port, self.proc = step, store, port, None
+
+    def after_step(self, record) -> None:
+        if record.step == self.step:
+            self.proc = _start_server(self.store, self.port)
+
+
+def _read_run(base: str, experiment: str) -> tuple[dict, dict[str, list[int]], set[str]]:
+    """(the only run of the experiment, metric key -> steps logged, artifact paths), over REST."""
+    api = f"{base}/api/2.0/mlflow"
+    found = _get(f"{api}/experiments/get-by-name", {"experiment_name": experiment})["experiment"]
+    runs = _post(f"{api}/runs/search", {"experiment_ids": [found["experiment_id"]]})["runs"]
+    assert len(runs) == 1, runs
+    run = runs[0]
+    steps = {}
+    for key in ("train/loss", "eval/answer_loss", "model/parameters"):
+        history = _get(f"{api}/metrics/get-history", {"run_id": run["info"]["run_id"], "metric_key": key})
+        steps[key] = sorted(m["step"] for m in history.get("metrics", []))
+    listed = set()
+    for folder in ("", "config", "data", "tokenizer", "plots"):
+        files = _get(f"{api}/artifacts/list", {"run_id": run["info"]["run_id"], "path": folder}).get("files", [])
+        listed |= {f["path"] for f in files}
+    return run, steps, listed
+
+
+def _expect_whole_run(run: dict, steps: dict, listed: set, max_steps: int, checkpoint_run_id: str | None) -> None:
+    assert run["info"]["status"] == "FINISHED"
+    assert steps["train/loss"] == list(range(1, max_steps + 1))  # every step, each once
+    assert steps["eval/answer_loss"] == [0, max_steps] and steps["model/parameters"] == [0]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.max_steps"] == str(max_steps)
+    for path in ("config/deepspeed.json", "config/resolved_config.json", "data/manifest.json",
+                 "tokenizer/tokenizer.json", "plots/loss.png"):
+        assert path in listed, (path, sorted(listed))
+    assert checkpoint_run_id == run["info"]["run_id"]  # the last checkpoint learned the run
+
+
+def _late_run_cfg(demo_cfg, out: Path, base: str, max_steps: int):
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, out)
+    cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches, cfg.train.checkpoint_every = max_steps, 1, 1, 0
+    cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.system_metrics = base, "late", False
+    cfg.tracking.retry_seconds = 0
+    return cfg
+
+
+def test_a_store_that_comes_up_mid_run_gets_the_whole_run(demo_cfg, world, tmp_path, monkeypatch):
+    """The server is down when training starts and comes up after step 3: the run is created then,
+    with its parameters, config, manifest and tokenizer, and every metric at its own step."""
+    from sabiscale.train.checkpoint import read_sidecar
+    from sabiscale.train.loop import train
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = _late_run_cfg(demo_cfg, tmp_path / "run", base, 6)
+    hook = StartServerAt(3, tmp_path / "server", port)
+    try:
+        result = train(cfg, world, hooks=[hook])
+        assert hook.proc is not None and result.run_id is not None
+        run, steps, listed = _read_run(base, "late")
+        meta, _ = read_sidecar(result.checkpoint)
+        _expect_whole_run(run, steps, listed, 6, meta["mlflow_run_id"])
+    finally:
+        if hook.proc is not None:
+            _stop_server(hook.proc)
+
+
+def test_a_store_never_up_during_the_run_is_synced_later_once(demo_cfg, world, tmp_path, monkeypatch):
+    """Nothing answers during the whole run; `sabiscale tracking sync RUN_DIR` later creates the run
+    with everything it logged; a second sync sends nothing and duplicates nothing."""
+    from sabiscale.train.loop import train
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = _late_run_cfg(demo_cfg, tmp_path / "run", base, 4)
+    result = train(cfg, world)
+    assert result.run_id is None
+    server = _start_server(tmp_path / "server", port)
+    try:
+        first = run_cli([BIN / "sabiscale", "tracking", "sync", str(cfg.output_dir)]).stdout
+        assert "sent" in first and base in first
+        second = run_cli([BIN / "sabiscale", "tracking", "sync", str(cfg.output_dir)]).stdout
+        assert "nothing to send" in second
+        run, steps, listed = _read_run(base, "late")
+        _expect_whole_run(run, steps, listed, 4, run["info"]["run_id"])
+    finally:
+        _stop_server(server)
 
 
 def test_an_in_process_run_leaves_the_environment_as_it_was(demo_cfg, world, tmp_path):

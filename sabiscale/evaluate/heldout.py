@@ -51,7 +51,10 @@ def progress(total: int, what: str):
 def log_eval(cfg, meta: dict, report: dict, files: list) -> str | None:
     """The scores into the MLflow run that trained the checkpoint, at its step (metrics
     `<split>/<task>/<lang>/<score>`, the report files as artifacts); None where there is none."""
-    run_id = meta.get("mlflow_run_id")
+    from sabiscale.track.journal import recorded_run_id
+
+    # a checkpoint saved while the store was down knows no run; the run's journal may, since
+    run_id = meta.get("mlflow_run_id") or recorded_run_id(cfg.output_dir)
     if not run_id or not cfg.tracking.enabled:
         return None
     from mlflow.tracking import MlflowClient

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from sabiscale.config import RunConfig, config_to_dict
+from sabiscale.errors import MissingInput, UserError
+from sabiscale.lock import DirectoryLock
+from sabiscale.track.journal import JOURNAL_NAME, Journal, now_ms, send_pending
 
 log = logging.getLogger("sabiscale.tracking")
 
@@ -76,178 +79,179 @@ def default_run_name(cfg: RunConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def set_tracking_uri_quietly(mlflow, uri: str) -> None:
-    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into this process's environment
-    "so that subprocesses inherit it": a run started in-process (a notebook, a test) would then
-    send every later sabiscale command's metrics to this run's store. Keep the environment as it was."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
-
-
-# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it holds
-# model training; this tag gives the classic runs, metrics and charts view.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def ensure_experiment(mlflow, name: str, artifact_location: str | None) -> str:
-    """The experiment's id, created (with the training view, artifacts where asked) if new."""
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
-    else:
-        experiment_id = experiment.experiment_id
-        if "mlflow.experimentKind" not in experiment.tags:
-            mlflow.MlflowClient().set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND.items())))
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
-
-
 def run_page(ui: str, experiment_id: str | None, run_id: str | None) -> str:
     """The MLflow UI page of one run (its metrics, parameters, artifacts and plots)."""
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 class MLflowTracker:
-    def __init__(self, cfg: RunConfig) -> None:
-        import mlflow  # only rank 0 pays the import
+    """MLflow that never stops training and loses nothing. Every record goes to the run's journal
+    (track/journal.py) and then to the store. When the store is unreachable (at start or mid-run)
+    it warns once, keeps journaling, retries every `tracking.retry_seconds`, and when the store
+    answers creates the run if it did not exist yet and sends everything in order. What never got
+    through stays in the journal for `sabiscale tracking sync RUN_DIR`."""
 
-        self._mlflow = mlflow
+    def __init__(self, cfg: RunConfig, resuming: bool = False) -> None:
+        from mlflow.tracking import MlflowClient
+
         self.uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
-        set_tracking_uri_quietly(mlflow, self.uri)
-        # the default local store keeps its artifacts in the run directory too, not in ./mlruns of
-        # whatever directory the command ran in
-        local = cfg.tracking.uri is None
-        ensure_experiment(mlflow, cfg.tracking.experiment or cfg.name,
-                          (cfg.output_dir / "mlruns").resolve().as_uri() if local else None)
-        if cfg.tracking.run_id:  # a continued run keeps its parameters; metrics go on from its last step
-            self._run = mlflow.start_run(run_id=cfg.tracking.run_id, log_system_metrics=cfg.tracking.system_metrics)
-        else:
-            self._run = mlflow.start_run(run_name=default_run_name(cfg), log_system_metrics=cfg.tracking.system_metrics)
-        self.run_id = self._run.info.run_id
-        self.experiment_id = self._run.info.experiment_id
-        if not cfg.tracking.run_id:
-            self._log_config(cfg)
-            self._log_inputs(cfg)
-
-    def _log_config(self, cfg: RunConfig) -> None:
-        params = flatten(config_to_dict(cfg))
-        long = {k: v for k, v in params.items() if len(v) > MAX_PARAM_LENGTH}
-        self._mlflow.log_params({k: v for k, v in params.items() if k not in long})
-        if long:
-            self._mlflow.log_dict(long, "long_params.json")
-        self._mlflow.log_dict(config_to_dict(cfg), "config/resolved_config.json")
-
-    def _log_inputs(self, cfg: RunConfig) -> None:
-        """The recipe as written and the tokenizer, so the run can be reproduced from its page."""
-        if cfg.recipe is not None and Path(cfg.recipe).is_file():
-            self._mlflow.log_artifact(str(cfg.recipe), artifact_path="config")
-        if cfg.tokenizer_path.is_file():
-            self._mlflow.log_artifacts(str(cfg.tokenizer_path.parent), artifact_path="tokenizer")
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self._mlflow.log_artifact(str(path), artifact_path=folder)
-
-    def log_json(self, data: dict, name: str) -> None:
-        self._mlflow.log_dict(data, name)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._mlflow.set_tags(tags)
-
-    def log_checkpoint(self, path: Path, upload: bool) -> None:
-        self._mlflow.set_tag("checkpoint", str(path.resolve()))
-        if upload:
-            self._mlflow.log_artifacts(str(path), artifact_path=f"checkpoints/{path.name}")
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self._mlflow.end_run(status=status)
-
-
-class ResilientTracker:
-    """MLflow that never stops training: when the store is unreachable it warns once, keeps the
-    metrics, retries every `retry_seconds`, sends them when it is back, and at the end writes what
-    could not be sent to `<output_dir>/tracking_fallback.jsonl`."""
-
-    def __init__(self, cfg: RunConfig, retry_seconds: float = 30.0) -> None:
-        self.fallback_path = cfg.output_dir / "tracking_fallback.jsonl"
-        self.retry_seconds = retry_seconds
-        self._pending: list[tuple[dict[str, float], int]] = []
+        self.retry_seconds = cfg.tracking.retry_seconds
+        self._client = MlflowClient(tracking_uri=self.uri)  # a client sets no process-wide state
+        self._system_metrics = cfg.tracking.system_metrics
+        self._monitor = None
         self._down_since: float | None = None
         self._next_try = 0.0
-        try:
-            self.inner: MLflowTracker | None = MLflowTracker(cfg)
-        except Exception as err:  # noqa: BLE001 - any failure of the store must not stop training
-            self.inner = None
-            self._unreachable(err, cfg.tracking.uri or default_tracking_uri(cfg.output_dir))
-        self.run_id = self.inner.run_id if self.inner else None
-        self.uri = self.inner.uri if self.inner else None
-        self.experiment_id = self.inner.experiment_id if self.inner else None
+        self.journal = Journal(journal_path(cfg.output_dir, resuming))
+        self._start(cfg)
+        self._send()
 
-    def _unreachable(self, err: Exception, where: str | None = None) -> None:
+    @property
+    def run_id(self) -> str | None:
+        return self.journal.state.run_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self.journal.state.experiment_id
+
+    def _start(self, cfg: RunConfig) -> None:
+        # the default local store keeps its artifacts in the run directory too, not in ./mlruns of
+        # whatever directory the command ran in
+        local = (cfg.output_dir / "mlruns").resolve().as_uri() if cfg.tracking.uri is None else None
+        continued = self.journal.state.records or cfg.tracking.run_id
+        self.journal.add({"op": "start", "uri": self.uri, "experiment": cfg.tracking.experiment or cfg.name,
+                          "artifact_location": local, "run_name": default_run_name(cfg),
+                          "run_id": cfg.tracking.run_id, "time_ms": now_ms()})
+        if continued:  # a continued run keeps its parameters; metrics go on from its last step
+            return
+        params = flatten(config_to_dict(cfg))
+        long = {k: v for k, v in params.items() if len(v) > MAX_PARAM_LENGTH}
+        self.journal.add({"op": "params", "params": {k: v for k, v in params.items() if k not in long}})
+        if long:
+            self.log_json(long, "long_params.json")
+        self.log_json(config_to_dict(cfg), "config/resolved_config.json")
+        if cfg.recipe is not None and Path(cfg.recipe).is_file():  # the recipe as written and the tokenizer:
+            self.log_artifact(Path(cfg.recipe).resolve(), "config")  # the run reproduces from its page
+        if cfg.tokenizer_path.is_file():
+            self.log_artifact(cfg.tokenizer_path.parent.resolve(), "tokenizer")
+
+    def _unreachable(self, err: Exception) -> None:
         if self._down_since is None:
-            log.warning("tracking store %s unreachable (%s): training continues; metrics are kept and sent "
-                        "when it is back, or written to %s", where or self.uri, err, self.fallback_path)
+            log.warning("tracking store %s unreachable (%s): training continues; everything is kept in %s and sent "
+                        "when the store answers (tried every %.0f s)", self.uri, err, self.journal.path,
+                        self.retry_seconds)
             self._down_since = time.monotonic()
         self._next_try = time.monotonic() + self.retry_seconds
 
-    def _call(self, method: str, *args) -> None:
-        if self.inner is None:
+    def _send(self, force: bool = False) -> None:
+        if not self.journal.pending() or (not force and time.monotonic() < self._next_try):
             return
+        had_run = self.run_id is not None
         try:
-            getattr(self.inner, method)(*args)
-        except Exception as err:  # noqa: BLE001
-            self._unreachable(err)
-
-    def _flush(self, force: bool = False) -> None:
-        if self.inner is None or not self._pending or (not force and time.monotonic() < self._next_try):
-            return
-        try:
-            while self._pending:
-                self.inner.log_metrics(*self._pending[0])
-                self._pending.pop(0)
-        except Exception as err:  # noqa: BLE001
+            sent = send_pending(self.journal, self._client)
+        except Exception as err:  # noqa: BLE001 - any failure of the store must not stop training
             self._unreachable(err)
             return
+        if not had_run:
+            log.info("MLflow run %s created in %s", self.run_id, self.uri)
+            self._start_system_metrics()
         if self._down_since is not None:
-            log.warning("tracking store reachable again; buffered metrics sent")
+            log.warning("tracking store reachable again: %d kept records sent", sent)
             self._down_since = None
 
+    def _start_system_metrics(self) -> None:
+        """MLflow's own CPU/memory/disk/GPU sampling, once the run exists (sampled live, not journaled)."""
+        if not self._system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as err:  # noqa: BLE001 - optional sampling (psutil) must not stop training
+            log.warning("MLflow system metrics not sampled: %s", err)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._pending.append(({k: float(v) for k, v in metrics.items()}, step))
-        self._flush()
+        # a resumed run replays the steps after its checkpoint with the same values: the store already has them
+        last = self.journal.state.last_step
+        fresh = {k: float(v) for k, v in metrics.items() if step > last.get(k, -1)}
+        if fresh:
+            self.journal.add({"op": "metrics", "step": step, "time_ms": now_ms(), "metrics": fresh})
+            self._send()
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self._call("log_artifact", path, folder)
+        self.journal.add({"op": "artifact", "path": str(Path(path).resolve()), "folder": folder})
+        self._send()
 
     def log_json(self, data: dict, name: str) -> None:
-        self._call("log_json", data, name)
+        self.journal.add({"op": "json", "data": data, "name": name})
+        self._send()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._call("set_tags", tags)
+        self.journal.add({"op": "tags", "tags": tags})
+        self._send()
 
     def log_checkpoint(self, path: Path, upload: bool) -> None:
-        self._call("log_checkpoint", path, upload)
+        self.set_tags({"checkpoint": str(path.resolve())})
+        if upload:
+            self.log_artifact(path, f"checkpoints/{path.name}")
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._flush(force=True)
-        if self._pending:
-            self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.fallback_path.open("a", encoding="utf-8") as f:
-                for metrics, step in self._pending:
-                    f.write(json.dumps({"run_id": self.run_id, "step": step, "metrics": metrics}) + "\n")
-            log.warning("%d metric records could not reach the tracking store; they are in %s",
-                        len(self._pending), self.fallback_path)
-        self._call("finish", status)
+        if self._monitor is not None:
+            self._monitor.finish()
+        self.journal.add({"op": "status", "status": status, "time_ms": now_ms()})
+        self._send(force=True)
+        if self.journal.pending():
+            log.warning("%d tracking records could not reach %s; they are kept in %s: once the store is up, "
+                        "`sabiscale tracking sync %s` sends them (run %s)", self.journal.pending(), self.uri,
+                        self.journal.path, self.journal.path.parent, self.run_id or "not created yet")
+        self.journal.close()
 
 
-def make_tracker(cfg: RunConfig, rank: int) -> Tracker:
+def journal_path(output_dir: Path, resuming: bool) -> Path:
+    """The run's journal. A run that starts from step 0 starts a new journal: an earlier one (a
+    run that never reached a checkpoint) is moved aside, never deleted, and named if it holds
+    records that never reached the store."""
+    path = output_dir / JOURNAL_NAME
+    if not resuming and path.is_file():
+        aside = path.with_name(f"tracking_journal.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.jsonl")
+        path.rename(aside)
+        left = Journal(aside).pending()
+        if left:
+            log.warning("%s held %d records of an earlier run that never reached the store: `sabiscale tracking sync "
+                        "%s` sends them", aside, left, aside)
+    return path
+
+
+@dataclass
+class SyncResult:
+    sent: int
+    run_id: str | None
+    experiment_id: str | None
+    uri: str
+
+
+def sync(where: Path, uri: str | None = None) -> SyncResult:
+    """Deliver what a run's journal holds and its store never received; safe to repeat."""
+    from mlflow.tracking import MlflowClient
+
+    path = where / JOURNAL_NAME if where.is_dir() else where
+    if not path.is_file():
+        raise MissingInput(f"{path} does not exist: give a run directory (output_dir) or a tracking journal file")
+    with DirectoryLock(path.parent, "tracking sync"):
+        journal = Journal(path)
+        target = uri or journal.state.uri
+        if uri and journal.state.run_id and uri != journal.state.uri:
+            raise UserError(f"{path}: its run {journal.state.run_id} lives in {journal.state.uri}; "
+                            f"sync it there (leave out --uri), not to {uri}")
+        try:
+            sent = send_pending(journal, MlflowClient(tracking_uri=target))
+        finally:
+            journal.close()
+    return SyncResult(sent, journal.state.run_id, journal.state.experiment_id, target)
+
+
+def make_tracker(cfg: RunConfig, rank: int, resuming: bool = False) -> Tracker:
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    return ResilientTracker(cfg)
+    return MLflowTracker(cfg, resuming)
 

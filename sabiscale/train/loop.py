@@ -108,6 +108,7 @@ def train_loop(run: Run) -> TrainResult:
                  "output_dir=runs/<name> (it shares the prepared data)", cfg.checkpoint_dir, run.start_step)
         result.checkpoint = cfg.checkpoint_dir / step_tag(run.start_step)
     tracker.finish()
+    result.run_id, result.experiment_id = tracker.run_id, tracker.experiment_id  # created late if the store was down
     return result
 
 

@@ -76,7 +76,7 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
         cfg = continue_from(resumed, source, engine, cfg)
     loader, val_batches = data_streams(cfg, world, manifest, vocab, resumed)
     reference = online_reference(cfg, kind, manifest, world)
-    tracker = make_tracker(cfg, world.rank)
+    tracker = make_tracker(cfg, world.rank, resuming=resumed is not None)
     tracker.log_json(ds_config, "config/deepspeed.json")
     tracker.log_json(manifest, "data/manifest.json")
     lm = engine.module.lm

@@ -1,0 +1,207 @@
+"""The tracking journal: everything a run logs to MLflow is first appended to
+`<output_dir>/tracking_journal.jsonl`, then delivered to the store.
+
+Why a journal and not only an in-memory buffer: the store may be down when the run starts (then
+the MLflow run does not exist yet), go away mid-run, or stay down until the run has ended. The
+journal lets the run be created as soon as the store answers, with its parameters, artifacts and
+every metric at its own step and time; lets `sabiscale tracking sync RUN_DIR` deliver what never
+got through, later and as often as wanted (what was sent is recorded, so nothing is sent twice);
+and lets a resumed run skip the metric steps it replays from its checkpoint, which the store
+already holds.
+
+Lines are records (`op`: start, params, json, artifact, tags, metrics, status) and bookkeeping
+(`run`: the run id once created; `sent`: how many records have reached the store). A kill -9 can
+tear only the last line, which is ignored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sabiscale.errors import UserError
+
+log = logging.getLogger("sabiscale.tracking")
+
+JOURNAL_NAME = "tracking_journal.jsonl"
+# MLflow's limits per log_batch call
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class JournalState:
+    records: list[dict] = field(default_factory=list)   # what the run logged, in order
+    sent: int = 0                                        # records[:sent] reached the store
+    run_id: str | None = None
+    experiment_id: str | None = None
+    uri: str | None = None                               # the store of the first start record
+    last_step: dict[str, int] = field(default_factory=dict)  # metric key -> highest step recorded
+
+    def note(self, record: dict) -> None:
+        if record["op"] == "metrics":
+            for key in record["metrics"]:
+                self.last_step[key] = max(self.last_step.get(key, -1), record["step"])
+        elif record["op"] == "start" and self.uri is None:
+            self.uri = record["uri"]
+
+
+def read_journal(path: Path) -> JournalState:
+    state = JournalState()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # torn by a kill in the middle of a write: never sent, never complete
+                break
+            raise UserError(f"{path}:{number} is not a journal line (JSON expected). The file is written by sabiscale "
+                            "train; if it was edited, restore it or move it aside (its records are then not synced)") from None
+        if entry["op"] == "sent":
+            state.sent = entry["upto"]
+        elif entry["op"] == "run":
+            state.run_id, state.experiment_id = entry["run_id"], entry["experiment_id"]
+        else:
+            state.records.append(entry)
+            state.note(entry)
+    return state
+
+
+def recorded_run_id(output_dir: Path) -> str | None:
+    path = Path(output_dir) / JOURNAL_NAME
+    return read_journal(path).run_id if path.is_file() else None
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state = read_journal(path) if path.is_file() else JournalState()
+        self._file = None
+
+    def _write(self, entry: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.flush()  # a kill -9 loses at most the line being written
+
+    def add(self, record: dict) -> None:
+        self.state.records.append(record)
+        self.state.note(record)
+        self._write(record)
+
+    def pending(self) -> int:
+        return len(self.state.records) - self.state.sent
+
+    def mark_sent(self, upto: int) -> None:
+        self.state.sent = upto
+        self._write({"op": "sent", "upto": upto})
+
+    def set_run(self, run_id: str, experiment_id: str) -> None:
+        self.state.run_id, self.state.experiment_id = run_id, experiment_id
+        self._write({"op": "run", "run_id": run_id, "experiment_id": experiment_id})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it holds
+# model training; this tag gives the classic runs, metrics and charts view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created (with the training view, artifacts where asked) if new."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def send_pending(journal: Journal, client) -> int:
+    """Deliver every record not yet sent, in order; consecutive metric records go in one call.
+    Raises whatever the store raises; what was delivered before stays marked as sent."""
+    records, start = journal.state.records, journal.state.sent
+    i = start
+    while i < len(records):
+        end = i + 1
+        if records[i]["op"] == "metrics":
+            end = metrics_run_end(records, i)
+            send_metrics(client, journal.state.run_id, records[i:end])
+        else:
+            send_record(journal, client, records[i])
+        journal.mark_sent(end)
+        i = end
+    return len(records) - start
+
+
+def metrics_run_end(records: list[dict], i: int) -> int:
+    count, end = 0, i
+    while end < len(records) and records[end]["op"] == "metrics":
+        count += len(records[end]["metrics"])
+        if count > MAX_METRICS_PER_BATCH and end > i:
+            break
+        end += 1
+    return end
+
+
+def send_metrics(client, run_id: str, records: list[dict]) -> None:
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric(key, float(value), r["time_ms"], r["step"])
+                                      for r in records for key, value in r["metrics"].items()])
+
+
+def send_record(journal: Journal, client, record: dict) -> None:
+    from mlflow.entities import Param, RunTag
+
+    op, run_id = record["op"], journal.state.run_id
+    if op == "start":
+        open_run(journal, client, record)
+    elif op == "params":
+        items = [Param(k, v) for k, v in record["params"].items()]
+        for at in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=items[at:at + MAX_PARAMS_PER_BATCH])
+    elif op == "json":
+        client.log_dict(run_id, record["data"], record["name"])
+    elif op == "artifact":
+        send_artifact(client, run_id, Path(record["path"]), record.get("folder"))
+    elif op == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()])
+    elif op == "status":
+        client.set_terminated(run_id, record["status"], end_time=record["time_ms"])
+    else:
+        raise UserError(f"{journal.path}: unknown journal record {op!r}; was it written by a newer sabiscale?")
+
+
+def open_run(journal: Journal, client, record: dict) -> None:
+    """The start of a training process: the run is created the first time (or continued by the id
+    the recipe or checkpoint gave), and set RUNNING again when a later process resumes it."""
+    run_id = journal.state.run_id or record.get("run_id")
+    if run_id is None:
+        experiment_id = ensure_experiment(client, record["experiment"], record.get("artifact_location"))
+        run = client.create_run(experiment_id, start_time=record["time_ms"], run_name=record["run_name"])
+        journal.set_run(run.info.run_id, experiment_id)
+        return
+    client.update_run(run_id, status="RUNNING")
+    if journal.state.run_id is None:
+        journal.set_run(run_id, client.get_run(run_id).info.experiment_id)
+
+
+def send_artifact(client, run_id: str, path: Path, folder: str | None) -> None:
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), folder)
+    elif path.is_file():
+        client.log_artifact(run_id, str(path), folder)
+    else:  # removed since the run logged it (e.g. a plot directory cleaned): nothing to send
+        log.warning("%s is gone: not logged to MLflow run %s", path, run_id)
