@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = [e for e, where in corpus.examples
                 if args.split != "val" or is_validation(where, cfg.data.val_fraction)]
     if not examples:
-        raise UserError(f"no {args.split} examples under {root}")
+        raise UserError(no_examples_message(cfg, root, args))
     generate = 200 if args.full else args.generate
     report = {"checkpoint": str(tag_dir), "data": str(root or "data.files"), "split": args.split, "step": meta["step"],
               "examples_per_file": None if args.full else args.max_per_file,
@@ -185,6 +185,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if logged:
         print(f"logged to MLflow run {logged}")
     return 0
+
+
+def no_examples_message(cfg: RunConfig, root: Path | None, args: argparse.Namespace) -> str:
+    """Which --split values would find examples in this data, and why this one found none."""
+    from sabiscale.prep.corpus import is_validation, load_corpus
+
+    everything = load_corpus(cfg, root, None, None if args.full else args.max_per_file).examples
+    counts = {"val": sum(is_validation(where, cfg.data.val_fraction) for _, where in everything), "all": len(everything)}
+    why = {"dev": "no record is marked as an official dev record (field `orig_split: dev`, or an `id` containing `-dev-`)",
+           "val": "no record falls into the run's held-out hash split", "all": "it holds no records of the run's tasks"}
+    working = [f"--split {split} ({n} examples)" for split, n in counts.items() if n and split != args.split]
+    return (f"no {args.split} examples under {root or 'data.files'}: {why[args.split]}. "
+            + (f"These would work: {', '.join(working)}." if working else "No --split finds examples there."))
 
 
 def _eval_device():

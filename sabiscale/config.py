@@ -93,7 +93,7 @@ class DataConfig(_Section):
     tasks: list[str] | None = None
     languages: list[str] | None = None  # None = every language found
     mix: MixConfig = MixConfig()
-    # A bad record (malformed line, missing or empty field, special token in the text) stops
+    # A bad record (malformed line, missing or empty field, wrong type) stops
     # `prepare` with its location; with skip_bad it is skipped, and every skipped record is listed
     # by location and reason in <shards>/skipped.jsonl and counted in the manifest.
     skip_bad: bool = False

@@ -109,8 +109,8 @@ def test_prepare_from_files_writes_verified_shards_and_records_sources(formats, 
      r"lang.jsonl:1: language 'xyz' .* add it to data.languages"),
     ("empty.jsonl", '{"text": "q", "summary": "  ", "lang": "eng"}\n', {"format": "jsonl", "task": "summarize"},
      r"empty.jsonl:1: field 'summary' is empty"),
-    ("tag.jsonl", '{"prompt": "say <response> now", "response": "ok", "lang": "eng"}\n',
-     {"format": "jsonl", "task": "instruction"}, r"tag.jsonl:1: field 'prompt' contains '<response>', which is a special"),
+    ("list.jsonl", '{"prompt": ["say", "now"], "response": "ok", "lang": "eng"}\n',
+     {"format": "jsonl", "task": "instruction"}, r"list.jsonl:1: field 'prompt' is a list \(2 items\); this task expects a string"),
 ])
 def test_bad_input_names_file_line_and_what_to_do(tmp_path, name, content, files_entry, message):
     path = _write(tmp_path / name, content)
@@ -129,7 +129,7 @@ def test_a_glob_that_matches_nothing_names_the_entry(tmp_path):
 
 def test_skip_bad_skips_and_lists_every_bad_record(formats, tmp_path):
     good = formats["jsonl"].read_text(encoding="utf-8").splitlines()
-    lines = good[:10] + ['{"tweet": "no label"}', "{broken", '{"tweet": "<classify> x", "polarity": "neutral"}'] + good[10:]
+    lines = good[:10] + ['{"tweet": "no label"}', "{broken", '{"tweet": "   ", "polarity": "neutral"}'] + good[10:]
     _write(formats["jsonl"], "\n".join(lines) + "\n")
     files = [f for f in formats["files"] if f["task"] == "sentiment"]
     recipe = _write(tmp_path / "recipe.yaml", json.dumps({"output_dir": str(tmp_path / "run"), "data": {
@@ -143,7 +143,7 @@ def test_skip_bad_skips_and_lists_every_bad_record(formats, tmp_path):
     assert "skipped 3 bad record(s)" in done.stdout
     listed = [json.loads(line) for line in (tmp_path / "run" / "shards" / "skipped.jsonl").read_text().splitlines()]
     assert [s["where"].rsplit(":", 1)[1] for s in listed] == ["11", "12", "13"]
-    assert "not valid JSON" in listed[1]["reason"] and "special token" in listed[2]["reason"]
+    assert "not valid JSON" in listed[1]["reason"] and "is empty" in listed[2]["reason"]
     manifest = read_manifest(tmp_path / "run" / "shards")
     assert manifest["skipped"] == {"records": 3, "by_task": {"sentiment": 3}, "list": "skipped.jsonl"}
     kept = sum(v["documents"] for split in manifest["splits"].values() for v in split["counts"]["by_task_lang"].values())

@@ -55,8 +55,6 @@ def test_input_is_nfc_normalized():
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"src": "a <yor> b", "tgt": "x", "tgt_lang": "yor"}, "contains '<yor>', which is a special token"),
-    ({"src": "a <translate> b", "tgt": "x", "tgt_lang": "yor"}, "contains '<translate>', which is a special token"),
     ({"src": "a", "tgt": "   ", "tgt_lang": "yor"}, "field 'tgt' is empty"),
     ({"src": "a", "tgt_lang": "yor"}, "missing field"),
     ({"src": "a", "tgt": "b"}, "no language: field 'tgt_lang'"),
@@ -103,3 +101,34 @@ def test_a_task_declared_in_the_recipe_reads_its_own_layout_folder(tmp_path):
     (example, where), = load_corpus(cfg, tmp_path).examples
     assert (example.prompt, example.answer, example.lang) == ("<proverb> Àgbà kì í wà <finish>", " kí orí ọmọ títún wọ́", "yor")
     assert where.endswith("proverb/yor.jsonl:1")
+
+
+def test_tag_strings_in_user_text_stay_text(demo_cfg):
+    """Web text does contain "<translate>" or "<yor>": such a record is kept, its literal tags are
+    encoded as their characters (never the special id), the template's own tags as tags, and
+    decoding gives the text back. Text without such strings encodes exactly as before."""
+    from sabiscale.prep.tokenizer import encode_examples, load_tokenizer
+
+    tok = load_tokenizer(demo_cfg.tokenizer_path)
+    special = {tag: tok.convert_tokens_to_ids(tag) for tag in ("<translate>", "<yor>", "<classify>", "<sentiment>")}
+    record = {"src": "Click <translate> to read this in <yor>", "tgt": "Tẹ <translate> láti ka èyí", "tgt_lang": "yor"}
+    example = render("translation", BUILTIN_TASKS["translation"], record, "f:1", special_tokens(["yor"]), 0)
+    assert example.prompt == "<translate> Click <translate> to read this in <yor> <yor>"
+    assert len(example.prompt_literals) == 2 and len(example.answer_literals) == 1
+    [(ids, mask)] = encode_examples(tok, [example])
+    ids = [int(i) for i in ids]
+    prompt_ids = ids[:int((mask == 0).sum())]
+    # the template's tags: <translate> first, <yor> last; nowhere else
+    assert prompt_ids[0] == special["<translate>"] and prompt_ids[-1] == special["<yor>"]
+    assert prompt_ids.count(special["<translate>"]) == 1 and prompt_ids.count(special["<yor>"]) == 1
+    assert special["<translate>"] not in ids[len(prompt_ids):]
+    assert tok.decode(prompt_ids) == example.prompt
+    assert tok.decode(ids[len(prompt_ids):], skip_special_tokens=True) == example.answer
+    plain = render("sentiment", BUILTIN_TASKS["sentiment"], {"text": "I <3 <classify> it", "label": "positive", "lang": "yor"},
+                   "f:2", special_tokens(["yor"]), 0)
+    [(plain_ids, _)] = encode_examples(tok, [plain])
+    assert [int(i) for i in plain_ids].count(special["<classify>"]) == 1
+    untouched = render("sentiment", BUILTIN_TASKS["sentiment"], {"text": "I like it", "label": "positive", "lang": "yor"},
+                       "f:3", special_tokens(["yor"]), 0)
+    assert untouched.prompt_literals == () and encode_examples(tok, [untouched])[0][0].tolist() == (
+        tok.backend_tokenizer.encode(untouched.prompt + untouched.answer, add_special_tokens=False).ids + [tok.eos_token_id])

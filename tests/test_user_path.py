@@ -167,3 +167,50 @@ def test_two_runs_of_one_recipe_share_its_prepared_data(shared_data, tmp_path):
         assert (tmp_path / name / "checkpoints" / "step_00000003").is_dir() and not (tmp_path / name / "shards").exists()
     rerun = _cli("train", recipe, *small, f"output_dir={tmp_path / 'first'}", "train.max_steps=3")
     assert rerun.returncode == 0 and "nothing to do" in rerun.stdout and "raise train.max_steps" in rerun.stdout
+
+
+def test_a_task_whose_every_record_is_skipped_is_named(tmp_path):
+    """--skip-bad over a sentiment file whose every record is bad: prepare says that task has no
+    examples (count, where the list is) instead of silently dropping it; when no task has any
+    example left, the error says the same, and the list is still written."""
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"Ọjọ́ {i} dára púpọ̀ lónìí", "lang": "yor"}, ensure_ascii=False) + "\n"
+                            for i in range(40)), encoding="utf-8")
+    sentiment = tmp_path / "sentiment.jsonl"
+    sentiment.write_text("".join(json.dumps({"text": f"tweet {i}", "lang": "yor"}) + "\n" for i in range(7)), encoding="utf-8")
+    files = [{"path": str(text), "format": "jsonl", "task": "text"},
+             {"path": str(sentiment), "format": "jsonl", "task": "sentiment"}]
+
+    def recipe(name, entries):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({"output_dir": str(tmp_path / name), "data": {
+            "source": "files", "files": entries, "seq_len": 64, "sequences_per_shard": 16, "val_fraction": 0.1},
+            "tokenizer": {"vocab_size": 400}}))
+        return path
+
+    done = _cli("prepare", str(recipe("some", files)), "--skip-bad")
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = tmp_path / "some" / "shards" / "skipped.jsonl"
+    assert f"task 'sentiment': all 7 records were bad and skipped; it has no examples" in done.stdout
+    assert str(listed) in done.stdout and len(listed.read_text().splitlines()) == 7
+    refused = _cli("prepare", str(recipe("none", files[1:])), "--skip-bad")
+    assert refused.returncode == 2
+    assert "no training examples found" in refused.stderr and "all 7 records were bad and skipped" in refused.stderr
+    assert len((tmp_path / "none" / "shards" / "skipped.jsonl").read_text().splitlines()) == 7
+
+
+def test_eval_on_a_split_the_data_lacks_says_which_split_would_work(demo_cfg, tmp_path):
+    """The demo corpus marks no official dev records: `eval --split dev` names --split val/all."""
+    from sabiscale.train.loop import train
+    from sabiscale.train.engine import ensure_launcher_env, init_distributed
+
+    ensure_launcher_env()
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "run")
+    cfg.tracking.enabled = False
+    cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 1, 1, 1
+    checkpoint = train(cfg, init_distributed()).checkpoint
+    proc = _cli("eval", str(checkpoint), "--split", "dev", "--generate", "0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no dev records" not in proc.stderr and "no dev examples" in proc.stderr
+    assert "--split val (" in proc.stderr and "--split all (" in proc.stderr

@@ -26,7 +26,7 @@ from mlflow.entities import Metric
 from tqdm import tqdm
 
 from sabiscale.prep.tasks import Example
-from sabiscale.prep.tokenizer import encode_examples
+from sabiscale.prep.tokenizer import encode_examples, encode_with_literals
 
 log = logging.getLogger("sabiscale.eval")
 
@@ -111,15 +111,32 @@ def teacher_forced(lm, tok, examples: list[Example], batch_size: int = 16) -> di
 @torch.no_grad()
 def greedy_answers(lm, tok, examples: list[Example], max_new_tokens: int, batch_size: int = 16) -> list[str]:
     """Decode each prompt greedily until the end-of-text token; returns the answer text."""
-    tok.padding_side = "left"  # generation continues from the right edge of every row
     outputs = []
     for chunk in _batches(examples, batch_size):
-        enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+        enc = left_padded(tok, [prompt_ids(tok, e) for e in chunk], lm.device)
         generated = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         new = generated[:, enc["input_ids"].shape[1]:]
         outputs += [tok.decode(row, skip_special_tokens=True).strip() for row in new]
     return outputs
+
+
+def prompt_ids(tok, example: Example) -> list[int]:
+    """The prompt's ids as training saw them: tag strings in the user's text stay text."""
+    if example.prompt_literals:
+        return encode_with_literals(tok.backend_tokenizer, example.prompt, example.prompt_literals)
+    return tok.backend_tokenizer.encode(example.prompt, add_special_tokens=False).ids
+
+
+def left_padded(tok, rows: list[list[int]], device) -> dict[str, torch.Tensor]:
+    """Generation continues from the right edge of every row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention[i, width - len(row):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ class Corpus:
     examples: list[tuple[Example, str]]  # (example, "file:line"), in a fixed order
     skipped: list[dict]
     not_applicable: dict[str, int]       # task -> records the task had nothing to learn from
-    specials: list[str]                  # the tokenizer's special tokens (also refused in user text)
+    specials: list[str]                  # the tokenizer's special tokens (in user text: encoded as text)
     files: list[FileSource]              # the input files read, in order
 
 
@@ -80,7 +80,7 @@ def source_files(data: DataConfig, root: Path | None) -> list[FileSource]:
 
 
 def declared_languages(data: DataConfig, files: list[FileSource]) -> list[str]:
-    """Languages known before reading: their tags are reserved in user text and are special tokens."""
+    """Languages known before reading: their tags are special tokens (in user text: plain text)."""
     return sorted(set(KNOWN_LANGUAGES) | set(data.languages or []) | {f.lang for f in files if f.lang})
 
 

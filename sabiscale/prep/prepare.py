@@ -88,9 +88,28 @@ def split_examples(cfg: RunConfig, corpus: Corpus) -> tuple[list[Example], list[
     train, val = [], []
     for example, where in corpus.examples:
         (val if is_validation(where, cfg.data.val_fraction) else train).append(example)
+    lost = tasks_all_skipped(cfg, corpus)
     if not train:
-        raise UserError(f"no training examples found for tasks {cfg.data.tasks}")
+        raise UserError(f"no training examples found for tasks {cfg.data.tasks}" + "".join(f"\n{line}" for line in lost))
+    for line in lost:
+        log.warning("%s", line)
     return train, val
+
+
+def tasks_all_skipped(cfg: RunConfig, corpus: Corpus) -> list[str]:
+    """One line per task whose every record was skipped as bad (--skip-bad): a task that silently
+    vanished from the mix would otherwise show only in the manifest. The list is written first."""
+    kept = {example.task for example, _ in corpus.examples}
+    skipped: dict[str, int] = {}
+    for record in corpus.skipped:
+        skipped[record["task"]] = skipped.get(record["task"], 0) + 1
+    lost = {task: n for task, n in skipped.items() if task not in kept}
+    if not lost:
+        return []
+    listed = cfg.shards_dir / "skipped.jsonl"
+    write_skipped(cfg.shards_dir, corpus.skipped)
+    return [f"task {task!r}: all {n} records were bad and skipped; it has no examples. Each record and its reason "
+            f"is listed in {listed}" for task, n in sorted(lost.items())]
 
 
 def _tokenizer(cfg: RunConfig, train: list[Example], specials: list[str]):

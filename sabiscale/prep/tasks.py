@@ -19,8 +19,9 @@ end-of-text token (`{lang_tag}` is the record's language tag, e.g. `<yor>`):
     <descramble> {shuffled words} <sentence> {original}<|endoftext|>
     <yor> {plain text}<|endoftext|>
 
-Every `<tag>` written in a template becomes a special token of the tokenizer; user text that
-contains one is refused (it would be read as structure). Each `Example` carries its prompt and
+Every `<tag>` written in a template becomes a special token of the tokenizer; the same characters
+in user text (web text has them) are kept and encoded as text, never as the tag's id
+(`Example.prompt_literals`, `prep/tokenizer.py::encode_with_literals`). Each `Example` carries its prompt and
 answer as separate strings, so which characters are prompt and which are answer is known from
 construction: the loss mask is never re-derived later by scanning for tags (scanning leaked across
 packed documents in SabiYarn's code).
@@ -202,29 +203,26 @@ class Example:
     prompt: str
     answer: str
     source: str  # where it came from, e.g. "ner/yor.jsonl:12", for error messages and reports
+    # (start, end) of tag strings inside the user's text (web text does contain "<yor>" or
+    # "<translate>"): encoded as the text they are, never as the tag's special id
+    prompt_literals: tuple[tuple[int, int], ...] = ()
+    answer_literals: tuple[tuple[int, int], ...] = ()
 
 
 class NotApplicable(Exception):
     """A well-formed record the task has nothing to learn from (see TaskDef.skip_if_same)."""
 
 
-def _check_text(value: object, field: str, source: str, reserved: list[str]) -> str:
+def _check_text(value: object, field: str, source: str) -> str:
     if not isinstance(value, str):
         raise BadRecord(f"{source}: field {field!r} must be a string, got {type(value).__name__}")
     text = nfc(value).strip()
     if not text:
         raise BadRecord(f"{source}: field {field!r} is empty")
-    for tag in reserved:
-        if tag in text:
-            raise BadRecord(
-                f"{source}: field {field!r} contains {tag!r}, which is a special token; "
-                "remove or escape it in the data"
-            )
     return text
 
 
-def _field_text(record: dict, field: str, source: str, reserved: list[str],
-                list_ok: bool) -> tuple[str, int | None]:
+def _field_text(record: dict, field: str, source: str, list_ok: bool) -> tuple[str, int | None]:
     """A field as text (a list of strings, for aligned fields, is joined by spaces) and, for lists,
     its length."""
     value = record[field]
@@ -234,8 +232,35 @@ def _field_text(record: dict, field: str, source: str, reserved: list[str],
     if isinstance(value, list):
         if not value:
             raise BadRecord(f"{source}: field {field!r} is an empty list")
-        return " ".join(_check_text(v, field, source, reserved) for v in value), len(value)
-    return _check_text(value, field, source, reserved), None
+        return " ".join(_check_text(v, field, source) for v in value), len(value)
+    return _check_text(value, field, source), None
+
+
+# fields the template fills from the record's language, not from the user's text
+SYSTEM_FIELDS = ("lang", "lang_tag")
+
+
+def fill(template: str, values: dict[str, str], reserved: list[str]) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """template.format_map(values), and the spans of tag strings that came from the user's values
+    (the template's own tags are tags; the same characters in user text are text)."""
+    out, literals = "", []
+    for text, name, spec, conversion in string.Formatter().parse(template):
+        out += text
+        if name is None:
+            continue
+        value = format(string.Formatter().convert_field(values[name], conversion), spec or "")
+        if name not in SYSTEM_FIELDS:
+            literals += [(len(out) + at, len(out) + at + len(tag)) for tag in reserved for at in find_all(value, tag)]
+        out += value
+    return out, tuple(sorted(literals))
+
+
+def find_all(text: str, sub: str) -> list[int]:
+    found, at = [], text.find(sub)
+    while at >= 0:
+        found.append(at)
+        at = text.find(sub, at + len(sub))
+    return found
 
 
 def render(task: str, spec: TaskDef, record: dict, source: str, reserved: list[str], seed: int) -> Example:
@@ -249,7 +274,7 @@ def render(task: str, spec: TaskDef, record: dict, source: str, reserved: list[s
                         "for this source in the recipe)")
     values, lengths = {}, {}
     for field in spec.fields:
-        values[field], lengths[field] = _field_text(record, field, source, reserved, field in spec.aligned)
+        values[field], lengths[field] = _field_text(record, field, source, field in spec.aligned)
     if spec.aligned and len({lengths[f] for f in spec.aligned}) != 1:
         raise BadRecord(f"{source}: fields {spec.aligned} must be lists of the same length, got "
                         f"{[lengths[f] for f in spec.aligned]}")
@@ -262,4 +287,6 @@ def render(task: str, spec: TaskDef, record: dict, source: str, reserved: list[s
     if spec.skip_if_same and values[spec.skip_if_same[0]] == values[spec.skip_if_same[1]]:
         raise NotApplicable(source)
     values.update(lang=lang, lang_tag=language_tag(lang))
-    return Example(task, lang, spec.prompt.format_map(values), spec.answer.format_map(values), source)
+    prompt, prompt_literals = fill(spec.prompt, values, reserved)
+    answer, answer_literals = fill(spec.answer, values, reserved)
+    return Example(task, lang, prompt, answer, source, prompt_literals, answer_literals)

@@ -4,6 +4,7 @@ with task and language tags as special tokens. Saved as a transformers tokenizer
 """
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,13 +71,45 @@ def encode_examples(tok: PreTrainedTokenizerFast, examples: list[Example]) -> li
     encoding the joined string.
     """
     backend = tok.backend_tokenizer
-    prompts = backend.encode_batch([e.prompt for e in examples], add_special_tokens=False)
-    answers = backend.encode_batch([e.answer for e in examples], add_special_tokens=False)
+    prompts = [p.ids for p in backend.encode_batch([e.prompt for e in examples], add_special_tokens=False)]
+    answers = [a.ids for a in backend.encode_batch([e.answer for e in examples], add_special_tokens=False)]
+    for i, e in enumerate(examples):  # the few with tag strings in their text, again with those as text
+        if e.prompt_literals:
+            prompts[i] = encode_with_literals(backend, e.prompt, e.prompt_literals)
+        if e.answer_literals:
+            answers[i] = encode_with_literals(backend, e.answer, e.answer_literals)
     eos_id = tok.eos_token_id
     docs = []
     for p, a in zip(prompts, answers):
-        ids = np.array(p.ids + a.ids + [eos_id], dtype=np.uint32)
+        ids = np.array(p + a + [eos_id], dtype=np.uint32)
         mask = np.zeros(len(ids), dtype=np.uint8)
-        mask[len(p.ids):] = 1
+        mask[len(p):] = 1
         docs.append((ids, mask))
     return docs
+
+
+def encode_with_literals(backend: Tokenizer, text: str, literals: tuple[tuple[int, int], ...]) -> list[int]:
+    """Ids of `text` where the spans in `literals` are plain text even though they spell a tag.
+    The tokenizer splits its input at every tag before anything else, so encoding the pieces
+    between the real tags one by one (with tag matching off) gives the same ids as encoding the
+    whole string would, except that the literals stay their bytes."""
+    specials = sorted((t.content for t in backend.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(t) for t in specials))
+    inside = {at for start, end in literals for at in range(start, end)}
+    ids, pos = [], 0
+    for match in pattern.finditer(text):
+        if match.start() in inside:
+            continue
+        ids += plain_ids(backend, text[pos:match.start()]) + [backend.token_to_id(match.group())]
+        pos = match.end()
+    return ids + plain_ids(backend, text[pos:])
+
+
+def plain_ids(backend: Tokenizer, text: str) -> list[int]:
+    if not text:
+        return []
+    backend.encode_special_tokens = True
+    try:
+        return backend.encode(text, add_special_tokens=False).ids
+    finally:
+        backend.encode_special_tokens = False
