@@ -58,8 +58,8 @@ def add_noise(text: str, rng: random.Random) -> tuple[str, str]:
     return " ".join(words[:start] + span + words[start + half:]), kind
 
 
-def write_corpora(records: int, share: float, seed: int) -> dict[str, int]:
-    """WORK/clean/text/<lang>.jsonl and WORK/noisy/text/<lang>.jsonl, line for line the same records."""
+def write_corpora(records: int, share: float, seed: int, work: Path = WORK) -> dict[str, int]:
+    """<work>/clean/text/<lang>.jsonl and <work>/noisy/text/<lang>.jsonl, line for line the same records."""
     rng = random.Random(seed)
     counts: dict[str, int] = {}
     for src in sorted((ROOT.parent / "shared" / "data" / "text").glob("*.jsonl")):
@@ -72,7 +72,7 @@ def write_corpora(records: int, share: float, seed: int) -> dict[str, int]:
                 counts[kind] = counts.get(kind, 0) + 1
             noisy_lines.append(json.dumps(record, ensure_ascii=False))
         for name, lines in (("clean", clean_lines), ("noisy", noisy_lines)):
-            out = WORK / name / "text" / src.name
+            out = work / name / "text" / src.name
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return counts

@@ -42,15 +42,18 @@ class Trajectories:
         return self.run_dir.name
 
 
-def load_trajectories(run_dir: Path) -> Trajectories:
+def load_trajectories(run_dir: Path, from_step: int = 0) -> Trajectories:
+    """The probe losses of a run, from probe point `from_step` on (a window: Rho-1 measured its
+    categories while continuing to pre-train a trained model, not from random initialisation)."""
     run_dir = Path(run_dir)
     probe = run_dir / "probe"
     if not (probe / "meta.npz").is_file():
         raise MissingInput(f"{probe}/meta.npz does not exist: train the run with train.probe_every=N "
                                 "(e.g. 10) to record per-token probe losses")
-    files = sorted(probe.glob("loss_*.npy"))
+    files = [f for f in sorted(probe.glob("loss_*.npy")) if int(f.stem.split("_")[1]) >= from_step]
     if len(files) < 2:
-        raise UserError(f"{probe} holds {len(files)} probe point(s); trajectories need at least 2")
+        raise UserError(f"{probe} holds {len(files)} probe point(s) from step {from_step} on; trajectories need at "
+                        "least 2 (probe more often with train.probe_every, or start the window earlier)")
     meta = dict(np.load(probe / "meta.npz", allow_pickle=False))
     steps = np.array([int(f.stem.split("_")[1]) for f in files])
     losses = np.stack([np.load(f, allow_pickle=False).astype(np.float32) for f in files])
@@ -62,8 +65,8 @@ def load_trajectories(run_dir: Path) -> Trajectories:
 
 def slopes(traj: Trajectories, x_axis: str = "fraction") -> np.ndarray:
     """(N,) least-squares slope of each token's loss over x in [0, 1]."""
-    if x_axis == "fraction":
-        x = traj.steps / max(traj.steps.max(), 1)
+    if x_axis == "fraction":  # progress through the window: 0 at its first probe point, 1 at its last
+        x = (traj.steps - traj.steps.min()) / max(traj.steps.max() - traj.steps.min(), 1)
     elif x_axis == "ordinal":
         x = np.arange(len(traj.steps)) / max(len(traj.steps) - 1, 1)
     else:
@@ -190,10 +193,11 @@ def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
     return lines
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_axis: str = "fraction") -> Path:
+def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_axis: str = "fraction",
+                 from_step: int = 0) -> Path:
     from sabiscale.prep.tokenizer import load_tokenizer
 
-    runs = [load_trajectories(d) for d in run_dirs]
+    runs = [load_trajectories(d, from_step) for d in run_dirs]
     check_same_probe(runs)
     cats = [classify(t, threshold, x_axis) for t in runs]
     out_dir = Path(out_dir)
@@ -202,7 +206,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_
              f"Runs: {', '.join(str(t.run_dir) for t in runs)}  ",
              f"Probe: {len(runs[0].meta['token_id'])} answer tokens of the validation shards; method: least-squares "
              f"slope of each token's loss over training progress ({x_axis}); |slope| > {threshold} nats is H->L or "
-             "L->H, otherwise H->H / L->L by the token's final loss against the mean final loss (analysis/trajectories.py).\n"]
+             "L->H, otherwise H->H / L->L by the token's final loss against the mean final loss (analysis/trajectories.py). "
+             f"Window: probe points at steps {runs[0].steps.min()}-{runs[0].steps.max()}.\n"]
     if len(runs) > 1:
         lines += ["## Side by side\n", "| category | " + " | ".join(t.name for t in runs) + " | "
                   + " | ".join(f"{t.name} - {runs[0].name}" for t in runs[1:]) + " |",

@@ -227,6 +227,11 @@ class TrainConfig(_Section):
     # auto: continue from the newest complete checkpoint in output_dir if there is one;
     # must: the same, but it is an error if there is none; never: refuse to run over checkpoints.
     resume: Literal["auto", "must", "never"] = "auto"
+    # Continual pre-training: a new run starts from the weights of this checkpoint (a step
+    # directory, or checkpoints/ for `latest`) with a fresh step count, optimizer and LR schedule.
+    # Its tokenizer must be the shards' and its model the recipe's. Ignored once the run has its
+    # own checkpoints (it then resumes from them).
+    init_from: Path | None = None
     # Recompute each layer's activations in backward instead of keeping them: less memory for
     # ~1/3 more compute (transformers' non-reentrant gradient checkpointing).
     activation_checkpointing: bool = False

@@ -25,6 +25,15 @@ def test_categories_follow_the_slope_and_the_final_mean():
     assert sum(fractions(classify(traj)).values()) == pytest.approx(1.0)
 
 
+def test_a_window_classifies_from_its_own_start():
+    """After a warm start only the window counts: a token learned before it is flat inside it."""
+    traj = _traj([[6, 1, 1, 1], [1, 1, 3, 5]], steps=(0, 100, 150, 200))
+    window = Trajectories(Path("x"), traj.steps[1:], traj.losses[1:], {})
+    assert [CATEGORIES[c] for c in classify(traj)] == ["H->L", "L->H"]
+    assert slopes(window) == pytest.approx([0.0, 4.0], abs=1e-5)  # progress 0..1 over steps 100..200
+    assert [CATEGORIES[c] for c in classify(window)] == ["L->L", "L->H"]
+
+
 @pytest.fixture(scope="module")
 def probed_runs(demo_cfg, world, tmp_path_factory):
     """A masked and an all-token (clm) run of the same data and seed, probing every 5 steps."""
@@ -63,6 +72,9 @@ def test_training_records_the_probe_and_analyze_compares_runs(probed_runs, tmp_p
         assert "analysis/report.md" in logged, logged
         assert "probe/meta.npz" in {a.path for a in client.list_artifacts(run_id, "probe")}
     assert "logged to MLflow" in proc.stdout
+    windowed = run_cli([BIN / "sabiscale", "analyze", str(masked), "--from-step", "5", "--out", str(tmp_path / "w"),
+                        "--no-log"])
+    assert "steps 5-12" in (tmp_path / "w" / "report.md").read_text() and "report:" in windowed.stdout
 
 
 def test_runs_probed_on_different_tokens_are_not_compared(probed_runs, tmp_path):

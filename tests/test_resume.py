@@ -236,3 +236,31 @@ def test_damaged_or_mismatched_checkpoints_are_refused_by_name_and_the_previous_
     assert f"resuming from {previous}" in proc.stdout + proc.stderr
     assert (checkpoints / "step_00000004.damaged").is_dir() and (checkpoints / "step_00000006").is_dir()
     assert load_trained_lm(checkpoints / "step_00000006")[2]["step"] == 6
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(demo_cfg, world, tmp_path):
+    """Continual pre-training: a new run with train.init_from starts at step 0 with the weights of
+    another run's checkpoint, so its step-0 validation loss is that checkpoint's final one; a
+    checkpoint of another model shape is refused with the differing fields."""
+    from sabiscale.errors import UserError
+    from sabiscale.train.loop import train
+
+    source = demo_cfg.model_copy(deep=True)
+    source.output_dir = fresh_run_dir(demo_cfg, tmp_path / "source")
+    source.tracking.enabled = False
+    source.train.max_steps, source.optim.warmup_steps, source.train.eval_batches = 3, 1, 2
+    trained = train(source, world)
+    warm = source.model_copy(deep=True)
+    warm.output_dir = fresh_run_dir(demo_cfg, tmp_path / "warm")
+    warm.train.init_from, warm.train.max_steps = trained.checkpoint.parent, 2
+    continued = train(warm, world)
+    assert continued.eval_answer_loss[0] == pytest.approx(trained.eval_answer_loss[3], rel=1e-6)
+    cold = source.model_copy(deep=True)
+    cold.output_dir = fresh_run_dir(demo_cfg, tmp_path / "cold")
+    cold.train.max_steps = 2
+    assert train(cold, world).eval_answer_loss[0] != pytest.approx(trained.eval_answer_loss[3], rel=1e-3)
+    other = warm.model_copy(deep=True)
+    other.output_dir = fresh_run_dir(demo_cfg, tmp_path / "other")
+    other.model.intermediate_size = 96
+    with pytest.raises(UserError, match=r"other dimensions than this recipe's \(model.intermediate_size"):
+        train(other, world)

@@ -311,3 +311,48 @@ def test_an_in_process_run_leaves_the_environment_as_it_was(demo_cfg, world, tmp
     train(cfg, world)
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
     assert (cfg.output_dir / "mlflow.db").is_file()
+
+
+def test_a_journal_cut_by_a_kill_goes_on_and_never_creates_a_second_run(tmp_path):
+    """kill -9 can cut the journal's last line, or fall between the store creating the run and the
+    journal recording its id: the next process drops the torn line, and finds the run by its tag."""
+    from sabiscale.track.journal import JOURNAL_NAME, Journal, read_journal, send_pending
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tracking.system_metrics=false"])
+    first = MLflowTracker(cfg)
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    path = tmp_path / JOURNAL_NAME
+    lines = path.read_text().splitlines(keepends=True)
+    # the run's id never reached the journal (cut with what followed), and a half-written line ends it
+    kept = [line for line in lines if '"op": "run"' not in line and '"op": "sent"' not in line]
+    path.write_text("".join(kept) + '{"op": "metrics", "st')
+    journal = Journal(path)
+    assert journal.state.run_id is None and journal.pending() == len(kept)
+    client = MlflowClient(tracking_uri=first.uri)
+    send_pending(journal, client)
+    journal.close()
+    assert read_journal(path).run_id == first.run_id  # found by its tag, not created again
+    runs = client.search_runs([first.experiment_id])
+    assert len(runs) == 1
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "train/loss")] == [(1, 2.0)]
+
+
+def test_a_restart_before_the_first_checkpoint_continues_the_same_run(tmp_path):
+    """Killed before any checkpoint, the same command starts again from step 0: the same run,
+    the replayed steps not logged twice. Another configuration in that directory is another run."""
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tracking.system_metrics=false"])
+    first = MLflowTracker(cfg)
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    first.journal.close()  # killed: no finish
+    again = MLflowTracker(cfg)
+    again.log_metrics({"train/loss": 2.0}, step=1)
+    again.log_metrics({"train/loss": 1.5}, step=2)
+    again.finish()
+    client = MlflowClient(tracking_uri=first.uri)
+    assert again.run_id == first.run_id and len(client.search_runs([first.experiment_id])) == 1
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "train/loss")] == [(1, 2.0), (2, 1.5)]
+    changed = cfg.model_copy(deep=True)
+    changed.optim.lr = 1e-4
+    other = MLflowTracker(changed)
+    other.finish()
+    assert other.run_id != first.run_id and len(list(tmp_path.glob("tracking_journal.*.jsonl"))) == 1

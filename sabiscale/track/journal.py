@@ -26,6 +26,7 @@ from sabiscale.errors import UserError
 log = logging.getLogger("sabiscale.tracking")
 
 JOURNAL_NAME = "tracking_journal.jsonl"
+JOURNAL_TAG = "sabiscale.journal"  # the run's tag naming the journal that created it
 # MLflow's limits per log_batch call
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -73,6 +74,14 @@ def read_journal(path: Path) -> JournalState:
     return state
 
 
+def drop_torn_tail(path: Path) -> None:
+    """A line a kill cut short would sit in the middle once more lines follow: cut it off first."""
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def recorded_run_id(output_dir: Path) -> str | None:
     path = Path(output_dir) / JOURNAL_NAME
     return read_journal(path).run_id if path.is_file() else None
@@ -81,7 +90,10 @@ def recorded_run_id(output_dir: Path) -> str | None:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.state = read_journal(path) if path.is_file() else JournalState()
+        self.state = JournalState()
+        if path.is_file():
+            drop_torn_tail(path)
+            self.state = read_journal(path)
         self._file = None
 
     def _write(self, entry: dict) -> None:
@@ -190,7 +202,12 @@ def open_run(journal: Journal, client, record: dict) -> None:
     run_id = journal.state.run_id or record.get("run_id")
     if run_id is None:
         experiment_id = ensure_experiment(client, record["experiment"], record.get("artifact_location"))
-        run = client.create_run(experiment_id, start_time=record["time_ms"], run_name=record["run_name"])
+        # a kill between creating the run and journaling its id must not create a second run on retry
+        tag = f"tags.`{JOURNAL_TAG}` = '{record['journal_id']}'"
+        found = client.search_runs([experiment_id], filter_string=tag, max_results=1)
+        run = found[0] if found else client.create_run(experiment_id, start_time=record["time_ms"],
+                                                       run_name=record["run_name"],
+                                                       tags={JOURNAL_TAG: record["journal_id"]})
         journal.set_run(run.info.run_id, experiment_id)
         return
     client.update_run(run_id, status="RUNNING")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,7 +16,7 @@ from typing import Protocol
 from sabiscale.config import RunConfig, config_to_dict
 from sabiscale.errors import MissingInput, UserError
 from sabiscale.lock import DirectoryLock
-from sabiscale.track.journal import JOURNAL_NAME, Journal, now_ms, send_pending
+from sabiscale.track.journal import JOURNAL_NAME, Journal, JournalState, now_ms, read_journal, send_pending
 
 log = logging.getLogger("sabiscale.tracking")
 
@@ -101,7 +102,7 @@ class MLflowTracker:
         self._monitor = None
         self._down_since: float | None = None
         self._next_try = 0.0
-        self.journal = Journal(journal_path(cfg.output_dir, resuming))
+        self.journal = Journal(journal_path(cfg, resuming))
         self._start(cfg)
         self._send()
 
@@ -120,7 +121,7 @@ class MLflowTracker:
         continued = self.journal.state.records or cfg.tracking.run_id
         self.journal.add({"op": "start", "uri": self.uri, "experiment": cfg.tracking.experiment or cfg.name,
                           "artifact_location": local, "run_name": default_run_name(cfg),
-                          "run_id": cfg.tracking.run_id, "time_ms": now_ms()})
+                          "run_id": cfg.tracking.run_id, "journal_id": uuid.uuid4().hex, "time_ms": now_ms()})
         if continued:  # a continued run keeps its parameters; metrics go on from its last step
             return
         params = flatten(config_to_dict(cfg))
@@ -207,12 +208,13 @@ class MLflowTracker:
         self.journal.close()
 
 
-def journal_path(output_dir: Path, resuming: bool) -> Path:
-    """The run's journal. A run that starts from step 0 starts a new journal: an earlier one (a
-    run that never reached a checkpoint) is moved aside, never deleted, and named if it holds
-    records that never reached the store."""
-    path = output_dir / JOURNAL_NAME
-    if not resuming and path.is_file():
+def journal_path(cfg: RunConfig, resuming: bool) -> Path:
+    """The run's journal. A resumed run continues it, and so does a restart from step 0 of the
+    same configuration that never finished (killed before its first checkpoint: the same run,
+    replaying the same steps). Any other run starting from step 0 starts a new journal; the
+    earlier one is moved aside, never deleted, and named if it holds records never sent."""
+    path = cfg.output_dir / JOURNAL_NAME
+    if not resuming and path.is_file() and not same_unfinished_run(read_journal(path), cfg):
         aside = path.with_name(f"tracking_journal.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.jsonl")
         path.rename(aside)
         left = Journal(aside).pending()
@@ -220,6 +222,13 @@ def journal_path(output_dir: Path, resuming: bool) -> Path:
             log.warning("%s held %d records of an earlier run that never reached the store: `sabiscale tracking sync "
                         "%s` sends them", aside, left, aside)
     return path
+
+
+def same_unfinished_run(state: JournalState, cfg: RunConfig) -> bool:
+    configs = [r["data"] for r in state.records if r["op"] == "json" and r["name"] == "config/resolved_config.json"]
+    statuses = [r["status"] for r in state.records if r["op"] == "status"]
+    current = json.loads(json.dumps(config_to_dict(cfg)))
+    return bool(configs) and configs[0] == current and (not statuses or statuses[-1] != "FINISHED")
 
 
 @dataclass

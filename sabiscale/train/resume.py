@@ -2,6 +2,7 @@
 against this run (tokenizer, model dimensions, world size, integrity) before anything loads."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ import torch
 from sabiscale.config import RunConfig
 from sabiscale.errors import AlreadyExists, MissingInput, UserError
 from sabiscale.train.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, check_intact, latest_complete, read_sidecar,
-                                        remove_partial, way_out)
+                                        remove_partial, resolve_checkpoint, way_out)
 from sabiscale.train.engine import World, all_reduce_sum, barrier, convert_to_universal
 
 log = logging.getLogger("sabiscale.train")
@@ -96,6 +97,32 @@ def universal_checkpoint(tag_dir: Path, world: World) -> Path:
         os.rename(partial, out)
     barrier()
     return out
+
+
+@torch.no_grad()
+def warm_start(lm, cfg: RunConfig, manifest: dict, gathered=None) -> dict:
+    """Copy the weights of `train.init_from` into a freshly built model (every rank; under ZeRO-3
+    one gathered parameter at a time). Returns that checkpoint's sidecar."""
+    from sabiscale.train.engine import consolidated_state_dict
+
+    tag_dir = resolve_checkpoint(Path(cfg.train.init_from))
+    meta, saved_cfg = read_sidecar(tag_dir)
+    check_intact(tag_dir, meta)
+    if meta["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
+        raise UserError(f"train.init_from {tag_dir} was trained with tokenizer {meta['tokenizer_sha256'][:12]}, but "
+                        f"the shards in {cfg.shards_dir} use {manifest['tokenizer_sha256'][:12]}; prepare the new data "
+                        f"with its tokenizer (tokenizer.path={tag_dir / 'tokenizer' / 'tokenizer.json'})")
+    changed = config_changes(saved_cfg.model, cfg.model)
+    if changed:
+        raise UserError(f"train.init_from {tag_dir} holds a model with other dimensions than this recipe's "
+                        f"({', '.join(changed)}); set the recipe's model to the checkpoint's")
+    state = {k.removeprefix("lm."): v for k, v in consolidated_state_dict(tag_dir.parent, tag_dir.name).items()}
+    for name, param in lm.named_parameters():
+        with gathered(param) if gathered is not None else contextlib.nullcontext():
+            if param.numel():
+                param.copy_(state[name].to(param.dtype))
+    log.info("weights from %s (step %d): continual pre-training starts at step 0", tag_dir, meta["step"])
+    return meta
 
 
 def config_changes(saved, current, prefix: str = "model") -> list[str]:

@@ -24,7 +24,7 @@ from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_con
 from sabiscale.train.inputs import check_inputs
 from sabiscale.train.hooks import Hooks, SampleTrace, TrainHook
 from sabiscale.train.preemption import StopRequest
-from sabiscale.train.resume import find_resume_point, load_engine_state, universal_checkpoint
+from sabiscale.train.resume import find_resume_point, load_engine_state, universal_checkpoint, warm_start
 
 log = logging.getLogger("sabiscale.train")
 
@@ -71,6 +71,8 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
         ds_config = load_universal(ds_config)
     with model_construction(ds_config) as gathered:
         objective = build_objective(cfg, vocab, kind, gathered)
+        if cfg.train.init_from is not None and resumed is None:
+            warm_start(objective.lm, cfg, manifest, gathered)
     engine = initialize(objective, ds_config, cfg.optim)
     if resumed is not None:
         cfg = continue_from(resumed, source, engine, cfg)
