@@ -87,3 +87,38 @@ def test_eval_command_reports_every_task_and_language(demo_cfg, zero3_checkpoint
     assert {"translation/eng-yor", "ner/hau", "sentiment/ibo"} <= set(gen)
     assert 0 <= gen["translation/eng-yor"]["chrf"] <= 100
     assert "unparsed" in gen["ner/hau"] and "macro_f1" in gen["sentiment/ibo"]
+
+
+def test_an_export_carries_a_model_card_and_generation_config(demo_cfg, zero3_checkpoint, tmp_path, monkeypatch):
+    """The Hub parses the card (languages, pipeline, tags, datasets, an example prompt per task);
+    that prompt generates through transformers' pipeline; an eval report of the checkpoint shows
+    in the card of a later export."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+    from transformers import GenerationConfig, pipeline
+
+    tag_dir = tmp_path / "checkpoints" / zero3_checkpoint.name
+    shutil.copytree(zero3_checkpoint, tag_dir)
+    out = export_hf(tag_dir, tmp_path / "hf")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.language == ["ha", "ig", "yo"] and card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation" and "loss-masked" in card.data.tags
+    assert "translation" in card.text and "Not evaluated yet" in card.text
+    prompts = {w["example_title"]: w["text"] for w in card.data.widget}
+    assert set(prompts) == set(demo_cfg.data.tasks) and prompts["translation"].startswith("<translate> ")
+    generation = GenerationConfig.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert (generation.eos_token_id, generation.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    assert generation.max_length == demo_cfg.data.seq_len
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    generate = pipeline("text-generation", model=str(out), device="cpu")
+    text = generate(prompts["translation"], max_new_tokens=8)[0]["generated_text"]
+    assert text.startswith(prompts["translation"]) and len(text) > len(prompts["translation"])
+
+    report = {"split": "val", "data": "demo", "step": 3, "examples_per_file": 5,
+              "teacher_forced": {"ner/yor": {"answer_tokens": 10, "answer_bytes": 20, "perplexity": 2.5, "bits_per_byte": 0.9}},
+              "generation": {"ner/yor": {"examples": 4, "entity_f1": 0.25, "unparsed": 1}}}
+    (tag_dir / "eval_val.json").write_text(json.dumps(report))
+    again = ModelCard.load(export_hf(tag_dir, tmp_path / "hf2") / "README.md")
+    assert "| ner/yor | 2.50 | 0.900 |" in again.text and "entity_f1 0.250" in again.text

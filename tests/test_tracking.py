@@ -356,3 +356,30 @@ def test_a_restart_before_the_first_checkpoint_continues_the_same_run(tmp_path):
     other = MLflowTracker(changed)
     other.finish()
     assert other.run_id != first.run_id and len(list(tmp_path.glob("tracking_journal.*.jsonl"))) == 1
+
+
+def test_export_register_creates_a_model_version_read_back_over_rest(demo_cfg, mlflow_server, tmp_path):
+    """export --register: the export goes into the run that trained it, and a model version with
+    the checkpoint's step and its eval scores appears in the server's Model Registry."""
+    out = fresh_run_dir(demo_cfg, tmp_path / "run")
+    overrides = tiny_overrides(out) + [f"tracking.uri={mlflow_server}", "tracking.experiment=registry-test",
+                                       "train.max_steps=4", "optim.warmup_steps=1", "tracking.system_metrics=false"]
+    run_cli([BIN / "sabiscale", "train", str(ROOT / "launch/recipes/demo.yaml"), *overrides])
+    checkpoint = out / "checkpoints"
+    run_cli([BIN / "sabiscale", "eval", str(checkpoint), "--split", "val", "--generate", "2", "--max-per-file", "10"])
+    proc = run_cli([BIN / "sabiscale", "export", str(checkpoint), str(tmp_path / "hf"), "--register", "sabiscale-demo"])
+    assert "registered sabiscale-demo version 1" in proc.stdout
+
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    assert _get(f"{api}/registered-models/get", {"name": "sabiscale-demo"})["registered_model"]["name"] == "sabiscale-demo"
+    versions = _get(f"{api}/model-versions/search", {"filter": "name='sabiscale-demo'"})["model_versions"]
+    assert len(versions) == 1
+    version = versions[0]
+    tags = {t["key"]: t["value"] for t in version.get("tags", [])}
+    assert tags["checkpoint_step"] == "4" and tags["checkpoint"].endswith("step_00000004")
+    assert "eval.val.translation/yor.perplexity" in tags and "eval.val.translation/eng-yor.chrf" in tags, sorted(tags)
+    experiment = _get(f"{api}/experiments/get-by-name", {"experiment_name": "registry-test"})["experiment"]
+    [run] = _post(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    assert version["run_id"] == run["info"]["run_id"]
+    files = _get(f"{api}/artifacts/list", {"run_id": version["run_id"], "path": "model/step_00000004"})["files"]
+    assert {"model/step_00000004/README.md", "model/step_00000004/model.safetensors"} <= {f["path"] for f in files}

@@ -24,6 +24,7 @@ from sabiscale.config import RunConfig, build_config
 from sabiscale.hashing import sha256_file
 from sabiscale.model.build import build_model
 from sabiscale.prep.tokenizer import load_tokenizer
+from sabiscale.publish.card import write_publishing_files
 from sabiscale.errors import AlreadyExists, MissingInput, NoSpace, UserError
 
 CLIENT_STATE_VERSION = 1
@@ -225,6 +226,7 @@ def export_hf(path: Path, out_dir: Path) -> Path:
     lm.set_attn_implementation("sdpa")  # sabiscale's packed attention is not in plain transformers
     lm.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
+    write_publishing_files(out_dir, lm, tok, build_config(meta["config"], origin=str(path)), meta, resolve_checkpoint(path))
     for written in out_dir.iterdir():  # safetensors writes 0600; a model is handed to others
         if written.is_file():
             written.chmod(0o644)
