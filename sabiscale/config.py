@@ -32,12 +32,15 @@ class FileSource(_Section):
 
     task: str
     path: str                   # a file or a glob (sorted); relative to the working directory
-    format: Literal["jsonl", "tsv", "conll", "text"] = "jsonl"
+    # parquet: a Parquet file, one record per row; hf: a Hugging Face `datasets` directory written
+    # by save_to_disk, or (online) a dataset name given to datasets.load_dataset with `hf_args`
+    format: Literal["jsonl", "tsv", "conll", "text", "parquet", "hf"] = "jsonl"
     lang: str | None = None     # the language of records that do not name one in their lang_field
-    fields: dict[str, str] = {}  # jsonl: task field -> key in the record, e.g. {text: body}
+    fields: dict[str, str] = {}  # jsonl, parquet, hf: task field -> key in the record, e.g. {text: body}
     columns: list[str] = []     # tsv: the column names in order, e.g. [src, tgt]
     header: bool = False        # tsv: the first line is a header (it names the columns if columns is empty)
     documents: Literal["line", "paragraph"] = "line"  # text: one document per line, or per blank-line paragraph
+    hf_args: dict[str, Any] = {}  # hf: datasets.load_dataset / the split of a saved DatasetDict, e.g. {split: train}
 
     @model_validator(mode="after")
     def _format_options(self) -> "FileSource":

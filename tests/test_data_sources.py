@@ -217,3 +217,64 @@ def test_shards_from_another_tokenizer_are_refused_before_training(demo_cfg, tmp
     mixed_up.data.shards_dir = demo_cfg.shards_dir
     with pytest.raises(ValueError, match=r"manifest.json was written with tokenizer .* re-run `sabiscale prepare`"):
         check_inputs(mixed_up)
+
+
+def _all_samples(shards_dir: Path) -> dict[str, list]:
+    """split -> every sample's arrays, in shard order (what the shards hold, independent of names)."""
+    from sabiscale.shards.format import read_members
+
+    out = {}
+    for shard in sorted(shards_dir.glob("*.tar")):
+        for key, members in sorted(read_members(shard).items()):
+            out.setdefault(shard.name.split("-")[0], []).append(
+                {name.split(".", 1)[1]: data for name, data in members.items()})
+    return out
+
+
+def _recipe_cfg(out: Path, files: list[dict], tasks: list[str]):
+    recipe = _write(out.with_suffix(".yaml"), json.dumps({"output_dir": str(out), "data": {
+        "source": "files", "files": files, "tasks": tasks, "seq_len": 128, "sequences_per_shard": 16,
+        "val_fraction": 0.1}, "tokenizer": {"vocab_size": 600}}))
+    return load_config(recipe, [])
+
+
+def test_parquet_and_hf_datasets_prepare_the_same_shards_as_jsonl(shared_data, tmp_path):
+    """The same real records as JSONL, as Parquet and as a `datasets` save_to_disk directory (each
+    under the same name: the held-out split and derived tasks are keyed by source name and record
+    number) prepare identical shards; a bad row is named by dataset, row and field."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sentiment = _records(shared_data, "sentiment/yor.jsonl", 80)
+    ner = [{**r, "words": r.pop("tokens")} for r in _records(shared_data, "ner/hau.jsonl", 60)]  # mapped by `fields`
+    layouts = {}
+    for fmt in ("jsonl", "parquet", "hf"):
+        where = tmp_path / fmt
+        for name, rows in (("sentiment_yor", sentiment), ("ner_hau", ner)):
+            if fmt == "jsonl":
+                _write(where / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            elif fmt == "parquet":
+                where.mkdir(exist_ok=True)
+                pq.write_table(pa.Table.from_pylist(rows), where / name, row_group_size=16)  # several row groups
+            else:
+                datasets.Dataset.from_list(rows).save_to_disk(str(where / name))
+        layouts[fmt] = [{"task": "sentiment", "path": str(where / "sentiment_yor"), "format": fmt},
+                        {"task": "ner", "path": str(where / "ner_hau"), "format": fmt, "fields": {"tokens": "words"}}]
+    samples, manifests = {}, {}
+    for fmt, files in layouts.items():
+        cfg = _recipe_cfg(tmp_path / f"run_{fmt}", files, ["sentiment", "ner"])
+        prepare(cfg)
+        manifests[fmt] = read_manifest(cfg.shards_dir)
+        samples[fmt] = _all_samples(cfg.shards_dir)
+    assert manifests["jsonl"]["tokenizer_sha256"] == manifests["parquet"]["tokenizer_sha256"] == manifests["hf"]["tokenizer_sha256"]
+    assert samples["jsonl"] == samples["parquet"] == samples["hf"] and sum(map(len, samples["jsonl"].values())) > 4
+    assert [s["format"] for s in manifests["hf"]["sources"]] == ["hf", "hf"] and manifests["hf"]["sources"][0]["sha256"]
+
+    bad = sentiment[:5] + [{**sentiment[5], "text": ["not", "a", "string"]}]
+    datasets.Dataset.from_list([{**r, "text": r["text"] if isinstance(r["text"], str) else " ".join(r["text"])}
+                                for r in bad[:5]] + [{**bad[5], "text": None}]).save_to_disk(str(tmp_path / "bad_hf"))
+    cfg = _recipe_cfg(tmp_path / "bad", [{"task": "sentiment", "path": str(tmp_path / "bad_hf"), "format": "hf"}],
+                      ["sentiment"])
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'bad_hf'}:6: field 'text' must be a string, got NoneType"):
+        prepare(cfg)

@@ -61,7 +61,9 @@ def _listed_files(data: DataConfig) -> list[FileSource]:
         if src.task not in data.tasks:
             continue
         paths = sorted(glob.glob(src.path, recursive=True)) if glob.has_magic(src.path) else [src.path]
-        if not paths or not Path(paths[0]).is_file():
+        if src.format == "hf" and not glob.has_magic(src.path):  # a saved dataset directory or a dataset name
+            paths = [src.path]
+        elif not paths or not Path(paths[0]).is_file():
             raise BadRecord(f"data.files[{index}].path {src.path!r} matches no file (relative paths are from the working "
                             f"directory, {Path.cwd()})")
         if src.lang is not None and data.languages is not None and src.lang not in data.languages:
@@ -97,7 +99,7 @@ def read_file(source: FileSource, spec: TaskDef, reserved: list[str], languages:
     result = FileResult()
     count = 0
     records = read_records(Path(source.path), source.format, dict(source.fields), list(source.columns), source.header,
-                           source.documents)
+                           source.documents, dict(source.hf_args))
     for record, where in records:
         try:
             if isinstance(record, BadRecord):

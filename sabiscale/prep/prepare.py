@@ -11,6 +11,7 @@ for any number of workers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -145,8 +146,20 @@ def _sources_record(corpus: Corpus, root: Path | None) -> list[dict]:
     for src in corpus.files:
         path = Path(src.path)
         shown = path.relative_to(root) if root is not None and path.is_relative_to(root) else path
-        out.append({"task": src.task, "path": str(shown), "format": src.format, "sha256": sha256_file(path)})
+        out.append({"task": src.task, "path": str(shown), "format": src.format, "sha256": source_sha256(path),
+                    **({"hf_args": src.hf_args} if src.hf_args else {})})
     return out
+
+
+def source_sha256(path: Path) -> str | None:
+    """A file's sha256; for a saved dataset directory, one over its files' hashes; None for a
+    dataset streamed from the Hub (its revision is what pins it)."""
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return hashlib.sha256("".join(f"{p.relative_to(path)}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
+    return None
 
 
 def write_skipped(shards_dir: Path, skipped: list[dict]) -> dict:

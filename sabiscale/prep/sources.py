@@ -5,8 +5,13 @@
     conll   one token per line, its tag in the last column, a blank line between sentences
             (`-DOCSTART-` lines are skipped); a record is {tokens, tags}
     text    plain text: one document per line, or per blank-line separated paragraph
+    parquet a Parquet file, one record per row (read in row batches, never whole)
+    hf      a Hugging Face `datasets` directory (save_to_disk; memory-mapped, not loaded), or a
+            dataset name for datasets.load_dataset(..., streaming=True) with `hf_args`
+            (jsonl, parquet and hf map fields the same way, with `fields`)
 
-Each adapter yields (record, location) with location "file:line" (the first line of a record);
+Each adapter yields (record, location) with location "file:line" (the first line of a record;
+for parquet and hf the row number, counted from 1);
 a line that cannot be a record is yielded as a BadRecord in its place, so the caller decides
 whether it stops the run or is skipped and reported (--skip-bad). Reading is streaming.
 """
@@ -49,10 +54,7 @@ def read_jsonl(path: Path, fields: dict[str, str]) -> Iterator[Record]:
         if not isinstance(record, dict):
             yield BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}"), where
             continue
-        for field, key in fields.items():
-            if key in record:
-                record[field] = record[key]
-        yield record, where
+        yield mapped(record, fields), where
 
 
 def read_tsv(path: Path, columns: list[str], header: bool) -> Iterator[Record]:
@@ -123,10 +125,59 @@ def read_text(path: Path, documents: str) -> Iterator[Record]:
         yield (lines if isinstance(lines, BadRecord) else {"text": "\n".join(lines)}), f"{path}:{start}"
 
 
+def mapped(record: dict, fields: dict[str, str]) -> dict:
+    for field, key in fields.items():
+        if key in record:
+            record[field] = record[key]
+    return record
+
+
+def read_parquet(path: Path, fields: dict[str, str]) -> Iterator[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("format: parquet needs pyarrow: pip install 'sabiscale[hf]'") from None
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+    except Exception as err:  # noqa: BLE001 - pyarrow's errors name no file
+        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            row += 1
+            yield mapped(record, fields), f"{path}:{row}"
+
+
+def read_hf(path: str, fields: dict[str, str], hf_args: dict) -> Iterator[Record]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("format: hf needs the datasets library: pip install 'sabiscale[hf]'") from None
+    if Path(path).is_dir():  # save_to_disk: arrow files, memory-mapped
+        rows = datasets.load_from_disk(path)
+        if isinstance(rows, datasets.DatasetDict):
+            split = hf_args.get("split")
+            if split not in rows:
+                raise UserError(f"{path} holds the splits {sorted(rows)}: choose one with hf_args: {{split: NAME}}")
+            rows = rows[split]
+    else:
+        try:
+            rows = datasets.load_dataset(path, streaming=True, **hf_args)
+        except Exception as err:  # noqa: BLE001 - offline, unknown name, bad arguments: say which
+            raise UserError(f"datasets.load_dataset({path!r}, **{hf_args}) failed ({type(err).__name__}: {err}); "
+                            "offline, save the dataset with save_to_disk and give its directory as path") from None
+    for row, record in enumerate(rows, start=1):
+        yield mapped(dict(record), fields), f"{path}:{row}"
+
+
 def read_records(path: Path, fmt: str, fields: dict[str, str] | None = None, columns: list[str] | None = None,
-                 header: bool = False, documents: str = "line") -> Iterator[Record]:
+                 header: bool = False, documents: str = "line", hf_args: dict | None = None) -> Iterator[Record]:
     if fmt == "jsonl":
         return read_jsonl(path, fields or {})
+    if fmt == "parquet":
+        return read_parquet(path, fields or {})
+    if fmt == "hf":
+        return read_hf(str(path), fields or {}, hf_args or {})
     if fmt == "tsv":
         return read_tsv(path, list(columns or []), header)
     if fmt == "conll":
