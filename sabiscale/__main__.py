@@ -305,7 +305,8 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> int:
     """Fertility, bytes per token and byte-fallback share per language."""
     from sabiscale.prep.corpus import load_corpus
     from sabiscale.prep.tokenizer import load_tokenizer
-    from sabiscale.prep.tokenizer_report import format_tokenizer_report, tokenizer_report
+    from sabiscale.prep.tokenizer_report import (format_tokenizer_report, format_unit_shares, tokenizer_report,
+                                                  unit_shares)
 
     cfg = _config(args)
     root = _data_root(cfg, args.data)
@@ -313,6 +314,8 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> int:
     examples = [e for e, _ in load_corpus(cfg, root).examples]
     print(f"tokenizer {args.tokenizer or cfg.tokenizer_path} ({len(tok)} tokens) on {root or 'data.files'}\n")
     print(format_tokenizer_report(tokenizer_report(tok, examples)))
+    mix = cfg.data.mix
+    print("\n" + format_unit_shares(unit_shares(tok, examples, mix.temperature, mix.language_weights), mix.temperature))
     return 0
 
 

@@ -63,6 +63,10 @@ class MixConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     task_weights: dict[str, float] = {}
     language_weights: dict[str, float] = {}
+    # What the shares are counted in. tokens: what the model sees, but a language the tokenizer
+    # splits badly looks bigger than it is and is sampled down; bytes (UTF-8) or words of the raw
+    # text: the same text weighs the same whatever the tokenizer does with it.
+    unit: Literal["tokens", "bytes", "words"] = "tokens"
 
     @model_validator(mode="after")
     def _non_negative(self) -> "MixConfig":

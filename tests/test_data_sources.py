@@ -278,3 +278,36 @@ def test_parquet_and_hf_datasets_prepare_the_same_shards_as_jsonl(shared_data, t
                       ["sentiment"])
     with pytest.raises(ValueError, match=rf"{tmp_path / 'bad_hf'}:6: field 'text' must be a string, got NoneType"):
         prepare(cfg)
+
+
+def test_byte_fair_mixing_counts_shares_in_bytes_of_raw_text(shared_data, tmp_path):
+    """data.mix.unit=bytes: temperature sampling on UTF-8 bytes of the raw text. Yoruba, which this
+    English-heavy tokenizer splits into more tokens per byte, is not taken for a bigger language
+    than it is: it gets more of the mix than with unit=tokens; the manifest reports both units."""
+    root = tmp_path / "data" / "text"
+    root.mkdir(parents=True)
+    for lang, n in (("eng", 200), ("yor", 20)):
+        (root / f"{lang}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                    for r in _records(shared_data, f"text/{lang}.jsonl", n)), encoding="utf-8")
+    base = ["data.source=jsonl", f"data.jsonl_root={tmp_path / 'data'}", "data.tasks=[text]", "data.languages=[eng, yor]",
+            "data.seq_len=256", "data.val_fraction=0.05", "tokenizer.vocab_size=800", "data.mix.temperature=3"]
+    mixes = {}
+    for unit in ("tokens", "bytes"):
+        cfg = load_config(None, [*base, f"output_dir={tmp_path / unit}", f"data.mix.unit={unit}"])
+        prepare(cfg)
+        mixes[unit] = read_manifest(cfg.shards_dir)["mix"]
+    by_bytes = mixes["bytes"]
+    assert by_bytes["unit"] == "bytes"
+    shares = by_bytes["by_language"]
+    # the tokenizer splits Yoruba worse: its share of tokens is larger than its share of bytes
+    assert shares["yor"]["natural_share_tokens"] > shares["yor"]["natural_share"]
+    p_yor = shares["yor"]["natural_share"] ** (1 / 3)
+    p_yor /= p_yor + shares["eng"]["natural_share"] ** (1 / 3)
+    assert shares["yor"]["realized_share"] == pytest.approx(p_yor, abs=0.03)
+    for entry in by_bytes["by_task_lang"].values():
+        assert abs(entry["realized_bytes"] - entry["target_bytes"]) < 3000 and entry["realized_tokens"] > 0
+    # in bytes, Yoruba ends up with a larger share of the mix than when shares are counted in tokens
+    realized_bytes = {u: m["by_task_lang"]["text/yor"].get("realized_bytes") for u, m in mixes.items()}
+    yor_tokens = {u: m["by_task_lang"]["text/yor"]["realized_tokens"] / sum(e["realized_tokens"] for e in m["by_task_lang"].values())
+                  for u, m in mixes.items()}
+    assert yor_tokens["bytes"] > yor_tokens["tokens"] and realized_bytes["tokens"] is None

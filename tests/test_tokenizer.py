@@ -1,3 +1,4 @@
+import pytest
 import unicodedata
 
 from transformers import AutoTokenizer
@@ -57,3 +58,11 @@ def test_report_counts_fertility_bytes_and_byte_fallback(demo_cfg):
     assert report["yor"]["bytes_per_token"] == len("ọmọ ọmọ".encode()) / len(ids)
     assert report["yor"]["byte_fallback_share"] == 0.0
     assert report["xx"]["byte_fallback_share"] > 0.5
+    # what each data.mix.unit would make of the same two examples: Devanagari costs many tokens per
+    # byte here, so counted in tokens "xx" looks bigger than counted in bytes or words
+    from sabiscale.prep.tokenizer_report import format_unit_shares, unit_shares
+
+    shares = unit_shares(tok, examples, 2.0, {})
+    assert shares["xx"]["natural_tokens"] > shares["xx"]["natural_bytes"] and shares["xx"]["natural_words"] == pytest.approx(2 / 5)  # "<xx> नमस्ते" against "<yor> ọmọ ọmọ"
+    assert sum(s["mixed_bytes"] for s in shares.values()) == pytest.approx(1.0)
+    assert "| xx |" in format_unit_shares(shares, 2.0)

@@ -1,6 +1,8 @@
 """Sampling the training documents by language and task (see MixConfig for the rule).
 
-Token counts, not document counts, are what the model sees, so the shares are in tokens. A group
+Shares are counted in `data.mix.unit`: tokens by default (what the model sees), or UTF-8 bytes or
+words of the raw text (so a language the tokenizer splits into many tokens is not taken for a
+large one and sampled down). A group
 (task, language) whose target is above its natural size is repeated whole as often as it fits and
 topped up with a seeded choice of its documents; one below is a seeded choice of whole documents.
 Nothing is cut, so the realized count is within one document of the target; the manifest keeps
@@ -36,8 +38,12 @@ def target_tokens(natural: dict[tuple[str, str], int], mix: MixConfig) -> dict[t
     return targets
 
 
-def _sample(docs: list[Document], target: float, rng: random.Random) -> list[Document]:
-    size = sum(len(d.ids) for d in docs)
+def measure(doc: Document, unit: str) -> int:
+    return {"tokens": len(doc.ids), "bytes": doc.text_bytes, "words": doc.text_words}[unit]
+
+
+def _sample(docs: list[Document], target: float, rng: random.Random, unit: str) -> list[Document]:
+    size = sum(measure(d, unit) for d in docs)
     repeats = int(target // size) if size else 0
     chosen = docs * repeats
     remainder = target - repeats * size
@@ -45,10 +51,10 @@ def _sample(docs: list[Document], target: float, rng: random.Random) -> list[Doc
     rng.shuffle(order)
     taken = 0
     for doc in order:
-        if taken + len(doc.ids) / 2 > remainder:
+        if taken + measure(doc, unit) / 2 > remainder:
             continue
         chosen.append(doc)
-        taken += len(doc.ids)
+        taken += measure(doc, unit)
     return chosen
 
 
@@ -57,23 +63,34 @@ def mix_documents(docs: list[Document], mix: MixConfig, seed: int) -> tuple[list
     groups: dict[tuple[str, str], list[Document]] = defaultdict(list)
     for doc in docs:
         groups[(doc.task, doc.lang)].append(doc)
-    natural = {key: sum(len(d.ids) for d in group) for key, group in sorted(groups.items())}
+    unit = mix.unit
+    natural = {key: sum(measure(d, unit) for d in group) for key, group in sorted(groups.items())}
     targets = target_tokens(natural, mix)
     mixed, report = [], {}
     for key in natural:
-        chosen = _sample(groups[key], targets[key], random.Random(f"{seed}:mix:{key[0]}/{key[1]}"))
+        chosen = _sample(groups[key], targets[key], random.Random(f"{seed}:mix:{key[0]}/{key[1]}"), unit)
         mixed += chosen
-        report[f"{key[0]}/{key[1]}"] = {"natural_tokens": natural[key], "target_tokens": round(targets[key]),
+        report[f"{key[0]}/{key[1]}"] = {f"natural_{unit}": natural[key], f"target_{unit}": round(targets[key]),
+                                        f"realized_{unit}": sum(measure(d, unit) for d in chosen),
+                                        "natural_tokens": sum(len(d.ids) for d in groups[key]),
                                         "realized_tokens": sum(len(d.ids) for d in chosen),
                                         "documents": len(groups[key]), "realized_documents": len(chosen)}
-    realized_total = sum(r["realized_tokens"] for r in report.values()) or 1
-    by_lang: dict[str, dict[str, float]] = defaultdict(lambda: {"natural_share": 0.0, "realized_share": 0.0})
-    natural_total = sum(natural.values())
+    entry = {"unit": unit, "temperature": mix.temperature, "task_weights": dict(mix.task_weights),
+             "language_weights": dict(mix.language_weights), "by_task_lang": report,
+             "by_language": language_shares(report, unit)}
+    return mixed, entry
+
+
+def language_shares(report: dict[str, dict], unit: str) -> dict[str, dict[str, float]]:
+    """Per language: natural and realized share, in the mixing unit and (if another) in tokens."""
+    units = dict.fromkeys([unit, "tokens"])
+    totals = {f"{side}_{u}": sum(r[f"{side}_{u}"] for r in report.values()) or 1
+              for u in units for side in ("natural", "realized")}
+    by_lang: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for key, r in report.items():
         lang = key.split("/", 1)[1]
-        by_lang[lang]["natural_share"] += r["natural_tokens"] / natural_total
-        by_lang[lang]["realized_share"] += r["realized_tokens"] / realized_total
-    entry = {"temperature": mix.temperature, "task_weights": dict(mix.task_weights),
-             "language_weights": dict(mix.language_weights), "by_task_lang": report,
-             "by_language": {lang: {k: round(v, 6) for k, v in shares.items()} for lang, shares in sorted(by_lang.items())}}
-    return mixed, entry
+        for u in units:
+            suffix = "" if u == unit else f"_{u}"
+            by_lang[lang][f"natural_share{suffix}"] += r[f"natural_{u}"] / totals[f"natural_{u}"]
+            by_lang[lang][f"realized_share{suffix}"] += r[f"realized_{u}"] / totals[f"realized_{u}"]
+    return {lang: {k: round(v, 6) for k, v in shares.items()} for lang, shares in sorted(by_lang.items())}

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sabiscale.config import RunConfig
+from sabiscale.config import FileSource, RunConfig
 from sabiscale.prep.corpus import Corpus, is_validation, load_corpus
 from sabiscale.prep.demo_data import generate_demo_corpus
 from sabiscale.prep.mix import mix_documents
@@ -62,6 +62,10 @@ def reuse_prepared(cfg: RunConfig) -> Prepared | None:
         return None
     recorded = json.loads(manifest_path.read_text(encoding="utf-8")).get("prepared_with")
     wanted = prepared_settings(cfg)
+    if recorded is not None:  # a setting added since then was, for that data, its default
+        recorded = with_defaults(recorded, prepared_settings(RunConfig()))
+        source_defaults = FileSource(task="-", path="-").model_dump(mode="json")
+        recorded["data"]["files"] = [with_defaults(f, source_defaults) for f in recorded["data"].get("files", [])]
     if recorded != wanted:
         changed = sorted(f"{section}.{k}" for section in ("data", "tokenizer") for k in wanted[section]
                          if (recorded or {}).get(section, {}).get(k) != wanted[section][k])
@@ -69,6 +73,17 @@ def reuse_prepared(cfg: RunConfig) -> Prepared | None:
                             "differ); runs may be training from it: choose another data.dir for these settings, or "
                             "delete that directory to prepare it again (nothing was changed)")
     return Prepared(cfg.tokenizer_path, cfg.shards_dir, manifest_path, 0, 0, reused=True)
+
+
+def with_defaults(recorded: dict, defaults: dict) -> dict:
+    """`recorded` with every key it lacks taken from `defaults`, at every depth."""
+    out = dict(recorded)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(out[key], value)
+    return out
 
 
 def data_root(cfg: RunConfig) -> Path | None:
@@ -137,7 +152,8 @@ def _check_specials(tok, specials: list[str], path: Path) -> None:
 def encode(tok, examples: list[Example]) -> list[Document]:
     """Tokenized in this process: the tokenizers library already runs its batch encoding on every
     core (measured: worker processes only added the cost of shipping examples to them)."""
-    return [Document(ids, mask, e.task, e.lang) for e, (ids, mask) in zip(examples, encode_examples(tok, examples))]
+    return [Document(ids, mask, e.task, e.lang, len((e.prompt + e.answer).encode("utf-8")), len((e.prompt + e.answer).split()))
+            for e, (ids, mask) in zip(examples, encode_examples(tok, examples))]
 
 
 def _sources_record(corpus: Corpus, root: Path | None) -> list[dict]:

@@ -47,3 +47,36 @@ def format_tokenizer_report(report: dict[str, dict[str, float]]) -> str:
         lines.append(f"| {lang} | {m['words']} | {m['tokens']} | {m['fertility']:.2f} | {m['bytes_per_token']:.2f} "
                      f"| {m['byte_fallback_share']:.2%} |")
     return "\n".join(lines)
+
+
+UNITS = ("tokens", "bytes", "words")
+
+
+def unit_shares(tok, examples: list[Example], temperature: float, language_weights: dict[str, float]) -> dict:
+    """Per language and mixing unit (data.mix.unit): its natural share of the corpus counted in
+    that unit, and the share temperature sampling would give it. Whole examples (prompt and
+    answer), as the mix counts them."""
+    sizes: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(UNITS, 0))
+    texts = [e.prompt + e.answer for e in examples]
+    for e, text, enc in zip(examples, texts, tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)):
+        sizes[e.lang]["tokens"] += len(enc.ids)
+        sizes[e.lang]["bytes"] += len(text.encode("utf-8"))
+        sizes[e.lang]["words"] += len(text.split())
+    out: dict[str, dict[str, float]] = {lang: {} for lang in sorted(sizes)}
+    for unit in UNITS:
+        total = sum(s[unit] for s in sizes.values()) or 1
+        natural = {lang: s[unit] / total for lang, s in sizes.items()}
+        score = {lang: share ** (1 / temperature) * language_weights.get(lang, 1.0) for lang, share in natural.items()}
+        norm = sum(score.values()) or 1
+        for lang in natural:
+            out[lang][f"natural_{unit}"] = natural[lang]
+            out[lang][f"mixed_{unit}"] = score[lang] / norm
+    return out
+
+
+def format_unit_shares(shares: dict, temperature: float) -> str:
+    lines = [f"Share of each language by data.mix.unit (natural -> after temperature {temperature:g}):", "",
+             "| language | " + " | ".join(UNITS) + " |", "|---|" + "---:|" * len(UNITS)]
+    for lang, s in shares.items():
+        lines.append(f"| {lang} | " + " | ".join(f"{s[f'natural_{u}']:.1%} -> {s[f'mixed_{u}']:.1%}" for u in UNITS) + " |")
+    return "\n".join(lines)

@@ -30,6 +30,8 @@ class Document:
     mask: np.ndarray  # (n,) uint8, 1 = supervised target
     task: str
     lang: str
+    text_bytes: int = 0  # UTF-8 bytes and whitespace words of its raw text (data.mix.unit)
+    text_words: int = 0
 
 
 @dataclass
