@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml launch/install_torch.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	launch/install_torch.sh $(BIN)/pip
-	$(BIN)/pip install -q -e '.[dev,hf]'
+	$(BIN)/pip install -q -e '.[dev,hf,eval]'
 	$(BIN)/sabiscale build-ops
 	touch $(STAMP)
 
@@ -41,7 +41,7 @@ test: install browser cluster
 
 # Benchmarks are commands, not tests: sabiscale vs the HF Trainer peer on the standard workload.
 bench: install
-	$(BIN)/pip install -q -e '.[dev,hf,bench]'
+	$(BIN)/pip install -q -e '.[dev,hf,eval,bench]'
 	$(BIN)/python benchmarks/step_throughput.py
 
 clean:

@@ -159,6 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sabiscale.evaluate.heldout import generation_metrics, log_eval, teacher_forced
 
     _setup_logging(0)
+    if args.harness:
+        return eval_harness(args)
     tag_dir = resolve_checkpoint(Path(args.checkpoint))
     lm, tok, meta = load_trained_lm(tag_dir)
     lm = lm.to(_eval_device())
@@ -184,6 +186,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     logged = log_eval(cfg, meta, report, [out, out.with_suffix(".md")])
     if logged:
         print(f"logged to MLflow run {logged}")
+    return 0
+
+
+def eval_harness(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness on an exported model, with sabiscale's tag-format task configs."""
+    from sabiscale.evaluate.harness import run_harness
+
+    if not args.data:
+        raise UserError("--harness reads the JSONL layout of ../shared/data: give it with --data ROOT")
+    export_dir = Path(args.checkpoint)
+    out = Path(args.out) if args.out else export_dir / "harness"
+    scores = run_harness(export_dir, Path(args.data), out, None if args.full else args.max_per_file,
+                         "cuda" if _eval_device().type == "cuda" else "cpu")
+    for name, values in sorted(scores.items()):
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, float)))
+    print(f"\nreport: {out / 'harness.json'}; task configs for `lm_eval --include_path`: {out / 'tasks'}")
     return 0
 
 
@@ -401,6 +419,9 @@ def _add_checkpoint_and_data_commands(sub) -> None:
     ev.add_argument("--generate", type=int, default=12, help="examples decoded per task and language (0 = none)")
     ev.add_argument("--full", action="store_true", help="every record, and 200 decoded per task and language")
     ev.add_argument("--out", default=None, help="report JSON (default: eval_<split>.json in the checkpoint)")
+    ev.add_argument("--harness", action="store_true",
+                    help="run lm-evaluation-harness on an exported model directory (given instead of a checkpoint) "
+                         "with sabiscale's tag-format tasks over the dev records of --data")
     ev.set_defaults(func=cmd_eval)
     ex = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory")
     ex.add_argument("checkpoint", help="checkpoints/step_XXXXXXXX (or checkpoints/, to take `latest`)")

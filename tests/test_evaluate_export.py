@@ -122,3 +122,34 @@ def test_an_export_carries_a_model_card_and_generation_config(demo_cfg, zero3_ch
     (tag_dir / "eval_val.json").write_text(json.dumps(report))
     again = ModelCard.load(export_hf(tag_dir, tmp_path / "hf2") / "README.md")
     assert "| ner/yor | 2.50 | 0.900 |" in again.text and "entity_f1 0.250" in again.text
+
+
+def test_lm_eval_harness_on_an_export_agrees_with_sabiscale_eval(demo_cfg, zero3_checkpoint, shared_data, tmp_path):
+    """`sabiscale eval EXPORT --harness` runs lm-evaluation-harness (its hf model, its task loader)
+    with sabiscale's tag-format tasks on the dev records of a ../shared/data-style directory; on
+    the same records its chrF, BLEU, entity F1, accuracy, macro-F1 and bits/byte are sabiscale
+    eval's."""
+    root = tmp_path / "data"
+    for rel in ("translation/eng-yor.jsonl", "ner/yor.jsonl", "sentiment/yor.jsonl", "text/yor.jsonl"):
+        # short records: the demo model's context is 128 tokens, and lm-eval cuts longer prompts from the left
+        dev = [line for line in (shared_data / rel).read_text(encoding="utf-8").splitlines()
+               if ('"orig_split": "dev"' in line or "-dev-" in line) and len(line) < 200][:4]
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("\n".join(dev) + "\n", encoding="utf-8")
+    ours_path = tmp_path / "ours.json"
+    run_cli([BIN / "sabiscale", "eval", str(zero3_checkpoint), "--data", str(root), "--split", "dev",
+             "--max-per-file", "4", "--generate", "4", "--out", str(ours_path)])
+    ours = json.loads(ours_path.read_text())
+    export = export_hf(zero3_checkpoint, tmp_path / "hf")
+    proc = run_cli([BIN / "sabiscale", "eval", str(export), "--harness", "--data", str(root), "--max-per-file", "4",
+                    "--out", str(tmp_path / "harness")], timeout=900)
+    assert "sabiscale_translation_eng-yor: chrf" in proc.stdout
+    theirs = json.loads((tmp_path / "harness" / "harness.json").read_text())["scores"]
+    gen, forced = ours["generation"], ours["teacher_forced"]
+    assert theirs["sabiscale_translation_eng-yor"]["chrf"] == pytest.approx(gen["translation/eng-yor"]["chrf"], abs=1e-6)
+    assert theirs["sabiscale_translation_eng-yor"]["bleu"] == pytest.approx(gen["translation/eng-yor"]["bleu"], abs=1e-6)
+    assert theirs["sabiscale_ner_yor"]["entity_f1"] == pytest.approx(gen["ner/yor"]["entity_f1"], abs=1e-6)
+    for score in ("accuracy", "macro_f1"):
+        assert theirs["sabiscale_sentiment_yor"][score] == pytest.approx(gen["sentiment/yor"][score], abs=1e-6)
+    assert theirs["sabiscale_text_yor"]["bits_per_byte"] == pytest.approx(forced["text/yor"]["bits_per_byte"], rel=1e-4)
+    assert (tmp_path / "harness" / "tasks" / "sabiscale_ner_yor.yaml").is_file()

@@ -197,7 +197,8 @@ def generation_metrics(lm, tok, examples: list[Example], per_group: int, seed: i
         task = key.split("/")[0]
         gold = [e.answer.strip() for e in picked]
         longest = max(len(tok.encode(g, add_special_tokens=False)) for g in gold)
-        outputs = greedy_answers(lm, tok, picked, max_new_tokens=longest + 8)
+        # at most half the context: the prompt needs the rest (lm-eval's rule too, so --harness agrees)
+        outputs = greedy_answers(lm, tok, picked, max_new_tokens=min(longest + 8, lm.config.max_position_embeddings // 2))
         if task == "translation":
             scores = translation_scores(outputs, gold)
             key = f"translation/eng-{key.split('/')[1]}"
