@@ -194,7 +194,7 @@ def eval_harness(args: argparse.Namespace) -> int:
     from sabiscale.evaluate.harness import run_harness
 
     if not args.data:
-        raise UserError("--harness reads the JSONL layout of ../shared/data: give it with --data ROOT")
+        raise UserError("--harness reads a task-layout directory (<root>/<task>/<file>.jsonl): give it with --data ROOT")
     export_dir = Path(args.checkpoint)
     out = Path(args.out) if args.out else export_dir / "harness"
     scores = run_harness(export_dir, Path(args.data), out, None if args.full else args.max_per_file,

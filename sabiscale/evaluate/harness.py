@@ -1,6 +1,6 @@
 """`sabiscale eval EXPORT_DIR --harness --data ROOT`: lm-evaluation-harness on an exported model,
 with task configs in sabiscale's own tag format that read local JSONL laid out like
-../shared/data (the official dev records of each file).
+a task layout directory (<root>/<task>/<file>.jsonl; the official dev records of each file).
 
 The configs are written per file into `<out>/tasks/` (lm-eval reads task YAMLs from a directory,
 `--include_path`): `sabiscale_<task>_<file stem>` for translation (chrF, BLEU), ner (entity F1),
@@ -69,7 +69,7 @@ def write_task_configs(tok, data_root: Path, out: Path, limit: int | None, conte
             (out / f"{name}.yaml").write_text(task_yaml(name, path.resolve(), task, budget), encoding="utf-8")
             names.append(name)
     if not names:
-        raise MissingInput(f"{data_root} holds no <task>/<file>.jsonl for {', '.join(TASKS)} (the ../shared/data layout)")
+        raise MissingInput(f"{data_root} holds no <task>/<file>.jsonl for {', '.join(TASKS)} (the task layout: <root>/translation/eng-yor.jsonl, <root>/ner/yor.jsonl, ...)")
     return names
 
 

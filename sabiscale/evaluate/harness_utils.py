@@ -1,5 +1,5 @@
 """What the lm-evaluation-harness task configs of `sabiscale eval --harness` call (their utils.py
-re-exports this module): dev records of ../shared/data-style JSONL made into sabiscale's own
+re-exports this module): dev records of task-layout JSONL (<root>/<task>/<file>.jsonl) made into sabiscale's own
 prompts (the renderer that writes the shards), and the scores computed by the functions
 `sabiscale eval` uses, so both report the same numbers for the same outputs."""
 from __future__ import annotations
