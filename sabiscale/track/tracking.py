@@ -154,6 +154,7 @@ class MLflowTracker:
             return
         if not had_run:
             log.info("MLflow run %s created in %s", self.run_id, self.uri)
+        if self._monitor is None and self._system_metrics:
             self._start_system_metrics()
         if self._down_since is not None:
             log.warning("tracking store reachable again: %d kept records sent", sent)
@@ -161,8 +162,6 @@ class MLflowTracker:
 
     def _start_system_metrics(self) -> None:
         """MLflow's own CPU/memory/disk/GPU sampling, once the run exists (sampled live, not journaled)."""
-        if not self._system_metrics:
-            return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         try:
@@ -170,6 +169,7 @@ class MLflowTracker:
             self._monitor.start()
         except Exception as err:  # noqa: BLE001 - optional sampling (psutil) must not stop training
             log.warning("MLflow system metrics not sampled: %s", err)
+            self._system_metrics = False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         # a resumed run replays the steps after its checkpoint with the same values: the store already has them
