@@ -44,5 +44,23 @@ echo "sabiscale node $NODE_RANK/$NNODES on ${SLURMD_NODENAME:-$(hostname)}: $GPU
 # Slurm's --signal=USR1 reaches every process of the step: the launcher must survive it (its
 # default action is to die) while the ranks, which handle it, save a checkpoint and exit
 trap '' USR1
-exec "$python" -m deepspeed.launcher.launch --world_info="$world_info" --node_rank="$NODE_RANK" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --module sabiscale "${SABISCALE_COMMAND:-train}" "$@"
+# Slurm signals every process of the step: the launcher and the ranks handle a stop signal
+# themselves (checkpoint, exit 75); this shell only waits for them.
+trap ':' TERM
+status=0
+"$python" -m deepspeed.launcher.launch --world_info="$world_info" --node_rank="$NODE_RANK" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --module sabiscale "${SABISCALE_COMMAND:-train}" "$@" \
+  || status=$?
+# Stopped for a preemption signal with the checkpoint saved (every node does at the same step).
+# Under `srun --kill-on-bad-exit` the first task to exit has the others killed, and srun then
+# reports their signal instead of 75; so node 0, where the batch script runs, says so in a file
+# (launch/slurm.sbatch requeues on it), and the other nodes let node 0 exit first.
+if [[ $status -eq 75 && -n "${SLURM_JOB_ID:-}" ]]; then
+  if [[ "$NODE_RANK" == 0 ]]; then
+    : > "${TMPDIR:-/tmp}/sabiscale-stopped-$SLURM_JOB_ID"
+  else
+    trap 'exit 75' TERM
+    sleep 60 & wait $! || true
+  fi
+fi
+exit "$status"

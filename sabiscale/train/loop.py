@@ -25,7 +25,7 @@ from sabiscale.errors import TrainingDiverged
 from sabiscale.track.metrics import StepSums, TokenStats, memory_in_use, selection_metrics
 from sabiscale.track.plots import loss_plots
 from sabiscale.train.checkpoint import rng_state, save_checkpoint, step_tag
-from sabiscale.train.engine import World, all_reduce_sum
+from sabiscale.train.engine import World, all_reduce_sum, barrier
 from sabiscale.train.hooks import StepRecord, TrainHook
 from sabiscale.train.preemption import Preempted
 from sabiscale.train.run import Run, build_run
@@ -124,6 +124,10 @@ def stop_for_preemption(run: Run, step: int, result: TrainResult) -> None:
     if result.checkpoint != run.cfg.checkpoint_dir / step_tag(step):
         result.checkpoint = checkpoint(run, step)
     run.tracker.finish("KILLED")
+    # leave together: under `srun --kill-on-bad-exit` the first rank to exit (75) gets the others
+    # killed, and one still busy (rank 0 finishing its MLflow run) would then end by a signal,
+    # which srun reports instead of 75, and the job would not be requeued
+    barrier()
     raise Preempted(step, result.checkpoint, run.stop.signum or signal.SIGTERM)
 
 
