@@ -193,6 +193,17 @@ def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
     return lines
 
 
+def run_tokenizer(run_dir: Path) -> Path:
+    """The run's tokenizer: in its own directory, or (prepared data shared through data.dir)
+    the copy every checkpoint carries."""
+    own = run_dir / "tokenizer" / "tokenizer.json"
+    if own.is_file():
+        return own
+    from sabiscale.train.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(run_dir / "checkpoints") / "tokenizer" / "tokenizer.json"
+
+
 def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_axis: str = "fraction",
                  from_step: int = 0) -> Path:
     from sabiscale.prep.tokenizer import load_tokenizer
@@ -221,7 +232,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_
         pngs = plot_comparison(runs, cats, out_dir)
         lines += ["", *(f"![{p.stem}]({p.name})" for p in pngs), ""]
     for traj, c in zip(runs, cats):
-        tok = load_tokenizer(traj.run_dir / "tokenizer" / "tokenizer.json")
+        tok = load_tokenizer(run_tokenizer(traj.run_dir))
         lines += [f"## {traj.name}\n", "Fractions: " + ", ".join(f"{k} {v:.1%}" for k, v in fractions(c).items()) + "\n",
                   "Mean loss per category over training:\n",
                   "| step | " + " | ".join(category_curves(traj, c)) + " |", "|---:|" + "---:|" * len(category_curves(traj, c))]

@@ -75,6 +75,14 @@ def test_training_records_the_probe_and_analyze_compares_runs(probed_runs, tmp_p
     windowed = run_cli([BIN / "sabiscale", "analyze", str(masked), "--from-step", "5", "--out", str(tmp_path / "w"),
                         "--no-log"])
     assert "steps 5-12" in (tmp_path / "w" / "report.md").read_text() and "report:" in windowed.stdout
+    # a run on prepared data shared through data.dir has no tokenizer/ of its own: its checkpoints carry it
+    import shutil
+
+    shared = tmp_path / "shared_data_run"
+    shutil.copytree(masked, shared)
+    shutil.rmtree(shared / "tokenizer")
+    run_cli([BIN / "sabiscale", "analyze", str(shared), "--out", str(tmp_path / "s"), "--no-log"])
+    assert "## shared_data_run" in (tmp_path / "s" / "report.md").read_text()
 
 
 def test_runs_probed_on_different_tokens_are_not_compared(probed_runs, tmp_path):
