@@ -16,7 +16,7 @@ from typing import Protocol
 from sabiscale.config import RunConfig, config_to_dict
 from sabiscale.errors import MissingInput, UserError
 from sabiscale.lock import DirectoryLock
-from sabiscale.track.journal import JOURNAL_NAME, Journal, JournalState, now_ms, read_journal, send_pending
+from sabiscale.track.journal import JOURNAL_NAME, Journal, JournalState, now_ms, send_pending
 
 log = logging.getLogger("sabiscale.tracking")
 
@@ -102,7 +102,7 @@ class MLflowTracker:
         self._monitor = None
         self._down_since: float | None = None
         self._next_try = 0.0
-        self.journal = Journal(journal_path(cfg, resuming))
+        self.journal = open_journal(cfg, resuming)
         self._start(cfg)
         self._send()
 
@@ -208,20 +208,21 @@ class MLflowTracker:
         self.journal.close()
 
 
-def journal_path(cfg: RunConfig, resuming: bool) -> Path:
-    """The run's journal. A resumed run continues it, and so does a restart from step 0 of the
-    same configuration that never finished (killed before its first checkpoint: the same run,
-    replaying the same steps). Any other run starting from step 0 starts a new journal; the
+def open_journal(cfg: RunConfig, resuming: bool) -> Journal:
+    """The run's journal, read once. A resumed run continues it, and so does a restart from step 0
+    of the same configuration that never finished (killed before its first checkpoint: the same
+    run, replaying the same steps). Any other run starting from step 0 starts a new journal; the
     earlier one is moved aside, never deleted, and named if it holds records never sent."""
     path = cfg.output_dir / JOURNAL_NAME
-    if not resuming and path.is_file() and not same_unfinished_run(read_journal(path), cfg):
-        aside = path.with_name(f"tracking_journal.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.jsonl")
-        path.rename(aside)
-        left = Journal(aside).pending()
-        if left:
-            log.warning("%s held %d records of an earlier run that never reached the store: `sabiscale tracking sync "
-                        "%s` sends them", aside, left, aside)
-    return path
+    journal = Journal(path)
+    if resuming or not journal.state.records or same_unfinished_run(journal.state, cfg):
+        return journal
+    aside = path.with_name(f"tracking_journal.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.jsonl")
+    path.rename(aside)
+    if journal.pending():
+        log.warning("%s held %d records of an earlier run that never reached the store: `sabiscale tracking sync "
+                    "%s` sends them", aside, journal.pending(), aside)
+    return Journal(path)
 
 
 def same_unfinished_run(state: JournalState, cfg: RunConfig) -> bool:
