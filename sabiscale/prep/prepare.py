@@ -106,6 +106,8 @@ def split_examples(cfg: RunConfig, corpus: Corpus) -> tuple[list[Example], list[
         (val if is_validation(where, cfg.data.val_fraction) else train).append(example)
     lost = tasks_all_skipped(cfg, corpus)
     if not train:
+        if corpus.skipped:  # prepare stops here, before it would write the list with the shards
+            write_skipped(cfg.shards_dir, corpus.skipped)
         raise UserError(f"no training examples found for tasks {cfg.data.tasks}" + "".join(f"\n{line}" for line in lost))
     for line in lost:
         log.warning("%s", line)
@@ -114,7 +116,7 @@ def split_examples(cfg: RunConfig, corpus: Corpus) -> tuple[list[Example], list[
 
 def tasks_all_skipped(cfg: RunConfig, corpus: Corpus) -> list[str]:
     """One line per task whose every record was skipped as bad (--skip-bad): a task that silently
-    vanished from the mix would otherwise show only in the manifest. The list is written first."""
+    vanished from the mix would otherwise show only in the manifest."""
     kept = {example.task for example, _ in corpus.examples}
     skipped: dict[str, int] = {}
     for record in corpus.skipped:
@@ -123,7 +125,6 @@ def tasks_all_skipped(cfg: RunConfig, corpus: Corpus) -> list[str]:
     if not lost:
         return []
     listed = cfg.shards_dir / "skipped.jsonl"
-    write_skipped(cfg.shards_dir, corpus.skipped)
     return [f"task {task!r}: all {n} records were bad and skipped; it has no examples. Each record and its reason "
             f"is listed in {listed}" for task, n in sorted(lost.items())]
 
