@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sabiscale_analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,
+from sabiscale_analysis.experiment import (RECIPE, ROOT, answer_loss_curve, held_out_examples, plot_curves, sabiscale, steps_to_reach,
                                  write_comparison)
 
 WORK = ROOT / "runs" / "experiments" / "masked_descramble"
@@ -38,14 +38,6 @@ def common(args) -> list[str]:
             "optim.warmup_steps=20", "optim.lr=3e-3", "tracking.system_metrics=false", f"seed={args.seed}"]
 
 
-
-
-def answer_loss_curve(run: Path) -> dict[int, float]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
-    found = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    return {m.step: m.value for m in client.get_metric_history(found[0].info.run_id, "eval/answer_loss")}
 
 
 def exact_match(run: Path, examples: list, limit: int, seed: int) -> float:

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
-from pathlib import Path
 
-from sabiscale_analysis.experiment import RECIPE, ROOT, plot_curves, sabiscale
+from sabiscale_analysis.experiment import RECIPE, ROOT, answer_loss_curve, mean_sd, plot_curves, sabiscale
 
 WORK = ROOT / "runs" / "experiments" / "masked_mix"
 DATA = ROOT / "runs" / "data" / "shared_data"  # the recipe's own prepared data, shared with it
@@ -64,18 +62,6 @@ def per_task(report: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def answer_loss_curve(run: Path) -> dict[int, float]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
-    found = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    return {m.step: m.value for r in found for m in client.get_metric_history(r.info.run_id, "eval/answer_loss")}
-
-
-def spread(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, list[float]]]]:
     """kind -> task -> measure -> one value per seed."""
     table: dict = {}
@@ -93,8 +79,8 @@ def verdict(table: dict) -> str:
     wins = {"masked": [], "clm": []}
     for task, measures in table["masked"].items():
         for measure, values in measures.items():
-            m, sm = spread(values)
-            c, sc = spread(table["clm"][task][measure])
+            m, sm = mean_sd(values)
+            c, sc = mean_sd(table["clm"][task][measure])
             better_masked = m < c if measure == "answer_loss" else m > c
             if abs(m - c) > sm + sc:
                 wins["masked" if better_masked else "clm"].append(f"{task} {measure}")
@@ -127,7 +113,7 @@ def write_results(args, table: dict, curves: dict, minutes: float) -> None:
              "| task | measure | " + " | ".join(KINDS.values()) + " |", "|---|---|---:|---:|"]
     for task in sorted(table["masked"]):
         for measure in table["masked"][task]:
-            cells = ["{:.3f} ± {:.3f}".format(*spread(table[k][task][measure])) for k in KINDS]
+            cells = ["{:.3f} ± {:.3f}".format(*mean_sd(table[k][task][measure])) for k in KINDS]
             lines.append(f"| {task} | {measure} | " + " | ".join(cells) + " |")
     lines += ["", f"**Verdict:** {verdict(table)}", "", "![validation answer-token loss](masked_mix.png)"]
     (RESULTS / "masked_mix.md").write_text("\n".join(lines) + "\n")

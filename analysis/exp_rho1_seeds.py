@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from sabiscale_analysis.exp_rho1_noise import common, write_corpora
-from sabiscale_analysis.experiment import RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach
+from sabiscale_analysis.experiment import (RECIPE, ROOT, held_out_examples, mean_sd, plot_curves, sabiscale,
+                                           steps_to_reach)
 
 WORK = ROOT / "runs" / "experiments" / "rho1_seeds"
 RESULTS = ROOT / "analysis" / "results"
@@ -43,7 +44,7 @@ def settings(ratios: list[float]) -> dict[str, dict]:
     return out
 
 
-def base(args, seed: int) -> list[str]:
+def base(seed: int) -> list[str]:
     return common(argparse.Namespace(seed=seed))
 
 
@@ -54,11 +55,11 @@ def prepare_references(args) -> Path:
     tokenizer = mix / "tokenizer" / "tokenizer.json"
     if not (mix / "shards" / "manifest.json").is_file():
         write_corpora(args.records, args.noise_share, NOISE_SEED, WORK)
-        sabiscale("prepare", str(RECIPE), *base(args, NOISE_SEED), f"data.jsonl_root={WORK / 'noisy'}",
+        sabiscale("prepare", str(RECIPE), *base(NOISE_SEED), f"data.jsonl_root={WORK / 'noisy'}",
                   f"output_dir={mix}", f"data.dir={mix}")
     for name, corpus in (("reference_clean", "clean"), ("reference_self", "noisy")):
         ref = WORK / name
-        overrides = [*base(args, NOISE_SEED), f"data.jsonl_root={WORK / corpus}", f"output_dir={ref}", f"data.dir={ref}",
+        overrides = [*base(NOISE_SEED), f"data.jsonl_root={WORK / corpus}", f"output_dir={ref}", f"data.dir={ref}",
                      f"tokenizer.path={tokenizer}", f"train.max_steps={args.reference_steps}"]
         if not (ref / "shards" / "manifest.json").is_file():
             sabiscale("prepare", str(RECIPE), *overrides)
@@ -71,7 +72,7 @@ def prepare_references(args) -> Path:
 
 def train_run(name: str, setting: dict, seed: int, args, tokenizer: Path) -> Path:
     run = WORK / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}"
-    sabiscale("train", str(RECIPE), *base(args, seed), f"output_dir={run}", f"data.dir={run}",
+    sabiscale("train", str(RECIPE), *base(seed), f"output_dir={run}", f"data.dir={run}",
               f"loss.kind={setting['kind']}", f"loss.ratio={setting['ratio']}", f"data.jsonl_root={WORK / 'noisy'}",
               f"data.shards_dir={WORK / setting['scored']}", f"tokenizer.path={tokenizer}",
               f"train.max_steps={args.steps}", f"train.checkpoint_every={args.checkpoint_every}", "train.keep_last=0")
@@ -100,15 +101,14 @@ def clean_curve(run: Path, examples: list) -> dict:
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+    return "{:.3f} ± {:.3f}".format(*mean_sd(values))
 
 
 def verdict(table: dict, names: list[str]) -> str:
     """Selective counts as better only when its mean final clean loss is lower than the all-token
     mean by more than the two standard deviations together."""
     def stats(name):
-        finals = [r["final"] for r in table[name]]
-        return statistics.mean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0
+        return mean_sd([r["final"] for r in table[name]])
     b, sb = stats(names[0])
     better = [n for n in names[1:] if b - stats(n)[0] > sb + stats(n)[1]]
     worse = [n for n in names[1:] if stats(n)[0] - b > sb + stats(n)[1]]
@@ -166,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     tokenizer = prepare_references(args)
-    held_out = held_out_examples(base(args, NOISE_SEED) + [f"data.jsonl_root={WORK / 'clean'}"])
+    held_out = held_out_examples(base(NOISE_SEED) + [f"data.jsonl_root={WORK / 'clean'}"])
     runs = settings(args.ratios)
     table: dict[str, list[dict]] = {name: [] for name in runs}
     for seed in range(1, args.seeds + 1):  # seed by seed: a stopped experiment holds whole comparisons

@@ -2,6 +2,7 @@
 corpus (the same hash split training uses), steps-to-reach, and loss-curve plots."""
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,20 @@ def held_out_examples(overrides: list[str]) -> list:
     cfg = load_config(RECIPE, overrides)
     return [e for e, where in load_corpus(cfg, Path(cfg.data.jsonl_root)).examples
             if is_validation(where, cfg.data.val_fraction)]
+
+
+def answer_loss_curve(run: Path) -> dict[int, float]:
+    """eval/answer_loss per step of a run tracked in its own directory's store (every MLflow run there)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    found = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return {m.step: m.value for r in found for m in client.get_metric_history(r.info.run_id, "eval/answer_loss")}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def steps_to_reach(curve: dict[int, float], target: float) -> int | None:
