@@ -251,6 +251,14 @@ class TrainConfig(_Section):
     # Optimizer steps in a row with a non-finite loss or gradient (each skipped by DeepSpeed,
     # parameters untouched) before training stops with the step and batches named.
     max_nonfinite_steps: int = Field(5, ge=1)
+    # torch.compile of each decoder layer's elementwise work and projections (model/layer.py).
+    # auto: on for CUDA GPUs (Triton, compute capability 7.0 on); off on the CPU, where it
+    # saves about 10% of a step but costs ~20-40 s of compilation per process
+    # (benchmarks/results/compile.md): turn it on there for long runs.
+    compile: Literal["auto", "on", "off"] = "auto"
+    # q/k/v and gate/up each in one matmul (model/layer.py); false runs transformers' modules as
+    # they are. ZeRO-3 always runs the modules (its parameters are whole only inside their own call).
+    fused_projections: bool = True
     # Peak FLOP/s of one device, for train/mfu; None = measured at start with a matmul
     # (fp32 on 2 CPU cores measures about 1.4e11-1.8e11).
     peak_flops_per_s: float | None = Field(None, gt=0)

@@ -15,6 +15,7 @@ import torch
 
 from sabiscale.loss.head import install_supervised_head
 from sabiscale.loss.kinds import LossKind, make_loss_kind
+from sabiscale.model import layer as layer_ops
 from sabiscale.model.build import hidden_at
 
 
@@ -48,8 +49,10 @@ class TokenLossObjective(torch.nn.Module):
     """Wraps a causal LM; forward returns the TokenLosses of one micro-batch."""
 
     def __init__(self, lm: torch.nn.Module, kind: str | LossKind, chunk_size: int, pad_id: int,
-                 task_weights: list[float] | None = None, ratio: float = 1.0) -> None:
+                 task_weights: list[float] | None = None, ratio: float = 1.0,
+                 kernels: layer_ops.Kernels | None = layer_ops.EAGER) -> None:
         super().__init__()
+        self.kernels = kernels  # how the decoder layers run: model/layer.py (None: transformers' modules)
         self.lm = install_supervised_head(lm)
         self.kind = loss_kind(kind, ratio)
         self.chunk_size, self.pad_id = chunk_size, pad_id
@@ -92,7 +95,7 @@ class TokenLossObjective(torch.nn.Module):
         measure = self._kind(kind)
         selected, weights = self.select(input_ids, position_ids, loss_mask, task_ids, kind)
         needed = torch.cat([selected, selected.new_zeros(selected.shape[0], 1)], dim=1)  # position t predicts t+1
-        h = hidden_at(self.lm, input_ids, position_ids, needed)  # (N, H), in the order of [selected]
+        h = hidden_at(self.lm, input_ids, position_ids, needed, self.kernels)  # (N, H), in the order of [selected]
         targets = input_ids[:, 1:][selected]  # (N,)
         token_weights = weights[selected].float() if weights is not None else None
         reference = ref_loss[:, 1:][selected].float() if measure.reads_reference and ref_loss is not None else None

@@ -13,11 +13,13 @@ import contextlib
 import zlib
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sabiscale.model import attention
+from sabiscale.model import layer as layer_ops
 from sabiscale.config import ModelConfig
 
 
@@ -98,7 +100,7 @@ _MASK_FREE_PACKING = {attention.NAME}
 
 
 def hidden_at(lm: LlamaForCausalLM, input_ids: torch.Tensor, position_ids: torch.Tensor,
-              needed: torch.Tensor) -> torch.Tensor:
+              needed: torch.Tensor, kernels: layer_ops.Kernels | None = layer_ops.EAGER) -> torch.Tensor:
     """Final hidden states of a packed batch at the `needed` (B, T) positions only, as (N, hidden).
 
     Every layer but the last runs on every position: later positions of a document attend to
@@ -107,6 +109,9 @@ def hidden_at(lm: LlamaForCausalLM, input_ids: torch.Tensor, position_ids: torch
     run on the needed positions alone (about half the tokens with the prompt-masked loss), so
     compute is not spent on positions whose last-layer output nothing reads. Same values as
     `lm.model(...).last_hidden_state[needed]` (tests/test_loss.py compares with full logits).
+
+    kernels: the layers run fused (model/layer.py) with these elementwise kernels, eager or
+    compiled; None runs them as transformers' modules (also what ZeRO-3 needs).
     """
     body = lm.model
     impl = body.config._attn_implementation
@@ -119,14 +124,28 @@ def hidden_at(lm: LlamaForCausalLM, input_ids: torch.Tensor, position_ids: torch
     plan = attention.bucket_plan(position_ids) if impl == attention.NAME else None
     packed = {"position_ids": position_ids, "packed_documents": True, "document_plan": plan}
     *layers, last = body.layers
+    if kernels is None or not layer_ops.fusable(last):
+        for layer in layers:
+            x = layer(x, attention_mask=None, position_embeddings=rope, **packed)
+        return body.norm(_module_last_layer(last, x, rope, packed, needed))
     for layer in layers:
-        x = layer(x, attention_mask=None, position_embeddings=rope, **packed)
+        if layer.gradient_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(layer_ops.decoder_layer, layer, x, rope, packed, kernels, use_reentrant=False)
+        else:
+            x = layer_ops.decoder_layer(layer, x, rope, packed, kernels)
+    y = layer_ops.last_layer(last, x, rope, packed, needed, kernels)
+    return kernels.rms_norm(y, body.norm.weight, body.norm.variance_epsilon)
+
+
+def _module_last_layer(last, x: torch.Tensor, rope, packed: dict, needed: torch.Tensor) -> torch.Tensor:
+    """hidden_at's last layer through the layer's own modules (each call gathers its parameters
+    under ZeRO-3)."""
     attn = last.self_attn
     h = last.input_layernorm(x)
     heads = (*h.shape[:-1], -1, attn.head_dim)
     q, k, v = (proj(h).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = apply_rotary_pos_emb(q, k, *rope)
-    out, _ = ALL_ATTENTION_FUNCTIONS[impl](attn, q, k, v, None, dropout=0.0, scaling=attn.scaling, **packed)
+    out, _ = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation](attn, q, k, v, None, dropout=0.0,
+                                                                       scaling=attn.scaling, **packed)
     y = x[needed] + attn.o_proj(out.reshape(*h.shape[:-1], -1)[needed])
-    y = y + last.mlp(last.post_attention_layernorm(y))
-    return body.norm(y)
+    return y + last.mlp(last.post_attention_layernorm(y))

@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 from sabiscale.errors import UserError
 from sabiscale.config import OptimConfig, RunConfig
-from sabiscale.train.device import choose_precision, fused_adam_prebuilt, resolve_adam
+from sabiscale.train.device import choose_compile, choose_precision, fused_adam_prebuilt, resolve_adam
 
 
 class EngineConfigError(UserError):
@@ -104,6 +104,13 @@ def resolve_precision(requested: str) -> str:
     capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
     bf16 = requested == "auto" and device_type not in ("cpu", "cuda") and accel.is_bf16_supported()
     return choose_precision(requested, device_type, capability, bf16)
+
+
+def resolve_compile(requested: str) -> bool:
+    """train.compile=auto decided by the device (train/device.py)."""
+    device_type = get_accelerator().device_name()
+    capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
+    return choose_compile(requested, device_type, capability)
 
 
 def engine_dtype(precision: str) -> torch.dtype:

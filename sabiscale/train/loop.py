@@ -77,6 +77,8 @@ def train_loop(run: Run) -> TrainResult:
         nonfinite_in_row = check_finite(skipped, out.sums, run.precision, step, micro, nonfinite_in_row,
                                         cfg.train.max_nonfinite_steps)
         t1 = time.monotonic()
+        if step == run.start_step + 1:
+            report_first_step(run, t1 - t0)
         run.tokens_seen += sum(b.num_tokens for b in micro) * world.world_size
         metrics = step_metrics(run, out.sums, micro, t1 - t0)
         result.train_losses.append(metrics["train/loss"])
@@ -110,6 +112,15 @@ def train_loop(run: Run) -> TrainResult:
     tracker.finish()
     result.run_id, result.experiment_id = tracker.run_id, tracker.experiment_id  # created late if the store was down
     return result
+
+
+def report_first_step(run: Run, seconds: float) -> None:
+    """The first step's time, once: with train.compile it holds the compilation (later steps'
+    tokens/s do not)."""
+    kernels = getattr(run.engine.module, "kernels", None)
+    if kernels is not None and kernels.compiled:
+        log.info("first step: %.1f s, compilation of the decoder layers included", seconds)
+    run.tracker.log_metrics({"train/first_step_seconds": seconds}, step=run.start_step + 1)
 
 
 def mark_failed(tracker, err: BaseException) -> None:

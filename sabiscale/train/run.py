@@ -10,9 +10,11 @@ from typing import Any
 from sabiscale.config import RunConfig, resolve_batch, resolve_warmup
 from sabiscale.data.batch import Batch, Vocab
 from sabiscale.data.loader import BatchStream, check_resumable, make_loader, shard_urls
+from sabiscale.errors import UserError
 from sabiscale.hashing import sha256_file
 from sabiscale.loss.kinds import LossKind, make_loss_kind
 from sabiscale.loss.objective import TokenLossObjective
+from sabiscale.model import layer as layer_ops
 from sabiscale.model.build import build_model, count_parameters
 from sabiscale.prep.tokenizer import load_tokenizer
 from sabiscale.track.flops import StepCost, step_cost
@@ -20,7 +22,7 @@ from sabiscale.track.metrics import MetricHistory, TokenStats, measure_matmul_pe
 from sabiscale.track.tracking import Tracker, make_tracker
 from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
 from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, load_universal,
-                                    model_construction, resolve_precision)
+                                    model_construction, resolve_compile, resolve_precision)
 from sabiscale.train.inputs import check_inputs
 from sabiscale.train.hooks import Hooks, SampleTrace, TrainHook
 from sabiscale.train.preemption import StopRequest
@@ -70,7 +72,7 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     if source is not None and source.name.endswith(UNIVERSAL_SUFFIX):
         ds_config = load_universal(ds_config)
     with model_construction(ds_config) as gathered:
-        objective = build_objective(cfg, vocab, kind, gathered)
+        objective = build_objective(cfg, vocab, kind, gathered, zero3=gathered is not None)
         if cfg.train.init_from is not None and resumed is None:
             warm_start(objective.lm, cfg, manifest, gathered)
     engine = initialize(objective, ds_config, cfg.optim)
@@ -97,14 +99,32 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
                manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"))
 
 
-def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None) -> TokenLossObjective:
+def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None, zero3: bool = False) -> TokenLossObjective:
     tok = load_tokenizer(cfg.tokenizer_path)
     lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed, gathered)
     weights = [cfg.loss.task_weights.get(task, 1.0) for task in vocab.tasks] if cfg.loss.task_weights else None
-    objective = TokenLossObjective(lm, kind, cfg.loss.chunk_size, tok.pad_token_id, weights)
+    objective = TokenLossObjective(lm, kind, cfg.loss.chunk_size, tok.pad_token_id, weights,
+                                   kernels=layer_kernels(cfg.train.compile, cfg.train.fused_projections, zero3))
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(lm)
     return objective
+
+
+def layer_kernels(compile_setting: str, fused: bool, zero3: bool = False):
+    """How the decoder layers run (model/layer.py): transformers' modules, fused, or fused and
+    compiled (train.compile, decided by the device for auto)."""
+    if not fused:
+        if compile_setting == "on":
+            raise UserError("train.compile=on needs train.fused_projections=true (the compiled kernels are the fused ones)")
+        return None
+    if zero3:
+        log.info("ZeRO-3: the decoder layers run as transformers' modules, unfused and not compiled (each "
+                 "parameter is whole only inside its own module's call)")
+        return None
+    if resolve_compile(compile_setting):
+        log.info("train.compile: the decoder layers compile at their first call (the first step takes longer)")
+        return layer_ops.compiled_kernels()
+    return layer_ops.EAGER
 
 
 def enable_activation_checkpointing(lm) -> None:
