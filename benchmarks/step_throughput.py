@@ -121,7 +121,9 @@ def run_ours(steps: int, warmup: int, profile: str, extra: list[str] = ()) -> di
     # the fp32 CPU head keeps one (rows, V) logits block across steps (loss/head.py::SupervisedHead)
     rows = min(cfg.loss.chunk_size, max(c[2] for c in counts))
     kept = rows * len(load_tokenizer(cfg.tokenizer_path)) * 4
-    return _summarize(times, counts, [r.local_flops for r in steps.records], sampler, warmup, kept)
+    result = _summarize(times, counts, [r.local_flops for r in steps.records], sampler, warmup, kept)
+    # the first step holds torch.compile's compilation when it is on (warm-up, never timed)
+    return {**result, "first_step_seconds": times[0][1] - times[0][0]}
 
 
 def peer_rows(cfg, tok) -> list[dict]:
@@ -153,6 +155,10 @@ def check_flat_exact(model, rows: list[dict], tok) -> float:
     b = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"], use_cache=False).loss
     model.train()
     return float(abs(a - b) / abs(a))
+
+
+def run_ours_compiled(steps: int, warmup: int, profile: str) -> dict:
+    return run_ours(steps, warmup, profile, ["train.compile=on"])
 
 
 def run_peer_flat(steps: int, warmup: int, profile: str) -> dict:
@@ -228,9 +234,10 @@ def orchestrate(args) -> None:
 
     peak = measure_matmul_peak(torch.device("cpu"))
     print(f"measured fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s", flush=True)
-    rounds: dict[str, list[dict]] = {"peer": [], "peer_flat": [], "ours": []}
+    roles = ("peer", "peer_flat", "ours") + (("ours_compiled",) if args.compiled else ())
+    rounds: dict[str, list[dict]] = {role: [] for role in roles}
     for r in range(args.rounds):
-        for role in ("peer", "peer_flat", "ours"):
+        for role in roles:
             proc = subprocess.run([sys.executable, __file__, "--role", role, "--steps", str(args.steps),
                                    "--warmup", str(args.warmup), "--profile", args.profile], capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -242,7 +249,7 @@ def orchestrate(args) -> None:
                   f"{result['needed_flops_per_s'] / 1e9:.0f} GFLOP/s needed", flush=True)
     # the peak again at the end: the faster of the two is the machine's, not a slow moment's
     peak = max(peak, measure_matmul_peak(torch.device("cpu")))
-    for result in rounds["peer"] + rounds["peer_flat"] + rounds["ours"]:
+    for result in (r for results in rounds.values() for r in results):
         result["mfu"] = result["needed_flops_per_s"] / peak
         result["executed_mfu"] = result["executed_flops_per_s"] / peak
     write_results(rounds, peak, args)
@@ -262,7 +269,7 @@ def write_results(rounds: dict, peak: float, args) -> None:
               for peer in ("peer", "peer_flat")}
     paired_median = {peer: {k: statistics.median(v) for k, v in ratios.items()} for peer, ratios in paired.items()}
     command = (f".venv/bin/python benchmarks/step_throughput.py --rounds {args.rounds} --steps {args.steps} "
-               f"--warmup {args.warmup} --profile {args.profile}")
+               f"--warmup {args.warmup} --profile {args.profile}" + ("" if args.compiled else " --no-compiled"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"step_throughput_{args.profile}"
     headline = {"median": statistics.median(vs_best), "min": min(vs_best), "max": max(vs_best), "per_round": vs_best}
@@ -299,13 +306,34 @@ def write_results(rounds: dict, peak: float, args) -> None:
               "transient_bytes_per_token: peak RSS during the timed steps minus RSS before the first, per "
               "non-padding token of a step; for sabiscale plus the logits block its fp32 CPU head keeps "
               "between steps."]
+    if "ours_compiled" in rounds:
+        lines += ["", compile_summary(rounds, best)]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def compile_summary(rounds: dict, best: list[dict]) -> str:
+    """train.compile=on against sabiscale's default in the same rounds: the step-time gain, the
+    compilation's cost (first step), and after how many steps it has paid for itself."""
+    key = "supervised_tokens_per_s"
+    gain = [c[key] / o[key] for o, c in zip(rounds["ours"], rounds["ours_compiled"])]
+    vs_best = [c[key] / b[key] for c, b in zip(rounds["ours_compiled"], best)]
+    cost = [c["first_step_seconds"] - o["first_step_seconds"] for o, c in zip(rounds["ours"], rounds["ours_compiled"])]
+    saved = [o["seconds_per_step"] - c["seconds_per_step"] for o, c in zip(rounds["ours"], rounds["ours_compiled"])]
+    median_saved = statistics.median(saved)
+    pays = (f"it pays for itself after about {statistics.median(cost) / median_saved:.0f} steps"
+            if median_saved > 0 else "it does not pay here")
+    return (f"**train.compile=on** (ours_compiled): {statistics.median(gain):.2f}x sabiscale's default supervised "
+            f"tokens/s (median of round ratios, range {min(gain):.2f}-{max(gain):.2f}), {statistics.median(vs_best):.2f}x "
+            f"the stronger peer; compilation adds {statistics.median(cost):.0f} s to the first step (median), so "
+            f"{pays} of this workload.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=["ours", "peer", "peer_flat"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["ours", "ours_compiled", "peer", "peer_flat"], help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time sabiscale with train.compile=on (role ours_compiled)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -315,7 +343,7 @@ def main() -> None:
 
     use_environment_toolchain()
     if args.role:
-        run = {"ours": run_ours, "peer": run_peer, "peer_flat": run_peer_flat}[args.role]
+        run = {"ours": run_ours, "ours_compiled": run_ours_compiled, "peer": run_peer, "peer_flat": run_peer_flat}[args.role]
         result = run(args.steps, args.warmup, args.profile)
         print(json.dumps(result))
     else:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from sabiscale.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sabiscale.prep.tasks import BUILTIN_TASKS, TaskDef, task_registry
 
@@ -254,7 +254,7 @@ class TrainConfig(_Section):
     # torch.compile of each decoder layer's elementwise work and projections (model/layer.py).
     # auto: on for CUDA GPUs (Triton, compute capability 7.0 on); off on the CPU, where it
     # saves about 10% of a step but costs ~20-40 s of compilation per process
-    # (benchmarks/results/compile.md): turn it on there for long runs.
+    # (benchmarks/results/step_throughput_zero2_offload.md): turn it on there for long runs.
     compile: Literal["auto", "on", "off"] = "auto"
     # q/k/v and gate/up each in one matmul (model/layer.py); false runs transformers' modules as
     # they are. ZeRO-3 always runs the modules (its parameters are whole only inside their own call).
@@ -262,6 +262,12 @@ class TrainConfig(_Section):
     # Peak FLOP/s of one device, for train/mfu; None = measured at start with a matmul
     # (fp32 on 2 CPU cores measures about 1.4e11-1.8e11).
     peak_flops_per_s: float | None = Field(None, gt=0)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML reads a bare on/off (recipe or CLI override) as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class EngineConfig(_Section):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from sabiscale.config import RunConfig, config_to_dict
@@ -70,7 +71,8 @@ def train_loop(run: Run) -> TrainResult:
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
         last = step == cfg.train.max_steps
         t0 = time.monotonic()
-        micro = [next(run.loader).to(world.device) for _ in range(cfg.train.grad_accum_steps)]
+        with record_function("sabiscale/data"):
+            micro = [next(run.loader).to(world.device) for _ in range(cfg.train.grad_accum_steps)]
         skipped_before = engine.skipped_steps
         out = train_step(run, micro, step)
         skipped = engine.skipped_steps != skipped_before

@@ -1,10 +1,12 @@
 """One optimizer step: forward, backward and update over the step's micro-batches, with the
-loss divided once by the global count of supervised targets."""
+loss divided once by the global count of supervised targets. Its phases are labelled for any
+torch profiler trace (sabiscale/forward, /backward, /optimizer_step; benchmarks/step_profile.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from sabiscale.data.batch import Batch
 from sabiscale.track.flops import batch_flops
@@ -35,11 +37,14 @@ def train_step(run, micro: list[Batch], step: int) -> StepOutput:
     for batch in micro:
         if run.reference is not None:
             batch.ref_loss = run.reference.score(batch)
-        out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids, batch.ref_loss)
+        with record_function("sabiscale/forward"):
+            out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids, batch.ref_loss)
         run.hooks.after_forward(step, out)
-        engine.backward(out.loss_sum * scale)
+        with record_function("sabiscale/backward"):
+            engine.backward(out.loss_sum * scale)
         run.hooks.after_backward(step)
-        engine.step()
+        with record_function("sabiscale/optimizer_step"):
+            engine.step()
         needed, batch_executed = batch_flops(run.cost, batch.position_ids, batch.task_ids >= 0, int(out.count))
         executed += batch_executed
         local.add(batch, out, needed)

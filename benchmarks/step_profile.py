@@ -1,0 +1,150 @@
+"""Where one training step's time goes: torch.profiler over a few steps of the standard workload
+(benchmarks/step_throughput.py's model and data), before and after the fused and compiled layers.
+
+Phases come from the labels the loop puts around its work (sabiscale/data, /forward, /backward,
+/optimizer_step: DeepSpeed's gradient hooks run inside backward, its CPU Adam and the copies
+back inside optimizer_step). Operator categories come from the self time of every operator in
+the profiled steps: matmuls, attention (sdpa's kernels), element-wise and other tensor
+operators; whatever the profiler sees outside any operator (Python, DeepSpeed's C++ CPU Adam,
+the loader's decoding) is the rest of the phase.
+
+    .venv/bin/python benchmarks/step_profile.py            # ~3 minutes here; on a quiet machine
+    .venv/bin/python benchmarks/step_profile.py --steps 2  # a quick look
+
+Writes benchmarks/results/step_profile.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sabiscale.train.hooks import TrainHook
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SETTINGS = {
+    "before: transformers' modules, eager": ["train.fused_projections=false", "train.compile=off"],
+    "after: fused projections, compiled": ["train.fused_projections=true", "train.compile=on"],
+}
+PHASES = ["sabiscale/data", "sabiscale/forward", "sabiscale/backward", "sabiscale/optimizer_step"]
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_mm", "mkldnn")
+ATTENTION = ("scaled_dot_product", "flash_attention", "_efficient_attention")
+
+
+def category(name: str) -> str | None:
+    if name.startswith("sabiscale/") or name.startswith("ProfilerStep"):
+        return None  # labels, not operators
+    if any(m in name for m in ATTENTION):
+        return "attention (sdpa kernels)"
+    if name.startswith(MATMUL) or "linear" in name and "mkldnn" in name:
+        return "matmuls"
+    if name.startswith("aten::") or name.startswith("Torch-Compiled") or name.startswith("CompiledFunction"):
+        return "element-wise and other tensor operators"
+    return "other operators"
+
+
+class Profile(TrainHook):
+    """A train hook that profiles steps [first, first + steps) and keeps the profiler."""
+
+    def __init__(self, first: int, steps: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.first, self.last = first, first + steps - 1
+        self.prof = profile(activities=[ProfilerActivity.CPU])
+        self.wall = 0.0
+
+    def after_step(self, record):
+        if record.step == self.first - 1:
+            self.prof.__enter__()
+        elif self.first <= record.step <= self.last:
+            self.wall += record.end - record.start
+            if record.step == self.last:
+                self.prof.__exit__(None, None, None)
+
+
+def profile_one(setting: str, first: int, steps: int) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_throughput import _config
+
+    from sabiscale.train.engine import ensure_launcher_env, init_distributed
+    from sabiscale.train.loop import train
+
+    cfg = _config("zero2_offload", SETTINGS[setting])
+    cfg.train.max_steps = first + steps
+    ensure_launcher_env()
+    world = init_distributed()
+    hook = Profile(first, steps)
+    shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+    train(cfg, world, [hook])
+    phases = {name: 0.0 for name in PHASES}
+    ops: dict[str, float] = {}
+    for event in hook.prof.key_averages():
+        if event.key in phases:
+            phases[event.key] += event.cpu_time_total / 1e6
+        kind = category(event.key)
+        if kind is not None:
+            ops[kind] = ops.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    per_step = lambda d: {k: v / steps for k, v in d.items()}  # noqa: E731
+    return {"seconds_per_step": hook.wall / steps, "phases": per_step(phases), "operators": per_step(ops)}
+
+
+def write(results: dict, command: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "step_profile.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
+                                                           "settings": results}, indent=2) + "\n")
+    names = list(results)
+    lines = ["# Where a training step's time goes\n", f"Command: `{command}`  ",
+             f"Date: {time.strftime('%Y-%m-%d')}, 2-core CPU, fp32, the standard workload of "
+             "benchmarks/step_throughput.py (11.6M Llama, micro-batch 8 x 512, ZeRO-2 with CPU Adam). "
+             "Seconds per step, mean over the profiled steps (the profiler itself adds a little).\n",
+             "| seconds per step | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    row = lambda label, get: lines.append(f"| {label} | " + " | ".join(get(results[n]) for n in names) + " |")  # noqa: E731
+    row("whole step (wall)", lambda r: f"{r['seconds_per_step']:.3f}")
+    for phase in PHASES:
+        row(f"phase {phase}", lambda r, p=phase: f"{r['phases'][p]:.3f}")
+    kinds = sorted({k for r in results.values() for k in r["operators"]})
+    for kind in kinds:
+        row(f"operators: {kind}", lambda r, k=kind: f"{r['operators'].get(k, 0.0):.3f}")
+    lines += ["", "Phases are wall time inside the loop's labels; operator rows are the operators' own (self) "
+              "time summed over every phase, so they do not add up to the wall: time outside any operator (Python, "
+              "DeepSpeed's C++ CPU Adam, the loader's decoding) is the difference."]
+    (RESULTS / "step_profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=4, help="first profiled step (the ones before warm up)")
+    parser.add_argument("--steps", type=int, default=5, help="steps profiled")
+    args = parser.parse_args()
+    from sabiscale.__main__ import use_environment_toolchain
+
+    use_environment_toolchain()
+    if args.setting:
+        print(json.dumps(profile_one(args.setting, args.first, args.steps)))
+        return
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_throughput import _config
+
+    from sabiscale.prep.prepare import prepare
+
+    if not (_config().shards_dir / "manifest.json").is_file():
+        prepare(_config())  # the same prepared workload as step_throughput.py
+    results = {}
+    for setting in SETTINGS:  # each in its own process: compiled code and allocator state do not carry over
+        proc = subprocess.run([sys.executable, __file__, "--setting", setting, "--first", str(args.first),
+                               "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            sys.exit(f"{setting} failed:\n{proc.stderr[-3000:]}")
+        results[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
+    write(results, f".venv/bin/python benchmarks/step_profile.py --first {args.first} --steps {args.steps}")
+
+
+if __name__ == "__main__":
+    main()
