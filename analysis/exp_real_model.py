@@ -9,8 +9,12 @@ peer: the same recipe with `loss.kind=clm` (the causal loss on every token), the
 therefore the same compute.
 
     .venv/bin/python -m sabiscale_analysis.exp_real_model --minutes 90     # repeat until both are done
+    .venv/bin/python -m sabiscale_analysis.exp_real_model --steps 1000     # a shorter complete run
 
-Writes analysis/results/real_model.{md,json} when both are evaluated; runs stay in runs/naija_small*.
+--steps sets train.max_steps of both runs (default: the recipe's 6000); the learning rate then
+decays over those steps, so a short run is a finished short run, not a cut long one.
+
+Writes analysis/results/real_model.{md,json,png} when both are evaluated; runs stay in runs/naija_small*.
 """
 from __future__ import annotations
 
@@ -22,17 +26,23 @@ import sys
 import time
 from pathlib import Path
 
-from sabiscale_analysis.experiment import ROOT, sabiscale
+from sabiscale_analysis.experiment import ROOT, answer_loss_curve, plot_curves, sabiscale
 
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
 RUNS = {"masked (SabiYarn)": ROOT / "runs" / "naija_small", "all tokens (clm peer)": ROOT / "runs" / "naija_small_clm"}
 RESULTS = ROOT / "analysis" / "results"
 
 
-def train_for(run: Path, kind: str, minutes: float) -> bool:
+# the downstream score that decides each task family, and below which it is called weak here
+WEAK_BELOW = {"ner": ("entity_f1", 0.3), "sentiment": ("macro_f1", 0.4), "translation": ("chrf", 20.0),
+              "descramble": ("exact_match", 0.1)}
+
+
+def train_for(run: Path, kind: str, minutes: float, steps: int | None) -> bool:
     """Train until max_steps or the time box; True once the run is complete."""
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "sabiscale"), "train", str(RECIPE), f"output_dir={run}",
-                             f"loss.kind={kind}"], cwd=ROOT)
+    overrides = [f"output_dir={run}", f"loss.kind={kind}"] + ([f"train.max_steps={steps}"] if steps else [])
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "sabiscale"), "train", str(RECIPE), *overrides],
+                            cwd=ROOT)
     try:
         code = proc.wait(timeout=minutes * 60)
     except subprocess.TimeoutExpired:
@@ -51,13 +61,24 @@ def evaluate(run: Path) -> dict:
     return json.loads(report.read_text())
 
 
-def write_results(reports: dict[str, dict]) -> None:
+def weak_spots(report: dict) -> list[str]:
+    """task/language entries whose deciding score is below WEAK_BELOW."""
+    weak = []
+    for key, scores in sorted(report["generation"].items()):
+        measure, bar = WEAK_BELOW.get(key.split("/")[0], (None, None))
+        if measure in scores and scores[measure] < bar:
+            weak.append(f"{key} ({measure} {scores[measure]:.2f})")
+    return weak
+
+
+def write_results(reports: dict[str, dict], curves: dict[str, dict[int, float]], command: str) -> None:
     names = list(reports)
     keys = sorted(set(reports[names[0]]["generation"]) | set(reports[names[1]]["generation"]))
     lines = ["# The real-data model: naija_small on ../shared/data, masked vs its all-token peer\n",
-             f"Command: `.venv/bin/python -m sabiscale_analysis.exp_real_model --minutes 90` (repeated until both runs "
-             f"finished)  \nDate: {time.strftime('%Y-%m-%d')}. Recipe `launch/recipes/naija_small.yaml`, step "
-             f"{reports[names[0]]['step']}; `sabiscale eval --full` on the official dev records.\n",
+             f"Command: `{command}` (repeated until both runs finished)  \nDate: {time.strftime('%Y-%m-%d')}. Recipe "
+             f"`launch/recipes/naija_small.yaml` (11.6M-parameter Llama, 16k BPE, 8 x 512 tokens per step), step "
+             f"{reports[names[0]]['step']} for both; `sabiscale eval --full` on the official dev records (every record "
+             "teacher-forced, up to 200 decoded greedily per task and language).\n",
              "| task/language | " + " | ".join(names) + " |", "|---|---:|---:|"]
     for key in keys:
         cells = []
@@ -68,8 +89,13 @@ def write_results(reports: dict[str, dict]) -> None:
     lines += ["", "| task/language (teacher-forced) | " + " | ".join(f"{n} bits/byte" for n in names) + " |", "|---|---:|---:|"]
     for key in sorted(reports[names[0]]["teacher_forced"]):
         lines.append(f"| {key} | " + " | ".join(f"{reports[n]['teacher_forced'][key]['bits_per_byte']:.3f}" for n in names) + " |")
+    lines += ["", "Still weak (" + ", ".join(f"{t} {m} < {b}" for t, (m, b) in WEAK_BELOW.items()) + "):", ""]
+    lines += [f"- {name}: " + (", ".join(weak_spots(reports[name])) or "none") for name in names]
+    lines += ["", "![validation answer-token loss](real_model.png)"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "real_model.json").write_text(json.dumps(reports, indent=2, ensure_ascii=False) + "\n")
+    plot_curves(curves, RESULTS / "real_model.png", "validation answer-token loss", "naija_small: masked vs all tokens")
+    (RESULTS / "real_model.json").write_text(json.dumps({"command": command, "reports": reports, "curves": curves},
+                                                        indent=2, ensure_ascii=False) + "\n")
     (RESULTS / "real_model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -77,12 +103,17 @@ def write_results(reports: dict[str, dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=90, help="training time per run in this session")
+    parser.add_argument("--steps", type=int, help="train.max_steps of both runs (default: the recipe's)")
     args = parser.parse_args()
-    done = {name: train_for(run, "masked" if "masked" in name else "clm", args.minutes) for name, run in RUNS.items()}
+    done = {name: train_for(run, "masked" if "masked" in name else "clm", args.minutes, args.steps)
+            for name, run in RUNS.items()}
     if not all(done.values()):
         print("not finished yet: run the same command again to continue from the checkpoints")
         return
-    write_results({name: evaluate(run) for name, run in RUNS.items()})
+    command = f".venv/bin/python -m sabiscale_analysis.exp_real_model --minutes {args.minutes:g}" + (
+        f" --steps {args.steps}" if args.steps else "")
+    write_results({name: evaluate(run) for name, run in RUNS.items()},
+                  {name: answer_loss_curve(run) for name, run in RUNS.items()}, command)
 
 
 if __name__ == "__main__":
