@@ -253,8 +253,8 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(5, ge=1)
     # torch.compile of each decoder layer's elementwise work and projections (model/layer.py).
     # auto: on for CUDA GPUs (Triton, compute capability 7.0 on); off on the CPU, where it
-    # saves about 10% of a step but costs ~20-40 s of compilation per process
-    # (benchmarks/results/step_throughput_zero2_offload.md): turn it on there for long runs.
+    # measured 1.05x the step rate for ~30 s of compilation on a cold cache, paying back after
+    # ~340 steps (benchmarks/results/step_throughput_zero2_offload.md): turn it on for long runs.
     compile: Literal["auto", "on", "off"] = "auto"
     # q/k/v and gate/up each in one matmul (model/layer.py); false runs transformers' modules as
     # they are. ZeRO-3 always runs the modules (its parameters are whole only inside their own call).
