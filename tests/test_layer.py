@@ -78,3 +78,24 @@ def test_compile_on_without_fused_projections_is_refused(demo_cfg, world, tmp_pa
 
     with pytest.raises(UserError, match="train.compile=on needs train.fused_projections=true"):
         _train_in_process(demo_cfg, world, tmp_path / "x", {"train.compile": "on", "train.fused_projections": False})
+
+
+def test_activation_checkpointing_recomputes_the_fused_layers_in_backward(demo_cfg, parts, monkeypatch):
+    from sabiscale.train.run import enable_activation_checkpointing
+
+    tok, batch, vocab = parts
+    lm = _model(demo_cfg, tok)
+    calls = []
+    original = layer_ops.decoder_layer
+    monkeypatch.setattr(layer_ops, "decoder_layer", lambda *a, **k: calls.append(1) or original(*a, **k))
+    needed = batch.loss_mask.clone()
+
+    def forward_backward():
+        calls.clear()
+        hidden_at(lm, batch.input_ids, batch.position_ids, needed, layer_ops.EAGER).sum().backward()
+        return len(calls)
+
+    layers_but_last = lm.config.num_hidden_layers - 1
+    assert forward_backward() == layers_but_last
+    enable_activation_checkpointing(lm)
+    assert forward_backward() == 2 * layers_but_last  # each run again in backward
