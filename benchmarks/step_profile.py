@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import step_throughput as bench  # the standard workload (a sibling: run this as a script)
 from sabiscale.train.hooks import TrainHook
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,13 +69,10 @@ class Profile(TrainHook):
 
 
 def profile_one(setting: str, first: int, steps: int) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from step_throughput import _config
-
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
     from sabiscale.train.loop import train
 
-    cfg = _config("zero2_offload", SETTINGS[setting])
+    cfg = bench._config("zero2_offload", SETTINGS[setting])
     cfg.train.max_steps = first + steps
     ensure_launcher_env()
     world = init_distributed()
@@ -129,13 +127,10 @@ def main() -> None:
     if args.setting:
         print(json.dumps(profile_one(args.setting, args.first, args.steps)))
         return
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from step_throughput import _config
-
     from sabiscale.prep.prepare import prepare
 
-    if not (_config().shards_dir / "manifest.json").is_file():
-        prepare(_config())  # the same prepared workload as step_throughput.py
+    if not (bench._config().shards_dir / "manifest.json").is_file():
+        prepare(bench._config())  # the same prepared workload as step_throughput.py
     results = {}
     for setting in SETTINGS:  # each in its own process: compiled code and allocator state do not carry over
         proc = subprocess.run([sys.executable, __file__, "--setting", setting, "--first", str(args.first),
