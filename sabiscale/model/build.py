@@ -15,7 +15,6 @@ import zlib
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sabiscale.model import attention
@@ -134,7 +133,7 @@ def hidden_at(lm: LlamaForCausalLM, input_ids: torch.Tensor, position_ids: torch
         else:
             x = layer_ops.decoder_layer(layer, x, rope, packed, kernels)
     y = layer_ops.last_layer(last, x, rope, packed, needed, kernels)
-    return kernels.rms_norm(y, body.norm.weight, body.norm.variance_epsilon)
+    return layer_ops.rms_norm(y, body.norm.weight, body.norm.variance_epsilon)
 
 
 def _module_last_layer(last, x: torch.Tensor, rope, packed: dict, needed: torch.Tensor) -> torch.Tensor:
@@ -145,7 +144,5 @@ def _module_last_layer(last, x: torch.Tensor, rope, packed: dict, needed: torch.
     heads = (*h.shape[:-1], -1, attn.head_dim)
     q, k, v = (proj(h).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = apply_rotary_pos_emb(q, k, *rope)
-    out, _ = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation](attn, q, k, v, None, dropout=0.0,
-                                                                       scaling=attn.scaling, **packed)
-    y = x[needed] + attn.o_proj(out.reshape(*h.shape[:-1], -1)[needed])
+    y = x[needed] + attn.o_proj(layer_ops.attention(last, q, k, v, packed)[needed])
     return y + last.mlp(last.post_attention_layernorm(y))

@@ -57,14 +57,12 @@ def out_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_w: torch.Tensor, norm_wei
 
 @dataclass(frozen=True)
 class Kernels:
-    qkv_rope: Callable       # every layer, on all B x T positions
-    out_mlp: Callable        # every layer but the last, on all B x T positions
-    last_out_mlp: Callable   # the last layer, on the N positions the head reads (N varies per batch)
-    rms_norm: Callable       # the final norm, on those N positions
+    qkv_rope: Callable   # every layer, on all B x T positions
+    out_mlp: Callable    # every layer but the last, on all B x T positions
     compiled: bool
 
 
-EAGER = Kernels(qkv_rope, out_mlp, out_mlp, rms_norm, compiled=False)
+EAGER = Kernels(qkv_rope, out_mlp, compiled=False)
 _compiled: list[Kernels] = []
 
 
@@ -72,10 +70,11 @@ def compiled_kernels() -> Kernels:
     """The full-batch kernels through torch.compile (inductor: C++ on the CPU, Triton on GPUs),
     built once per process; each compiles at its first call. Shapes are static there (micro-batch x
     sequence length): compiled for dynamic shapes the same code measured slower than eager on the
-    CPU, so the last layer's N-position part, whose N changes every batch, stays eager."""
+    CPU, so the last layer's N-position part, whose N changes every batch, and the final norm on
+    those positions always run eager."""
     if not _compiled:
         _compiled.append(Kernels(torch.compile(qkv_rope, dynamic=False), torch.compile(out_mlp, dynamic=False),
-                                 out_mlp, rms_norm, compiled=True))
+                                 compiled=True))
     return _compiled[0]
 
 
@@ -95,7 +94,7 @@ def attention_inputs(layer, x: torch.Tensor, rope, kernels: Kernels):
 def output_and_mlp(layer, x: torch.Tensor, attn_out: torch.Tensor, kernel: Callable) -> torch.Tensor:
     mlp, norm = layer.mlp, layer.post_attention_layernorm
     return kernel(x, attn_out, layer.self_attn.o_proj.weight, norm.weight, norm.variance_epsilon,
-                           mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+                  mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
 
 
 def attention(layer, q, k, v, packed: dict) -> torch.Tensor:
@@ -116,4 +115,4 @@ def last_layer(layer, x: torch.Tensor, rope, packed: dict, needed: torch.Tensor,
     """The last layer at the `needed` positions only, as (N, hidden): its keys and values come
     from every position, but o_proj and the MLP run where the head reads the output."""
     q, k, v = attention_inputs(layer, x, rope, kernels)
-    return output_and_mlp(layer, x[needed], attention(layer, q, k, v, packed)[needed], kernels.last_out_mlp)
+    return output_and_mlp(layer, x[needed], attention(layer, q, k, v, packed)[needed], out_mlp)

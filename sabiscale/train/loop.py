@@ -119,7 +119,7 @@ def train_loop(run: Run) -> TrainResult:
 def report_first_step(run: Run, seconds: float) -> None:
     """The first step's time, once: with train.compile it holds the compilation (later steps'
     tokens/s do not)."""
-    kernels = getattr(run.engine.module, "kernels", None)
+    kernels = run.engine.module.kernels
     if kernels is not None and kernels.compiled:
         log.info("first step: %.1f s, compilation of the decoder layers included", seconds)
     run.tracker.log_metrics({"train/first_step_seconds": seconds}, step=run.start_step + 1)

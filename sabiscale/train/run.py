@@ -72,7 +72,7 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     if source is not None and source.name.endswith(UNIVERSAL_SUFFIX):
         ds_config = load_universal(ds_config)
     with model_construction(ds_config) as gathered:
-        objective = build_objective(cfg, vocab, kind, gathered, zero3=gathered is not None)
+        objective = build_objective(cfg, vocab, kind, gathered)
         if cfg.train.init_from is not None and resumed is None:
             warm_start(objective.lm, cfg, manifest, gathered)
     engine = initialize(objective, ds_config, cfg.optim)
@@ -99,12 +99,12 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
                manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"))
 
 
-def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None, zero3: bool = False) -> TokenLossObjective:
+def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None) -> TokenLossObjective:
     tok = load_tokenizer(cfg.tokenizer_path)
     lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed, gathered)
     weights = [cfg.loss.task_weights.get(task, 1.0) for task in vocab.tasks] if cfg.loss.task_weights else None
-    objective = TokenLossObjective(lm, kind, cfg.loss.chunk_size, tok.pad_token_id, weights,
-                                   kernels=layer_kernels(cfg.train.compile, cfg.train.fused_projections, zero3))
+    kernels = layer_kernels(cfg.train.compile, cfg.train.fused_projections, zero3=gathered is not None)
+    objective = TokenLossObjective(lm, kind, cfg.loss.chunk_size, tok.pad_token_id, weights, kernels=kernels)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(lm)
     return objective
