@@ -63,7 +63,7 @@ def device_row(world) -> str:
 
     device = world.device
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    precision = resolve_precision("auto")
+    precision = resolve_precision("auto", HIDDEN)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     try:
         import flash_attn  # noqa: F401
@@ -76,12 +76,15 @@ def device_row(world) -> str:
             f"batches: {flash_applies(device.type, dtype, capability)}")
 
 
+HIDDEN = 64  # the smoke's tiny model
+
+
 def prepared_demo(out: Path):
     from sabiscale.config import load_config, resolve_paths
     from sabiscale.prep.prepare import prepare
 
     overrides = [f"output_dir={out}", "data.demo_examples_per_task=150", "data.seq_len=128", "data.sequences_per_shard=32",
-                 "tokenizer.vocab_size=600", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
+                 "tokenizer.vocab_size=600", f"model.hidden_size={HIDDEN}", "model.num_layers=2", "model.num_heads=2",
                  "model.intermediate_size=128", "train.micro_batch_size=4", "train.max_steps=6",
                  "optim.warmup_steps=1", "train.eval_batches=1", "tracking.enabled=false"]
     cfg = resolve_paths(load_config(ROOT / "launch/recipes/demo.yaml", overrides), {})
@@ -176,7 +179,7 @@ def main() -> int:
     gpu_only = None if on_gpu or args.cpu else "no CUDA GPU here (a dry run; --cpu runs it on the CPU)"
     table = Table()
     table.run("device and decisions", lambda: device_row(world))
-    precision = resolve_precision("auto")
+    precision = resolve_precision("auto", HIDDEN)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     table.run(f"packed attention vs masked reference ({precision})", attention_row(world.device, dtype))
     checkpoint = None

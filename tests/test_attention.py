@@ -38,6 +38,21 @@ def test_outputs_and_gradients_equal_the_masked_dense_attention(kv_heads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+
+def test_bf16_inputs_on_the_cpu_are_attended_in_fp32_and_come_back_in_bf16():
+    """On the CPU sdpa runs in fp32 for bf16 activations (its bf16 kernels are slower): the output
+    and the gradients keep the caller's dtype and equal the fp32 computation rounded once."""
+    torch.manual_seed(0)
+    pos = _packed_positions([[1, 5, 17, 3, 38], [64]])
+    q32, k32, v32 = (torch.randn(2, 4, 64, 16) for _ in range(3))
+    q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in (q32, k32, v32))
+    ours = document_attention(q, k, v, pos, 16 ** -0.5)
+    assert ours.dtype == torch.bfloat16
+    exact = document_attention(q.detach().float(), k.detach().float(), v.detach().float(), pos, 16 ** -0.5)
+    torch.testing.assert_close(ours, exact.to(torch.bfloat16), rtol=0, atol=0)
+    grads = torch.autograd.grad(ours.float().sum(), (q, k, v))
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
 def test_buckets_hold_every_document_once_longest_first():
     lengths = [5, 300, 17, 1, 64, 64, 2, 120, 9, 9, 9, 9]
     groups = length_buckets(lengths)

@@ -5,8 +5,10 @@ import pytest
 
 from conftest import fresh_run_dir
 from faults import Fault
-from sabiscale.train.hooks import StepRecorder
+from sabiscale.train.hooks import StepRecorder, TrainHook
 from sabiscale.config import load_config
+from sabiscale.errors import UserError
+from sabiscale.train.device import cpu_has_native_bf16
 from sabiscale.train.engine import EngineConfigError, fill_ds_config, resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +42,58 @@ def test_matching_concrete_values_are_accepted():
 
 
 def test_precision_follows_the_device():
-    # this machine has no GPU: auto must choose fp32 (bf16 is emulated and very slow on CPU)
-    assert resolve_precision("auto") == "fp32"
-    assert resolve_precision("bf16") == "bf16"
+    # no GPU here: auto is fp32 for a narrow model, and bf16 for a wide one only on a CPU with
+    # native bf16 (this machine's own cpuinfo, as torch reads it)
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_has_native_bf16() is native
+    assert resolve_precision("auto", 64) == "fp32"
+    assert resolve_precision("auto", 256) == ("bf16" if native else "fp32")
+    assert resolve_precision("bf16", 64) == "bf16"
+    assert resolve_precision("fp32", 1024) == "fp32"
+
+
+def test_bf16_on_the_cpu_trains_close_to_fp32_resumes_exactly_and_exports_fp32(demo_cfg, world, tmp_path):
+    """What a wide model gets by default on a CPU with native bf16, run for real on this CPU
+    (emulated where it has none): DeepSpeed's bf16 engine with fp32 master weights in CPU Adam."""
+    import torch
+    from sabiscale.train.engine import consolidated_state_dict
+    from sabiscale.train.loop import train
+
+    fp32 = _train_in_process(demo_cfg, world, tmp_path / "fp32", {"engine.precision": "fp32"})
+    whole = _train_in_process(demo_cfg, world, tmp_path / "bf16", {"engine.precision": "bf16", "train.max_steps": 6})
+    assert all(x == x for x in whole.train_losses) and whole.train_losses[-1] < whole.train_losses[0]
+    assert whole.train_losses[:4] == pytest.approx(fp32.train_losses, rel=0.02)  # bf16 rounding, same curve
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "bf16_resumed")
+    cfg.tracking.enabled, cfg.engine.precision = False, "bf16"
+    cfg.train.max_steps, cfg.train.eval_batches, cfg.optim.warmup_steps = 6, 1, 1
+    cfg.train.checkpoint_every = 4
+
+    class Interrupted(Exception):
+        pass
+
+    class InterruptAfterStep4(TrainHook):  # in this process, as a kill between steps would
+        def after_step(self, record):
+            if record.step == 4:
+                raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(cfg, world, [InterruptAfterStep4()])
+    cfg.engine.precision = "fp32"
+    with pytest.raises(UserError, match=r"step 4 was trained in bf16, and engine.precision=fp32 cannot resume it"):
+        train(cfg, world)
+    # auto on a narrow model chooses fp32 here: a run moved to such a machine keeps its precision
+    cfg.engine.precision = "auto"
+    resumed = train(cfg, world)
+    assert resumed.train_losses == whole.train_losses[4:]  # steps 5-6 after the resume, bit for bit
+
+    module = torch.load(next(whole.checkpoint.glob("*model_states.pt")), map_location="cpu", weights_only=False)
+    assert {t.dtype for t in module["module"].values()} == {torch.bfloat16}  # the engine's weights
+    exported = consolidated_state_dict(whole.checkpoint.parent, whole.checkpoint.name)
+    assert {t.dtype for t in exported.values()} == {torch.float32}  # export: the fp32 master weights
 
 
 def _train_in_process(demo_cfg, world, out, overrides: dict, hooks=()):

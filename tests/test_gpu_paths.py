@@ -37,7 +37,7 @@ def test_no_profile_needs_a_cuda_compiler(path, device):
 
 
 @pytest.mark.parametrize("requested,device,capability,bf16,expected", [
-    ("auto", "cpu", None, False, "fp32"),
+    ("auto", "cpu", None, False, "fp32"),     # a CPU without native bf16 (AVX2, AVX-512 before BF16)
     ("auto", "cuda", (7, 0), True, "fp16"),   # V100: bf16 only emulated
     ("auto", "cuda", (7, 5), True, "fp16"),   # T4, Quadro RTX 6000 24 GB
     ("auto", "cuda", (8, 0), True, "bf16"),   # A100
@@ -50,8 +50,21 @@ def test_no_profile_needs_a_cuda_compiler(path, device):
     ("fp32", "cuda", (8, 0), True, "fp32"),
 ])
 def test_precision_by_compute_capability(requested, device, capability, bf16, expected):
-    assert choose_precision(requested, device, capability, bf16) == expected
+    assert choose_precision(requested, device, capability, bf16, hidden_size=256) == expected
     assert BF16_CAPABILITY == (8, 0)
+
+
+@pytest.mark.parametrize("native_bf16,hidden,expected", [
+    (True, 256, "bf16"),    # AVX512-BF16 / AMX, a model where matmuls dominate the step
+    (True, 1024, "bf16"),
+    (True, 128, "fp32"),    # too narrow: elementwise work dominates, measured no faster in bf16
+    (True, 64, "fp32"),
+    (False, 1024, "fp32"),  # emulated bf16
+])
+def test_cpu_precision_by_native_bf16_and_model_width(native_bf16, hidden, expected):
+    assert choose_precision("auto", "cpu", None, native_bf16, hidden) == expected
+    assert choose_precision("fp32", "cpu", None, native_bf16, hidden) == "fp32"
+    assert choose_precision("bf16", "cpu", None, False, 64) == "bf16"  # an explicit choice is kept
 
 
 SMI_LIST = "GPU 0: NVIDIA A10G (UUID: GPU-1)\nGPU 1: NVIDIA A10G (UUID: GPU-2)\n"

@@ -16,17 +16,33 @@ from sabiscale.errors import UserError
 BF16_CAPABILITY = (8, 0)
 
 
+# On the CPU bf16 pays only with native bf16 dot products (AVX512-BF16 or AMX; elsewhere it is
+# emulated, ~20x slower than fp32) and only where matmuls dominate the step. Measured on a 2-core
+# AVX512-BF16 CPU (benchmarks/results/cpu_bf16.md): bf16 matmuls 2.5x fp32, a whole training
+# step of the 256-wide standard workload 1.4x, of a 128-wide one 1.1x, of a 64-wide one 0.87x.
+CPU_BF16_MIN_HIDDEN = 256
+
+
 def choose_precision(requested: str, device_type: str, capability: tuple[int, int] | None,
-                     bf16_supported: bool = False) -> str:
-    """fp32 on the CPU (bf16 is emulated there); on CUDA bf16 from sm80 on, fp16 below; other
-    accelerators: bf16 where they say they have it, else fp16."""
+                     bf16_supported: bool = False, hidden_size: int = 0) -> str:
+    """On the CPU bf16 where it has native bf16 (bf16_supported) and the model is wide enough for
+    it to pay, fp32 otherwise; on CUDA bf16 from sm80 on, fp16 below; other accelerators: bf16
+    where they say they have it, else fp16."""
     if requested != "auto":
         return requested
     if device_type == "cpu":
-        return "fp32"
+        return "bf16" if bf16_supported and hidden_size >= CPU_BF16_MIN_HIDDEN else "fp32"
     if device_type == "cuda" and capability is not None:
         return "bf16" if tuple(capability) >= BF16_CAPABILITY else "fp16"
     return "bf16" if bf16_supported else "fp16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX tiles, as torch's own CPU dispatch reads them (cpuinfo)."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
 
 
 # Triton, inductor's GPU backend, generates code for compute capability 7.0 on.

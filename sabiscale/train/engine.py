@@ -22,7 +22,8 @@ from deepspeed.accelerator import get_accelerator
 
 from sabiscale.errors import UserError
 from sabiscale.config import OptimConfig, RunConfig
-from sabiscale.train.device import choose_compile, choose_precision, fused_adam_prebuilt, resolve_adam
+from sabiscale.train.device import (choose_compile, choose_precision, cpu_has_native_bf16, fused_adam_prebuilt,
+                                    resolve_adam)
 
 
 class EngineConfigError(UserError):
@@ -96,14 +97,20 @@ def init_distributed() -> World:
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-def resolve_precision(requested: str) -> str:
-    """auto: fp32 on CPU (bf16 is emulated and ~20x slower there), bf16 on GPUs with native bf16
-    (compute capability 8.0 on), fp16 with loss scaling otherwise (train/device.py decides)."""
+def resolve_precision(requested: str, hidden_size: int) -> str:
+    """auto: decided by the device and the model's width (train/device.py): bf16 on GPUs with
+    native bf16 (compute capability 8.0 on), fp16 with loss scaling on older ones; on the CPU bf16
+    where it has native bf16 and the model is wide enough to gain from it, fp32 otherwise."""
     accel = get_accelerator()
     device_type = accel.device_name()
     capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
-    bf16 = requested == "auto" and device_type not in ("cpu", "cuda") and accel.is_bf16_supported()
-    return choose_precision(requested, device_type, capability, bf16)
+    if requested != "auto" or device_type == "cuda":
+        bf16 = False
+    elif device_type == "cpu":
+        bf16 = cpu_has_native_bf16()
+    else:
+        bf16 = accel.is_bf16_supported()
+    return choose_precision(requested, device_type, capability, bf16, hidden_size)
 
 
 def resolve_compile(requested: str) -> bool:

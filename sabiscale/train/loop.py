@@ -202,7 +202,7 @@ def run_eval(run: Run, step: int, result: TrainResult) -> None:
 def checkpoint(run: Run, step: int) -> Path:
     cfg, world = run.cfg, run.world
     client_state = {"tokens_seen": run.tokens_seen, "loader": run.loader.state_dict(), "rng": rng_state(),
-                    "world_size": world.world_size, "config": config_to_dict(cfg),
+                    "world_size": world.world_size, "precision": run.precision, "config": config_to_dict(cfg),
                     "tokenizer_sha256": run.manifest["tokenizer_sha256"], "manifest_sha256": run.manifest_sha256,
                     "mlflow_run_id": run.tracker.run_id}
     path = save_checkpoint(run.engine, cfg.checkpoint_dir, step, client_state, cfg.tokenizer_path.parent,

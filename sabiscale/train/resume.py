@@ -75,6 +75,22 @@ def check_matches_run(newest: Path, meta: dict, saved_cfg: RunConfig, cfg: RunCo
             "anywhere), or start a new run")
 
 
+
+def precision_to_resume(requested: str, chosen: str, resumed: dict | None) -> str:
+    """The precision of a resumed run: the checkpoint's. DeepSpeed stores optimizer states per
+    precision (bf16 ones under other file names), so a run that moved to a machine where auto
+    chooses differently (a CPU with native bf16, another GPU) keeps what it was trained in."""
+    saved = (resumed or {}).get("precision")  # absent in checkpoints of sabiscale before 2026-12
+    if saved is None or saved == chosen:
+        return chosen
+    if requested == "auto":
+        log.info("continuing in %s, the precision the checkpoint was trained in (this device alone would "
+                 "choose %s)", saved, chosen)
+        return saved
+    raise UserError(f"the checkpoint of step {resumed['step']} was trained in {saved}, and engine.precision="
+                    f"{requested} cannot resume it (DeepSpeed keeps optimizer states per precision); resume with "
+                    f"engine.precision={saved} or auto, or start a new output_dir")
+
 def universal_checkpoint(tag_dir: Path, world: World) -> Path:
     """A checkpoint of another world size, converted once to DeepSpeed's universal format into
     `<tag>_universal/` beside it (by rank 0, atomically through `.partial`; a later resume of the

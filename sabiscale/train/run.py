@@ -26,7 +26,8 @@ from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_con
 from sabiscale.train.inputs import check_inputs
 from sabiscale.train.hooks import Hooks, SampleTrace, TrainHook
 from sabiscale.train.preemption import StopRequest
-from sabiscale.train.resume import find_resume_point, load_engine_state, universal_checkpoint, warm_start
+from sabiscale.train.resume import (find_resume_point, load_engine_state, precision_to_resume, universal_checkpoint,
+                                    warm_start)
 
 log = logging.getLogger("sabiscale.train")
 
@@ -65,9 +66,10 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     manifest = check_inputs(cfg)
     vocab = Vocab.from_manifest(manifest)
     kind = make_loss_kind(cfg.loss)
-    precision = resolve_precision(cfg.engine.precision)
-    ds_config = load_ds_config(cfg, world.world_size, precision)
     resumed = find_resume_point(cfg, world, manifest)
+    precision = precision_to_resume(cfg.engine.precision, resolve_precision(cfg.engine.precision, cfg.model.hidden_size),
+                                    resumed)
+    ds_config = load_ds_config(cfg, world.world_size, precision)
     source = resume_source(cfg, resumed, world)
     if source is not None and source.name.endswith(UNIVERSAL_SUFFIX):
         ds_config = load_universal(ds_config)
