@@ -144,7 +144,7 @@ def main() -> None:
 
     use_environment_toolchain()
     if args.role:
-        print(json.dumps(bench.run_ours(args.steps, args.warmup, "zero2_offload", role_overrides(args.role))))
+        print(json.dumps(bench.run_ours(args.steps, args.warmup, "zero2_offload", "fp32", role_overrides(args.role))))
     else:
         orchestrate(args)
 

@@ -31,6 +31,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 SETTINGS = {
     "before: transformers' modules, eager": ["train.fused_projections=false", "train.compile=off"],
     "after: fused projections, compiled": ["train.fused_projections=true", "train.compile=on"],
+    # what engine.precision=auto picks for this model on a CPU with native bf16 (AVX512-BF16, AMX)
+    "bf16 (auto where the CPU has native bf16), fused, eager": ["engine.precision=bf16", "train.compile=off"],
 }
 PHASES = ["sabiscale/data", "sabiscale/forward", "sabiscale/backward", "sabiscale/optimizer_step"]
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_mm", "mkldnn")
@@ -97,7 +99,7 @@ def write(results: dict, command: str) -> None:
                                                            "settings": results}, indent=2) + "\n")
     names = list(results)
     lines = ["# Where a training step's time goes\n", f"Command: `{command}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}, 2-core CPU, fp32, the standard workload of "
+             f"Date: {time.strftime('%Y-%m-%d')}, 2-core CPU, fp32 unless the setting says bf16, the standard workload of "
              "benchmarks/step_throughput.py (11.6M Llama, micro-batch 8 x 512, ZeRO-2 with CPU Adam). "
              "Seconds per step, mean over the profiled steps (the profiler itself adds a little).\n",
              "| seconds per step | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]

@@ -1,7 +1,10 @@
 """Standard workload: sabiscale's training step against the peer, measured alternately in one run.
 
 Workload: the ../shared/data mix in SabiYarn task format, a 16k byte-level BPE, a Llama model
-(hidden 256, 4 layers, 4 heads, MLP 688, untied head), micro-batch 8, fp32 on the CPU, AdamW.
+(hidden 256, 4 layers, 4 heads, MLP 688, untied head), micro-batch 8, AdamW, in the precision
+sabiscale's engine.precision=auto picks for this machine's CPU (bf16 where it has native bf16,
+fp32 otherwise; --precision overrides it) for every role: the Trainer peers then run bf16
+autocast (`bf16=True`), as a careful user there would.
 - ours: `sabiscale.train.train` as users run it (packed 512-token sequences, head only on
   supervised tokens, DeepSpeed ZeRO-2 with the optimizer offloaded).
 - peer: HF `Trainer` on the same model, examples and tokenizer, one example per row with
@@ -16,7 +19,7 @@ Both Trainer peers use the Trainer's fused AdamW (`adamw_torch_fused`).
 
 Each role runs in its own process (peak RSS is per process), alternating peer, peer_flat, ours, ...
 Per optimizer step it reports supervised tokens/s, all tokens/s, padding share, MFU against the
-fastest fp32 matmul measured before and after the rounds, and step-transient memory per token (peak RSS
+fastest matmul in that precision measured before and after the rounds, and step-transient memory per token (peak RSS
 during the timed steps minus RSS just before the first timed step, divided by non-padding tokens
 per step); the results file holds medians over rounds, the ratios ours / peer of those medians,
 the median of the rounds' own ratios (each pairs runs minutes apart, which cancels drift), and
@@ -26,6 +29,9 @@ range over the rounds.
     make bench                                                       # 5 rounds, ~7 minutes here
     .venv/bin/python benchmarks/step_throughput.py --profile zero2   # without optimizer offload
     .venv/bin/python benchmarks/step_throughput.py --rounds 1 --steps 4   # smoke run
+    .venv/bin/python benchmarks/step_throughput.py --precision fp32     # fp32 also where bf16 is native
+
+Results: benchmarks/results/step_throughput_<profile>.md (fp32) or ..._<profile>_bf16.md.
 """
 from __future__ import annotations
 
@@ -79,10 +85,18 @@ class RssSampler:
         return max(during) - (before[-1] if before else during[0])
 
 
-def _config(profile: str = "zero2_offload", extra: list[str] = ()):
+def workload_precision(requested: str) -> str:
+    """What engine.precision=`requested` resolves to for the standard workload on this machine."""
+    from sabiscale.train.engine import resolve_precision
+
+    return resolve_precision(requested, 256)
+
+
+def _config(profile: str = "zero2_offload", extra: list[str] = (), precision: str = "fp32"):
     from sabiscale.config import load_config, resolve_paths
 
-    fixed = [f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}", f"engine.ds_config=ds_configs/{profile}.json"]
+    fixed = [f"data.jsonl_root={ROOT.parent / 'shared' / 'data'}", f"engine.ds_config=ds_configs/{profile}.json",
+             f"engine.precision={precision}"]
     return resolve_paths(load_config(RECIPE, WORKLOAD + fixed + list(extra)), os.environ)
 
 
@@ -102,13 +116,13 @@ def _summarize(times, counts, flops, sampler, warmup, kept_bytes: int = 0):
             "transient_bytes_per_token": transient / (real / len(times))}
 
 
-def run_ours(steps: int, warmup: int, profile: str, extra: list[str] = ()) -> dict:
+def run_ours(steps: int, warmup: int, profile: str, precision: str, extra: list[str] = ()) -> dict:
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
     from sabiscale.prep.tokenizer import load_tokenizer
     from sabiscale.train.hooks import StepRecorder
     from sabiscale.train.loop import train
 
-    cfg = _config(profile, list(extra))
+    cfg = _config(profile, list(extra), precision)
     cfg.train.max_steps = steps + warmup
     shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # the benchmark's own run directory: always start fresh
     ensure_launcher_env()
@@ -120,7 +134,7 @@ def run_ours(steps: int, warmup: int, profile: str, extra: list[str] = ()) -> di
     counts = [(*r.local_tokens, r.local_targets) for r in steps.records]
     # the fp32 CPU head keeps one (rows, V) logits block across steps (loss/head.py::SupervisedHead)
     rows = min(cfg.loss.chunk_size, max(c[2] for c in counts))
-    kept = rows * len(load_tokenizer(cfg.tokenizer_path)) * 4
+    kept = rows * len(load_tokenizer(cfg.tokenizer_path)) * 4 if precision == "fp32" else 0
     result = _summarize(times, counts, [r.local_flops for r in steps.records], sampler, warmup, kept)
     # the first step holds torch.compile's compilation when it is on (warm-up, never timed)
     return {**result, "first_step_seconds": times[0][1] - times[0][0]}
@@ -157,15 +171,15 @@ def check_flat_exact(model, rows: list[dict], tok) -> float:
     return float(abs(a - b) / abs(a))
 
 
-def run_ours_compiled(steps: int, warmup: int, profile: str) -> dict:
-    return run_ours(steps, warmup, profile, ["train.compile=on"])
+def run_ours_compiled(steps: int, warmup: int, profile: str, precision: str) -> dict:
+    return run_ours(steps, warmup, profile, precision, ["train.compile=on"])
 
 
-def run_peer_flat(steps: int, warmup: int, profile: str) -> dict:
-    return run_peer(steps, warmup, profile, flat=True)
+def run_peer_flat(steps: int, warmup: int, profile: str, precision: str) -> dict:
+    return run_peer(steps, warmup, profile, precision, flat=True)
 
 
-def run_peer(steps: int, warmup: int, profile: str, flat: bool = False) -> dict:
+def run_peer(steps: int, warmup: int, profile: str, precision: str, flat: bool = False) -> dict:
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
     from sabiscale.model.build import build_model
@@ -214,6 +228,7 @@ def run_peer(steps: int, warmup: int, profile: str, flat: bool = False) -> dict:
                              max_steps=steps + warmup, learning_rate=o.lr, weight_decay=o.weight_decay,
                              adam_beta1=o.beta1, adam_beta2=o.beta2, adam_epsilon=o.eps, warmup_steps=1,
                              max_grad_norm=o.grad_clip, optim="adamw_torch_fused", use_cpu=True, report_to=[],
+                             bf16=precision == "bf16",
                              save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=cfg.seed)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=counting_collator,
                       callbacks=[Timer()])
@@ -232,14 +247,17 @@ def orchestrate(args) -> None:
         prepare(cfg)
     from sabiscale.track.metrics import measure_matmul_peak
 
-    peak = measure_matmul_peak(torch.device("cpu"))
-    print(f"measured fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    precision = workload_precision(args.precision)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    peak = measure_matmul_peak(torch.device("cpu"), dtype)
+    print(f"precision {precision}; measured matmul peak: {peak / 1e9:.0f} GFLOP/s", flush=True)
     roles = ("peer", "peer_flat", "ours") + (("ours_compiled",) if args.compiled else ())
     rounds: dict[str, list[dict]] = {role: [] for role in roles}
     for r in range(args.rounds):
         for role in roles:
             proc = subprocess.run([sys.executable, __file__, "--role", role, "--steps", str(args.steps),
-                                   "--warmup", str(args.warmup), "--profile", args.profile], capture_output=True, text=True, cwd=ROOT,
+                                   "--warmup", str(args.warmup), "--profile", args.profile, "--precision", precision],
+                                  capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if proc.returncode != 0:
                 sys.exit(f"{role} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -248,15 +266,15 @@ def orchestrate(args) -> None:
             print(f"round {r + 1} {role}: {result['supervised_tokens_per_s']:.0f} supervised tokens/s, "
                   f"{result['needed_flops_per_s'] / 1e9:.0f} GFLOP/s needed", flush=True)
     # the peak again at the end: the faster of the two is the machine's, not a slow moment's
-    peak = max(peak, measure_matmul_peak(torch.device("cpu")))
+    peak = max(peak, measure_matmul_peak(torch.device("cpu"), dtype))
     for result in (r for results in rounds.values() for r in results):
         result["mfu"] = result["needed_flops_per_s"] / peak
         result["executed_mfu"] = result["executed_flops_per_s"] / peak
-    cold = cold_compile_seconds() if args.compiled else None
-    write_results(rounds, peak, args, cold)
+    cold = cold_compile_seconds(precision) if args.compiled else None
+    write_results(rounds, peak, args, precision, cold)
 
 
-def cold_compile_seconds() -> float:
+def cold_compile_seconds(precision: str) -> float:
     """What train.compile costs a first run on a machine: process wall time of a 3-step run with
     compile on minus one with it off, each with an empty inductor cache (the rounds' compiled runs
     reuse the cache that the first one fills, as a user's later runs do)."""
@@ -266,7 +284,8 @@ def cold_compile_seconds() -> float:
     for role in ("ours", "ours_compiled"):
         with tempfile.TemporaryDirectory() as cache:
             start = time.monotonic()
-            proc = subprocess.run([sys.executable, __file__, "--role", role, "--steps", "2", "--warmup", "1"],
+            proc = subprocess.run([sys.executable, __file__, "--role", role, "--steps", "2", "--warmup", "1",
+                                   "--precision", precision],
                                   capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": cache})
             walls[role] = time.monotonic() - start
@@ -277,13 +296,19 @@ def cold_compile_seconds() -> float:
 
 def add_cold_compile(args) -> None:
     """--cold-compile-only: measure the cold compilation cost and re-render the existing results."""
-    stem = RESULTS / f"step_throughput_{args.profile}.json"
-    saved = json.loads(stem.read_text())
+    precision = workload_precision(args.precision)
+    saved = json.loads((RESULTS / f"{results_stem(args.profile, precision)}.json").read_text())
     saved_args = argparse.Namespace(**{**vars(args), **saved["args"]}) if "args" in saved else args
-    write_results(saved["rounds"], saved["peak_flops_per_s"], saved_args, cold_compile_seconds(), saved["date"])
+    write_results(saved["rounds"], saved["peak_flops_per_s"], saved_args, precision, cold_compile_seconds(precision),
+                  saved["date"])
 
 
-def write_results(rounds: dict, peak: float, args, cold_compile: float | None = None, date: str | None = None) -> None:
+def results_stem(profile: str, precision: str) -> str:
+    return f"step_throughput_{profile}" + ("" if precision == "fp32" else f"_{precision}")
+
+
+def write_results(rounds: dict, peak: float, args, precision: str, cold_compile: float | None = None,
+                  date: str | None = None) -> None:
     keys = ["supervised_tokens_per_s", "tokens_per_s", "padding_share", "mfu", "executed_mfu",
             "transient_bytes_per_token", "seconds_per_step"]
     roles = list(rounds)
@@ -297,13 +322,14 @@ def write_results(rounds: dict, peak: float, args, cold_compile: float | None = 
               for peer in ("peer", "peer_flat")}
     paired_median = {peer: {k: statistics.median(v) for k, v in ratios.items()} for peer, ratios in paired.items()}
     command = (f".venv/bin/python benchmarks/step_throughput.py --rounds {args.rounds} --steps {args.steps} "
-               f"--warmup {args.warmup} --profile {args.profile}" + ("" if args.compiled else " --no-compiled"))
+               f"--warmup {args.warmup} --profile {args.profile} --precision {precision}"
+               + ("" if args.compiled else " --no-compiled"))
     date = date or time.strftime("%Y-%m-%d")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"step_throughput_{args.profile}"
+    stem = results_stem(args.profile, precision)
     headline = {"median": statistics.median(vs_best), "min": min(vs_best), "max": max(vs_best), "per_round": vs_best}
     (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"command": command, "date": date, "peak_flops_per_s": peak, "rounds": rounds,
+        {"command": command, "date": date, "precision": precision, "peak_flops_per_s": peak, "rounds": rounds,
          "args": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "profile", "compiled")},
          "cold_compile_seconds": cold_compile,
          "median": median, "ratio_per_round": paired, "median_of_round_ratios": paired_median,
@@ -312,8 +338,9 @@ def write_results(rounds: dict, peak: float, args, cold_compile: float | None = 
            "mfu": "{:.1%}", "executed_mfu": "{:.1%}", "transient_bytes_per_token": "{:.0f}", "seconds_per_step": "{:.2f}"}
     flat_diff = max(r["flat_loss_rel_diff"] for r in rounds["peer_flat"])
     lines = [f"# Step throughput: sabiscale vs HF Trainer peers (padded and padding-free)\n",
-             f"Command: `{command}`  ", f"Date: {date}, 2-core CPU, fp32; "
-             f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (fastest product, before and after the rounds); medians of {args.rounds} alternating rounds, "
+             f"Command: `{command}`  ", f"Date: {date}, 2-core CPU, {precision} for every role"
+             f"{' (the Trainer peers: bf16 autocast)' if precision == 'bf16' else ''}; "
+             f"measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s (fastest product, before and after the rounds); medians of {args.rounds} alternating rounds, "
              f"{args.steps} timed steps each after {args.warmup} warm-up steps; sabiscale on DeepSpeed "
              f"profile ds_configs/{args.profile}.json; both Trainer peers with fused AdamW; the padding-free peer with "
              f"{rounds['peer_flat'][0]['examples_per_step']} examples per step (its loss equals the padded batch's to "
@@ -336,7 +363,7 @@ def write_results(rounds: dict, peak: float, args, cold_compile: float | None = 
                   for p, f, o, r in zip(rounds["peer"], rounds["peer_flat"], rounds["ours"], vs_best)) + ".",
               "transient_bytes_per_token: peak RSS during the timed steps minus RSS before the first, per "
               "non-padding token of a step; for sabiscale plus the logits block its fp32 CPU head keeps "
-              "between steps."]
+              "between steps (in fp32 runs)."]
     if "ours_compiled" in rounds:
         lines += ["", compile_summary(rounds, best, cold_compile)]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -372,6 +399,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", default="zero2_offload", help="DeepSpeed profile of ds_configs/ for sabiscale")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="of every role; auto: what sabiscale picks for the workload on this machine")
     parser.add_argument("--cold-compile-only", action="store_true",
                         help="only measure train.compile's cold compilation and add it to the existing results")
     args = parser.parse_args()
@@ -380,7 +409,7 @@ def main() -> None:
     use_environment_toolchain()
     if args.role:
         run = {"ours": run_ours, "ours_compiled": run_ours_compiled, "peer": run_peer, "peer_flat": run_peer_flat}[args.role]
-        result = run(args.steps, args.warmup, args.profile)
+        result = run(args.steps, args.warmup, args.profile, workload_precision(args.precision))
         print(json.dumps(result))
     elif args.cold_compile_only:
         add_cold_compile(args)

@@ -275,7 +275,7 @@ class EngineConfig(_Section):
     ds_config: Path = Path("ds_configs/zero2_offload.json")
     # auto: bf16 on GPUs with native bf16 (compute capability 8.0 on), fp16 with loss scaling on
     # older GPUs; on the CPU bf16 where it has native bf16 (AVX512-BF16, AMX) and the model is at
-    # least 256 wide (where it was measured faster), fp32 otherwise.
+    # least 128 wide (where it was measured faster), fp32 otherwise.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # auto: the GPUs where torch can use them; where nvidia-smi sees GPUs that this torch cannot
     # use, training refuses to fall back to the CPU and says what to install. cpu: train on the

@@ -57,8 +57,8 @@ def test_precision_by_compute_capability(requested, device, capability, bf16, ex
 @pytest.mark.parametrize("native_bf16,hidden,expected", [
     (True, 256, "bf16"),    # AVX512-BF16 / AMX, a model where matmuls dominate the step
     (True, 1024, "bf16"),
-    (True, 128, "fp32"),    # too narrow: elementwise work dominates, measured no faster in bf16
-    (True, 64, "fp32"),
+    (True, 128, "bf16"),
+    (True, 64, "fp32"),     # too narrow: element-wise work dominates, measured slower in bf16
     (False, 1024, "fp32"),  # emulated bf16
 ])
 def test_cpu_precision_by_native_bf16_and_model_width(native_bf16, hidden, expected):

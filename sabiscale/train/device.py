@@ -17,10 +17,10 @@ BF16_CAPABILITY = (8, 0)
 
 
 # On the CPU bf16 pays only with native bf16 dot products (AVX512-BF16 or AMX; elsewhere it is
-# emulated, ~20x slower than fp32) and only where matmuls dominate the step. Measured on a 2-core
-# AVX512-BF16 CPU (benchmarks/results/cpu_bf16.md): bf16 matmuls 2.5x fp32, a whole training
-# step of the 256-wide standard workload 1.4x, of a 128-wide one 1.1x, of a 64-wide one 0.87x.
-CPU_BF16_MIN_HIDDEN = 256
+# emulated, far slower than fp32) and only where matmuls are a large enough share of the step.
+# Measured on a 2-core AVX512-BF16 CPU (benchmarks/results/cpu_bf16.md): a training step 1.65x
+# faster in bf16 at width 256 and 512, 1.31x at 128, 0.90x at 64 (element-wise work dominates).
+CPU_BF16_MIN_HIDDEN = 128
 
 
 def choose_precision(requested: str, device_type: str, capability: tuple[int, int] | None,

@@ -1,0 +1,119 @@
+"""Where bf16 pays on this CPU: sabiscale's training step in fp32 and in bf16 for models of several
+widths (the standard workload of benchmarks/step_throughput.py otherwise: ../shared/data, 16k
+BPE, 4 layers, micro-batch 8 x 512, ZeRO-2 with CPU Adam), alternating in each round, each in its
+own process; and the fastest fp32 and bf16 matmul. It is the measurement behind
+engine.precision=auto's CPU rule (sabiscale/train/device.py: bf16 on CPUs with native bf16 for
+models at least CPU_BF16_MIN_HIDDEN wide).
+
+    .venv/bin/python benchmarks/cpu_bf16.py            # ~8 minutes here, on a quiet machine
+
+Writes benchmarks/results/cpu_bf16.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import step_throughput as bench  # the standard workload (a sibling: run this as a script)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+# width -> (heads, MLP width): 64-wide heads, MLP ~2.7x the width as in the standard workload
+WIDTHS = {64: (1, 176), 128: (2, 344), 256: (4, 688), 512: (8, 1376)}
+
+
+def model_overrides(width: int) -> list[str]:
+    heads, mlp = WIDTHS[width]
+    return [f"model.hidden_size={width}", f"model.num_heads={heads}", f"model.intermediate_size={mlp}"]
+
+
+def measure(width: int, precision: str, steps: int, warmup: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--role", f"{width}:{precision}", "--steps", str(steps),
+                           "--warmup", str(warmup)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        sys.exit(f"{width}:{precision} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write(rounds: dict, peaks: dict, native: bool, command: str) -> None:
+    from sabiscale.train.device import CPU_BF16_MIN_HIDDEN, choose_precision
+
+    rows = []
+    for width in WIDTHS:
+        fp32, bf16 = rounds[f"{width}:fp32"], rounds[f"{width}:bf16"]
+        gain = [f["seconds_per_step"] / b["seconds_per_step"] for f, b in zip(fp32, bf16)]
+        rows.append({"width": width, "fp32_seconds_per_step": statistics.median(r["seconds_per_step"] for r in fp32),
+                     "bf16_seconds_per_step": statistics.median(r["seconds_per_step"] for r in bf16),
+                     "bf16_speedup_median": statistics.median(gain), "bf16_speedup_range": [min(gain), max(gain)],
+                     "auto_picks": choose_precision("auto", "cpu", None, native, width)})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cpu_bf16.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
+                                                      "native_bf16": native, "matmul_peak_flops_per_s": peaks,
+                                                      "widths": rows, "rounds": rounds}, indent=2) + "\n")
+    lines = ["# Where bf16 pays on the CPU: sabiscale's step in fp32 and bf16, by model width\n",
+             f"Command: `{command}`  ",
+             f"Date: {time.strftime('%Y-%m-%d')}, 2-core CPU, native bf16 (AVX512-BF16 or AMX): {native}; fastest "
+             f"matmul (2048^3) fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
+             f"({peaks['bf16'] / peaks['fp32']:.2f}x). The standard workload of benchmarks/step_throughput.py "
+             f"(4 layers, micro-batch 8 x 512, ZeRO-2 with CPU Adam, fused projections, eager) at each width; "
+             f"medians of {len(next(iter(rounds.values())))} alternating rounds.\n",
+             "| hidden | fp32 s/step | bf16 s/step | bf16 speed-up (median, range) | engine.precision=auto picks |",
+             "|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lo, hi = r["bf16_speedup_range"]
+        lines.append(f"| {r['width']} | {r['fp32_seconds_per_step']:.3f} | {r['bf16_seconds_per_step']:.3f} | "
+                     f"{r['bf16_speedup_median']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['auto_picks']} |")
+    lines += ["", f"The rule (sabiscale/train/device.py): bf16 on a CPU with native bf16 for models at least "
+              f"{CPU_BF16_MIN_HIDDEN} wide, fp32 otherwise. Narrow models spend their step in element-wise work, "
+              "which bf16 does not speed up on the CPU (the casts cost), so only wide ones gain from the faster "
+              "matmuls. Without native bf16 the CPU emulates it, far slower than fp32."]
+    (RESULTS / "cpu_bf16.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    from sabiscale.__main__ import use_environment_toolchain
+
+    use_environment_toolchain()
+    if args.role:
+        width, precision = args.role.split(":")
+        print(json.dumps(bench.run_ours(args.steps, args.warmup, "zero2_offload", precision,
+                                        model_overrides(int(width)) + ["train.compile=off"])))
+        return
+    from sabiscale.prep.prepare import prepare
+    from sabiscale.track.metrics import measure_matmul_peak
+    from sabiscale.train.device import cpu_has_native_bf16
+
+    if not (bench._config().shards_dir / "manifest.json").is_file():
+        prepare(bench._config())
+    cpu = torch.device("cpu")
+    peaks = {"fp32": measure_matmul_peak(cpu), "bf16": measure_matmul_peak(cpu, torch.bfloat16)}
+    rounds: dict[str, list[dict]] = {f"{w}:{p}": [] for w in WIDTHS for p in ("fp32", "bf16")}
+    for r in range(args.rounds):
+        for role in rounds:
+            width, precision = role.split(":")
+            rounds[role].append(measure(int(width), precision, args.steps, args.warmup))
+            print(f"round {r + 1} {role}: {rounds[role][-1]['seconds_per_step']:.3f} s/step", flush=True)
+    peaks = {"fp32": max(peaks["fp32"], measure_matmul_peak(cpu)),
+             "bf16": max(peaks["bf16"], measure_matmul_peak(cpu, torch.bfloat16))}
+    write(rounds, peaks, cpu_has_native_bf16(),
+          f".venv/bin/python benchmarks/cpu_bf16.py --rounds {args.rounds} --steps {args.steps} --warmup {args.warmup}")
+
+
+if __name__ == "__main__":
+    main()
