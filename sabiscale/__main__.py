@@ -167,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = build_config(meta["config"], origin=str(tag_dir))  # the run's own tasks, languages, held-out split
     root = _data_root(cfg, args.data)
     keep = is_dev_record if args.split == "dev" else None
-    corpus = load_corpus(cfg, root, keep, None if args.full else args.max_per_file)
+    corpus = load_corpus(cfg, root, keep, None if args.full else args.max_per_file, spread=True)
     examples = [e for e, where in corpus.examples
                 if args.split != "val" or is_validation(where, cfg.data.val_fraction)]
     if not examples:
@@ -415,7 +415,7 @@ def _add_checkpoint_and_data_commands(sub) -> None:
     ev.add_argument("--split", choices=["dev", "val", "all"], default="dev",
                     help="dev: official dev records; val: the run's held-out hash split; all: everything")
     ev.add_argument("--max-per-file", type=int, default=60,
-                    help="records read per file (default 60: about a minute on 2 CPU cores)")
+                    help="records per file, spread evenly over it (default 60: about a minute on 2 CPU cores)")
     ev.add_argument("--generate", type=int, default=12, help="examples decoded per task and language (0 = none)")
     ev.add_argument("--full", action="store_true", help="every record, and 200 decoded per task and language")
     ev.add_argument("--out", default=None, help="report JSON (default: eval_<split>.json in the checkpoint)")

@@ -128,12 +128,12 @@ def test_lm_eval_harness_on_an_export_agrees_with_sabiscale_eval(demo_cfg, zero3
     """`sabiscale eval EXPORT --harness` runs lm-evaluation-harness (its hf model, its task loader)
     with sabiscale's tag-format tasks on the dev records of a ../shared/data-style directory; on
     the same records its chrF, BLEU, entity F1, accuracy, macro-F1 and bits/byte are sabiscale
-    eval's."""
+    eval's. 8 dev records per file and --max-per-file 4: both take the same 4, spread over the file."""
     root = tmp_path / "data"
     for rel in ("translation/eng-yor.jsonl", "ner/yor.jsonl", "sentiment/yor.jsonl", "text/yor.jsonl"):
         # short records: the demo model's context is 128 tokens, and lm-eval cuts longer prompts from the left
         dev = [line for line in (shared_data / rel).read_text(encoding="utf-8").splitlines()
-               if ('"orig_split": "dev"' in line or "-dev-" in line) and len(line) < 200][:4]
+               if ('"orig_split": "dev"' in line or "-dev-" in line) and len(line) < 200][:8]
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("\n".join(dev) + "\n", encoding="utf-8")
     ours_path = tmp_path / "ours.json"
@@ -153,3 +153,25 @@ def test_lm_eval_harness_on_an_export_agrees_with_sabiscale_eval(demo_cfg, zero3
         assert theirs["sabiscale_sentiment_yor"][score] == pytest.approx(gen["sentiment/yor"][score], abs=1e-6)
     assert theirs["sabiscale_text_yor"]["bits_per_byte"] == pytest.approx(forced["text/yor"]["bits_per_byte"], rel=1e-4)
     assert (tmp_path / "harness" / "tasks" / "sabiscale_ner_yor.yaml").is_file()
+    sampled = (tmp_path / "harness" / "tasks" / "data" / "sabiscale_ner_yor.jsonl").read_text().splitlines()
+    written = (root / "ner" / "yor.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in sampled] == [json.loads(written[i]) for i in (0, 2, 4, 6)]
+
+
+def test_eval_samples_each_file_evenly_not_its_head(shared_data):
+    """The first 100 dev records of sentiment/pcm.jsonl are all negative: `--max-per-file 30`
+    taken from the head would score a majority-label model perfect. Spread over the file, the
+    sample holds the labels of the whole file; the harness path takes the very same records."""
+    from sabiscale.config import load_config
+    from sabiscale.evaluate.harness import dev_sample
+    from sabiscale.prep.corpus import evenly_spaced, is_dev_record, load_corpus
+
+    assert evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7] and evenly_spaced([1, 2], 4) == [1, 2]
+    cfg = load_config(ROOT / "launch/recipes/shared_data.yaml", [f"data.jsonl_root={shared_data}", "data.tasks=[sentiment]",
+                                                                 "data.languages=[pcm]"])
+    head = load_corpus(cfg, shared_data, is_dev_record, 30).examples
+    spread = load_corpus(cfg, shared_data, is_dev_record, 30, spread=True).examples
+    assert {e.answer.strip() for e, _ in head} == {"negative"}
+    assert {e.answer.strip() for e, _ in spread} >= {"negative", "positive"} and len(spread) == 30
+    harness = dev_sample("sentiment", shared_data / "sentiment" / "pcm.jsonl", 30)
+    assert [r["label"] for r in harness] == [e.answer.strip() for e, _ in spread]

@@ -40,33 +40,54 @@ def task_yaml(name: str, path: Path, task: str, max_gen_toks: int) -> str:
     return "\n".join(lines + ["metadata:", "  version: 1.0"]) + "\n"
 
 
-def generation_budget(tok, path: Path, task: str, limit: int | None) -> int:
-    """Longest reference answer (tokens) of the dev records lm-eval will read, + 8: `sabiscale eval`'s rule."""
-    from sabiscale.prep.corpus import is_dev_record
+def dev_sample(task: str, path: Path, limit: int | None) -> list[dict]:
+    """The dev records of `path` that render as `task` examples, `limit` of them spread evenly over
+    the file: the records `sabiscale eval --max-per-file` takes, so both evaluate the same ones."""
+    from sabiscale.prep.corpus import evenly_spaced, is_dev_record
+    from sabiscale.prep.tasks import BUILTIN_TASKS, NotApplicable, render
+
+    usable = []
+    with path.open(encoding="utf-8") as f:
+        for record in (json.loads(line) for line in f if line.strip()):
+            if not is_dev_record(record):
+                continue
+            try:
+                render(task, BUILTIN_TASKS[task], dict(record), "harness", [], 0)
+            except NotApplicable:
+                continue
+            usable.append(record)
+    return evenly_spaced(usable, limit)
+
+
+def generation_budget(tok, records: list[dict], task: str) -> int:
+    """Longest reference answer (tokens) of the records lm-eval will read, + 8: `sabiscale eval`'s rule."""
     from sabiscale.prep.tasks import BUILTIN_TASKS, render
 
     longest = 1
-    with path.open(encoding="utf-8") as f:
-        records = (json.loads(line) for line in f if line.strip())
-        dev = (r for r in records if is_dev_record(r))
-        for count, record in enumerate(dev):
-            if limit is not None and count >= limit:
-                break
-            answer = render(task, BUILTIN_TASKS[task], record, f"harness:{count}", [], 0).answer.strip()
-            longest = max(longest, len(tok.encode(answer, add_special_tokens=False)))
+    for count, record in enumerate(records):
+        answer = render(task, BUILTIN_TASKS[task], dict(record), f"harness:{count}", [], 0).answer.strip()
+        longest = max(longest, len(tok.encode(answer, add_special_tokens=False)))
     return longest + 8
 
 
 def write_task_configs(tok, data_root: Path, out: Path, limit: int | None, context: int) -> list[str]:
+    """One task config per file; with `limit`, over a file of the sampled dev records in `out/data/`
+    (lm-eval's own limit would take each file's head)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "utils.py").write_text("from sabiscale.evaluate.harness_utils import *  # noqa: F401,F403\n")
     names = []
     for task in TASKS:
         for path in sorted((data_root / task).glob("*.jsonl")):
             name = f"sabiscale_{task}_{path.stem}"
+            records = dev_sample(task, path, limit)
+            source = path.resolve()
+            if limit is not None:
+                source = out / "data" / f"{name}.jsonl"
+                source.parent.mkdir(exist_ok=True)
+                source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
             # lm-eval refuses a budget that does not leave room in the model's context for the prompt
-            budget = min(generation_budget(tok, path, task, limit), context // 2) if TASKS[task][3] == "generate_until" else 0
-            (out / f"{name}.yaml").write_text(task_yaml(name, path.resolve(), task, budget), encoding="utf-8")
+            budget = min(generation_budget(tok, records, task), context // 2) if TASKS[task][3] == "generate_until" else 0
+            (out / f"{name}.yaml").write_text(task_yaml(name, source.resolve(), task, budget), encoding="utf-8")
             names.append(name)
     if not names:
         raise MissingInput(f"{data_root} holds no <task>/<file>.jsonl for {', '.join(TASKS)} (the task layout: <root>/translation/eng-yor.jsonl, <root>/ner/yor.jsonl, ...)")
@@ -87,7 +108,7 @@ def run_harness(export_dir: Path, data_root: Path, out: Path, limit: int | None,
     names = write_task_configs(AutoTokenizer.from_pretrained(str(export_dir)), data_root, out / "tasks", limit,
                                json.loads((export_dir / "config.json").read_text())["max_position_embeddings"])
     results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export_dir},dtype=float32", tasks=names,
-                                      task_manager=TaskManager(include_path=str(out / "tasks")), limit=limit,
+                                      task_manager=TaskManager(include_path=str(out / "tasks")), limit=None,
                                       batch_size=1, device=device, log_samples=False)
     scores = {name: {k.split(",")[0]: v for k, v in values.items() if k.endswith(",none")}
               for name, values in results["results"].items()}

@@ -127,9 +127,20 @@ def read_file(source: FileSource, spec: TaskDef, reserved: list[str], languages:
     return result
 
 
+def evenly_spaced(items: list, k: int | None) -> list:
+    """At most `k` items spread over the whole list, from its first on. Data files are often
+    ordered (by label, source, length: the first 100 dev records of sentiment/pcm.jsonl are all
+    negative), so a file's head is no sample of it."""
+    if k is None or len(items) <= k:
+        return items
+    return [items[i * len(items) // k] for i in range(k)]
+
+
 def load_corpus(cfg: RunConfig, root: Path | None, keep: Callable[[dict], bool] | None = None,
-                max_records: int | None = None, workers: Workers = SERIAL) -> Corpus:
-    """Every example of the recipe's inputs (under `root` for the directory layouts)."""
+                max_records: int | None = None, workers: Workers = SERIAL, spread: bool = False) -> Corpus:
+    """Every example of the recipe's inputs (under `root` for the directory layouts). With
+    `spread`, `max_records` per file are taken evenly over each file (evaluation) instead of from
+    its head (which reads no further: preparing a quick subset)."""
     data = cfg.data
     files = source_files(data, root)
     if not files:
@@ -138,9 +149,13 @@ def load_corpus(cfg: RunConfig, root: Path | None, keep: Callable[[dict], bool] 
     languages = declared_languages(data, files)
     registry = task_registry(data.task_defs)
     readers = {task: partial(read_file, spec=registry[task], reserved=reserved, languages=languages, seed=cfg.seed,
-                             max_records=max_records if max_records is not None else data.max_records_per_file,
+                             max_records=None if spread else
+                             max_records if max_records is not None else data.max_records_per_file,
                              keep=keep, skip_bad=data.skip_bad, wanted=data.languages) for task in data.tasks}
     results = workers.map(_read_one, [(readers[f.task], f) for f in files])
+    if spread:
+        for result in results:
+            result.examples = evenly_spaced(result.examples, max_records)
     examples, skipped, not_applicable = [], [], {}
     for source, result in zip(files, results):
         examples += result.examples
