@@ -71,14 +71,42 @@ def weak_spots(report: dict) -> list[str]:
     return weak
 
 
-def write_results(reports: dict[str, dict], curves: dict[str, dict[int, float]], command: str) -> None:
+def trained(run: Path) -> dict:
+    """What the run's last checkpoint says it was trained with: step, tokens, precision."""
+    from sabiscale.train.checkpoint import read_sidecar, resolve_checkpoint
+
+    meta, _ = read_sidecar(resolve_checkpoint(run / "checkpoints"))
+    return {"step": meta["step"], "tokens_seen": meta["tokens_seen"], "precision": meta.get("precision", "fp32")}
+
+
+def head_to_head(reports: dict[str, dict]) -> str:
+    """On how many task/languages each run has the better deciding score (one seed each: no spread)."""
+    masked, clm = list(reports)
+    wins = {masked: [], clm: [], "tie": []}
+    for key in sorted(set(reports[masked]["generation"]) & set(reports[clm]["generation"])):
+        measure, _ = WEAK_BELOW.get(key.split("/")[0], (None, None))
+        a, b = (reports[n]["generation"][key].get(measure) for n in (masked, clm))
+        if a is None or b is None:
+            continue
+        wins[masked if a > b else clm if b > a else "tie"].append(key)
+    return (f"By each task's deciding score ({', '.join(f'{t}: {m}' for t, (m, _) in WEAK_BELOW.items())}), "
+            f"{masked} is better on {len(wins[masked])}, {clm} on {len(wins[clm])}, tied on {len(wins['tie'])} "
+            f"task/languages (one run each, so differences of a few points are within seed noise; "
+            f"masked_mix.md measured the spread). Better with {masked}: {', '.join(wins[masked]) or 'none'}.")
+
+
+def write_results(reports: dict[str, dict], curves: dict[str, dict[int, float]], command: str,
+                  facts: dict[str, dict]) -> None:
     names = list(reports)
     keys = sorted(set(reports[names[0]]["generation"]) | set(reports[names[1]]["generation"]))
+    first = facts[names[0]]
     lines = ["# The real-data model: naija_small on ../shared/data, masked vs its all-token peer\n",
              f"Command: `{command}` (repeated until both runs finished)  \nDate: {time.strftime('%Y-%m-%d')}. Recipe "
              f"`launch/recipes/naija_small.yaml` (11.6M-parameter Llama, 16k BPE, 8 x 512 tokens per step), step "
-             f"{reports[names[0]]['step']} for both; `sabiscale eval --full` on the official dev records (every record "
-             "teacher-forced, up to 200 decoded greedily per task and language).\n",
+             f"{first['step']} for both ({first['tokens_seen'] / 1e6:.1f}M tokens each, {first['precision']}: what "
+             "engine.precision=auto chose on this 2-core CPU); the peer is the same recipe with `loss.kind=clm` (the "
+             "causal loss on every token: same data, steps and compute). `sabiscale eval --full` on the official dev "
+             "records (every record teacher-forced, up to 200 decoded greedily per task and language).\n",
              "| task/language | " + " | ".join(names) + " |", "|---|---:|---:|"]
     for key in keys:
         cells = []
@@ -89,12 +117,14 @@ def write_results(reports: dict[str, dict], curves: dict[str, dict[int, float]],
     lines += ["", "| task/language (teacher-forced) | " + " | ".join(f"{n} bits/byte" for n in names) + " |", "|---|---:|---:|"]
     for key in sorted(reports[names[0]]["teacher_forced"]):
         lines.append(f"| {key} | " + " | ".join(f"{reports[n]['teacher_forced'][key]['bits_per_byte']:.3f}" for n in names) + " |")
+    lines += ["", head_to_head(reports)]
     lines += ["", "Still weak (" + ", ".join(f"{t} {m} < {b}" for t, (m, b) in WEAK_BELOW.items()) + "):", ""]
     lines += [f"- {name}: " + (", ".join(weak_spots(reports[name])) or "none") for name in names]
     lines += ["", "![validation answer-token loss](real_model.png)"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, RESULTS / "real_model.png", "validation answer-token loss", "naija_small: masked vs all tokens")
-    (RESULTS / "real_model.json").write_text(json.dumps({"command": command, "reports": reports, "curves": curves},
+    (RESULTS / "real_model.json").write_text(json.dumps({"command": command, "trained": facts, "reports": reports,
+                                                        "curves": curves},
                                                         indent=2, ensure_ascii=False) + "\n")
     (RESULTS / "real_model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -113,7 +143,8 @@ def main() -> None:
     command = f".venv/bin/python -m sabiscale_analysis.exp_real_model --minutes {args.minutes:g}" + (
         f" --steps {args.steps}" if args.steps else "")
     write_results({name: evaluate(run) for name, run in RUNS.items()},
-                  {name: answer_loss_curve(run) for name, run in RUNS.items()}, command)
+                  {name: answer_loss_curve(run) for name, run in RUNS.items()}, command,
+                  {name: trained(run) for name, run in RUNS.items()})
 
 
 if __name__ == "__main__":

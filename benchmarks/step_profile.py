@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import step_throughput as bench  # the standard workload (a sibling: run this as a script)
 from sabiscale.train.hooks import TrainHook
 
@@ -93,6 +95,32 @@ def profile_one(setting: str, first: int, steps: int) -> dict:
     return {"seconds_per_step": hook.wall / steps, "phases": per_step(phases), "operators": per_step(ops)}
 
 
+def gemm_ceiling(dtype: torch.dtype, tokens: int = 8 * 512, supervised: int = 2048) -> dict:
+    """The matmuls of one step of the standard workload alone (each linear layer's forward product
+    and its two backward products, at their real shapes: 4 layers over every token, the head over
+    the supervised ones), timed one by one, fastest of 5: what share of the 2048^3 peak they reach
+    at these shapes bounds MFU even if everything else took no time."""
+    from sabiscale.track.metrics import measure_matmul_peak
+
+    layer = [(256, 768), (256, 256), (256, 1376), (688, 256)]  # (in, out): q/k/v, o, gate/up, down
+    linears = [(tokens, k, n) for k, n in layer] * 4 + [(supervised, 256, 16384)]
+    flops, seconds = 0.0, 0.0
+    for m, k, n in linears:
+        x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((m, k), (n, k), (m, n)))
+        for product in (lambda: x @ w.T, lambda: dy @ w, lambda: dy.T @ x):  # forward, dX, dW
+            product()
+            fastest = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                product()
+                fastest = min(fastest, time.perf_counter() - t0)
+            flops += 2 * m * k * n
+            seconds += fastest
+    peak = measure_matmul_peak(torch.device("cpu"), dtype)
+    return {"gemm_flops_per_s": flops / seconds, "peak_flops_per_s": peak, "share_of_peak": flops / seconds / peak,
+            "gemm_seconds": seconds}
+
+
 def write(results: dict, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "step_profile.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
@@ -113,6 +141,17 @@ def write(results: dict, command: str) -> None:
     lines += ["", "Phases are wall time inside the loop's labels; operator rows are the operators' own (self) "
               "time summed over every phase, so they do not add up to the wall: time outside any operator (Python, "
               "DeepSpeed's C++ CPU Adam, the loader's decoding) is the difference."]
+    ceiling = {name: gemm_ceiling(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    lines += ["", "**The matmul ceiling.** The step's matmuls alone, at their real shapes (hidden 256: inner dimensions "
+              "256 and 688), timed one by one, against the 2048^3 product's peak; MFU cannot exceed this share even "
+              "with every other operator free:", "",
+              "| precision | the step's matmuls, GFLOP/s | 2048^3 peak, GFLOP/s | share of peak (MFU ceiling) | their time per step, s |",
+              "|---|---:|---:|---:|---:|"]
+    for name, c in ceiling.items():
+        lines.append(f"| {name} | {c['gemm_flops_per_s'] / 1e9:.0f} | {c['peak_flops_per_s'] / 1e9:.0f} | "
+                     f"{c['share_of_peak']:.0%} | {c['gemm_seconds']:.3f} |")
+    (RESULTS / "step_profile.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
+                                                           "settings": results, "gemm_ceiling": ceiling}, indent=2) + "\n")
     (RESULTS / "step_profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -235,7 +235,8 @@ def run_peer(steps: int, warmup: int, profile: str, precision: str, flat: bool =
     with RssSampler() as sampler:
         trainer.train()
     result = _summarize(times, counts[:len(times)], flops[:len(times)], sampler, warmup)
-    return {**result, "examples_per_step": batch_size, "flat_loss_rel_diff": exactness}
+    return {**result, "examples_per_step": batch_size, "flat_loss_rel_diff": exactness,
+            "mixed_precision": trainer.accelerator.mixed_precision}  # "bf16": autocast was on
 
 
 def orchestrate(args) -> None:

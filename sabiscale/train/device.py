@@ -18,7 +18,7 @@ BF16_CAPABILITY = (8, 0)
 
 # On the CPU bf16 pays only with native bf16 dot products (AVX512-BF16 or AMX; elsewhere it is
 # emulated, far slower than fp32) and only where matmuls are a large enough share of the step.
-# Measured on a 2-core AVX512-BF16 CPU (benchmarks/results/cpu_bf16.md): a training step 1.65x
+# Measured on an AVX512-BF16 CPU (the repository's benchmarks/cpu_bf16.py): a training step 1.65x
 # faster in bf16 at width 256 and 512, 1.31x at 128, 0.90x at 64 (element-wise work dominates).
 CPU_BF16_MIN_HIDDEN = 128
 
