@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=4, help="first profiled step (the ones before warm up)")
     parser.add_argument("--steps", type=int, default=5, help="steps profiled")
+    parser.add_argument("--keep-measured", action="store_true",
+                        help="reuse the settings already in results/step_profile.json, profile only the others")
     args = parser.parse_args()
     from sabiscale.__main__ import use_environment_toolchain
 
@@ -172,14 +174,16 @@ def main() -> None:
 
     if not (bench._config().shards_dir / "manifest.json").is_file():
         prepare(bench._config())  # the same prepared workload as step_throughput.py
-    results = {}
-    for setting in SETTINGS:  # each in its own process: compiled code and allocator state do not carry over
+    saved = RESULTS / "step_profile.json"
+    results = json.loads(saved.read_text())["settings"] if args.keep_measured and saved.is_file() else {}
+    for setting in (s for s in SETTINGS if s not in results):  # each in its own process: compiled code and allocator state do not carry over
         proc = subprocess.run([sys.executable, __file__, "--setting", setting, "--first", str(args.first),
                                "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             sys.exit(f"{setting} failed:\n{proc.stderr[-3000:]}")
         results[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
-    write(results, f".venv/bin/python benchmarks/step_profile.py --first {args.first} --steps {args.steps}")
+    write({s: results[s] for s in SETTINGS}, f".venv/bin/python benchmarks/step_profile.py --first {args.first} "
+          f"--steps {args.steps}" + (" --keep-measured (the other settings: an earlier run)" if args.keep_measured else ""))
 
 
 if __name__ == "__main__":
