@@ -39,23 +39,27 @@ def test_demo_end_to_end(tmp_path):
     assert run.data.tags["checkpoint"].endswith("step_00000020")
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(demo_cfg, world, tmp_path):
+@pytest.mark.parametrize("precision,rel", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_two_ranks_equal_one_rank_with_accumulation(demo_cfg, world, tmp_path, precision, rel):
     """`deepspeed --num_gpus 2` starts 2 CPU ranks (gloo), each reading its own micro-batches. With
     the loss normalized once by the global supervised-token count, 2 ranks x 1 micro-batch make
-    the same updates as 1 rank x 2 accumulation steps: the loss curves agree to fp32 tolerance."""
+    the same updates as 1 rank x 2 accumulation steps: the loss curves agree to fp32 tolerance,
+    and in bf16 (what a wide model gets on a CPU with native bf16) to bf16's rounding."""
     from sabiscale.train.loop import train
 
     out = fresh_run_dir(demo_cfg, tmp_path / "two_ranks")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     steps = ["train.max_steps=6", "optim.warmup_steps=1", "train.eval_batches=1"]
-    overrides = tiny_overrides(out) + steps + [f"tracking.uri={store}", "train.grad_accum_steps=1"]
+    overrides = tiny_overrides(out) + steps + [f"tracking.uri={store}", "train.grad_accum_steps=1",
+                                               f"engine.precision={precision}"]
     proc = run_cli([BIN / "deepspeed", "--num_gpus", "2", "--master_port", "29731", "--module", "sabiscale",
                     "train", str(ROOT / "launch/recipes/demo.yaml"), *overrides])
     # not a terminal: plain progress lines, from rank 0 only
     assert proc.stdout.count("step 6/6 loss") == 1, proc.stdout[-2000:]
     step_dir = out / "checkpoints" / "step_00000006"
     partitions = sorted(p.name for p in step_dir.glob("*optim_states.pt"))
-    assert partitions == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    prefix = "bf16_" if precision == "bf16" else ""
+    assert partitions == [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
     client, run = _single_run(store)  # rank 0 tracks; rank 1 must not open a second run
     two_ranks = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(two_ranks) == 6
@@ -64,9 +68,9 @@ def test_two_ranks_equal_one_rank_with_accumulation(demo_cfg, world, tmp_path):
     single.output_dir = fresh_run_dir(demo_cfg, tmp_path / "one_rank")
     single.tracking.enabled = False
     single.train.max_steps, single.optim.warmup_steps, single.train.eval_batches = 6, 1, 1
-    single.train.grad_accum_steps = 2
+    single.train.grad_accum_steps, single.engine.precision = 2, precision
     one_rank = train(single, world).train_losses
-    assert one_rank == pytest.approx(two_ranks, rel=1e-5, abs=1e-6)
+    assert one_rank == pytest.approx(two_ranks, rel=rel, abs=1e-6)
     assert one_rank[-1] < one_rank[0]
 
 
