@@ -4,7 +4,8 @@ time-boxed sessions and evaluated on the official dev records of ../shared/data.
 Each call trains both runs for at most --minutes each (SIGTERM at the limit: the run saves a
 checkpoint and stops; the next call continues from it, so the whole budget can be spread over
 several sessions), and once a run has reached train.max_steps evaluates it with `sabiscale eval
---full` (every dev record; 200 decoded per task and language where the data has them). The
+--full` (every dev record, 43k here: ~45 min per run on 2 cores; 200 decoded per task and
+language where the data has them), or with --eval-records N on N per file spread over it. The
 peer: the same recipe with `loss.kind=clm` (the causal loss on every token), the same steps and
 therefore the same compute.
 
@@ -13,6 +14,8 @@ therefore the same compute.
 
 --steps sets train.max_steps of both runs (default: the recipe's 6000); the learning rate then
 decays over those steps, so a short run is a finished short run, not a cut long one.
+
+    .venv/bin/python -m sabiscale_analysis.exp_real_model --steps 1600 --eval-records 200   # this session's
 
 Writes analysis/results/real_model.{md,json,png} when both are evaluated; runs stay in runs/naija_small*.
 """
@@ -53,11 +56,14 @@ def train_for(run: Path, kind: str, minutes: float, steps: int | None) -> bool:
     return code == 0
 
 
-def evaluate(run: Path) -> dict:
-    report = run / "eval_dev_full.json"
+def evaluate(run: Path, records: int | None) -> dict:
+    """`sabiscale eval` on the dev records: every one (--full), or `records` per file spread over
+    it; 200 decoded per task and language either way."""
+    report = run / f"eval_dev_{records or 'full'}.json"
     if not report.is_file():
+        sample = ["--max-per-file", str(records), "--generate", "200"] if records else ["--full"]
         sabiscale("eval", str(run / "checkpoints"), "--data", str(ROOT.parent / "shared" / "data"), "--split", "dev",
-                  "--full", "--out", str(report))
+                  *sample, "--out", str(report))
     return json.loads(report.read_text())
 
 
@@ -98,26 +104,34 @@ def head_to_head(reports: dict[str, dict]) -> str:
 def write_results(reports: dict[str, dict], curves: dict[str, dict[int, float]], command: str,
                   facts: dict[str, dict]) -> None:
     names = list(reports)
-    keys = sorted(set(reports[names[0]]["generation"]) | set(reports[names[1]]["generation"]))
+    keys = sorted(set().union(*(reports[n]["generation"] for n in names)))
+    columns = "|---|" + "---:|" * len(names)
     first = facts[names[0]]
+    per_file = reports[names[0]].get("examples_per_file")
+    protocol = f"{per_file} per file spread evenly over it, teacher-forced" if per_file else "every record teacher-forced"
     lines = ["# The real-data model: naija_small on ../shared/data, masked vs its all-token peer\n",
-             f"Command: `{command}` (repeated until both runs finished)  \nDate: {time.strftime('%Y-%m-%d')}. Recipe "
+             f"Command: `{command}` (repeated until both runs finished; `--report-only` writes what there is)  \n"
+             f"Date: {time.strftime('%Y-%m-%d')}. Recipe "
              f"`launch/recipes/naija_small.yaml` (11.6M-parameter Llama, 16k BPE, 8 x 512 tokens per step), step "
-             f"{first['step']} for both ({first['tokens_seen'] / 1e6:.1f}M tokens each, {first['precision']}: what "
+             f"{first['step']}{' for both' if len(names) == 2 else ''} ({first['tokens_seen'] / 1e6:.1f}M tokens each, "
+             f"{first['precision']}: what "
              "engine.precision=auto chose on this 2-core CPU); the peer is the same recipe with `loss.kind=clm` (the "
-             "causal loss on every token: same data, steps and compute). `sabiscale eval --full` on the official dev "
-             "records (every record teacher-forced, up to 200 decoded greedily per task and language).\n",
-             "| task/language | " + " | ".join(names) + " |", "|---|---:|---:|"]
+             "causal loss on every token: same data, steps and compute). `sabiscale eval` on the official dev "
+             f"records ({protocol}; up to 200 decoded greedily per task and language).\n",
+             *[f"**{name}: not finished yet** (its last checkpoint: step {facts[name]['step'] if name in facts else 0} "
+               f"of {first['step']}); the same command, without --report-only, continues it and completes this file.\n"
+               for name in RUNS if name not in reports],
+             "| task/language | " + " | ".join(names) + " |", columns]
     for key in keys:
         cells = []
         for name in names:
             scores = reports[name]["generation"].get(key, {})
             cells.append(", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)) or "-")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += ["", "| task/language (teacher-forced) | " + " | ".join(f"{n} bits/byte" for n in names) + " |", "|---|---:|---:|"]
+    lines += ["", "| task/language (teacher-forced) | " + " | ".join(f"{n} bits/byte" for n in names) + " |", columns]
     for key in sorted(reports[names[0]]["teacher_forced"]):
         lines.append(f"| {key} | " + " | ".join(f"{reports[n]['teacher_forced'][key]['bits_per_byte']:.3f}" for n in names) + " |")
-    lines += ["", head_to_head(reports)]
+    lines += ["", head_to_head(reports)] if len(reports) == 2 else []
     lines += ["", "Still weak (" + ", ".join(f"{t} {m} < {b}" for t, (m, b) in WEAK_BELOW.items()) + "):", ""]
     lines += [f"- {name}: " + (", ".join(weak_spots(reports[name])) or "none") for name in names]
     lines += ["", "![validation answer-token loss](real_model.png)"]
@@ -134,17 +148,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=90, help="training time per run in this session")
     parser.add_argument("--steps", type=int, help="train.max_steps of both runs (default: the recipe's)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: evaluate the runs that are complete and write what there is")
+    parser.add_argument("--eval-records", type=int,
+                        help="dev records per file, spread over it (default: every one; ~45 min per run here)")
     args = parser.parse_args()
-    done = {name: train_for(run, "masked" if "masked" in name else "clm", args.minutes, args.steps)
-            for name, run in RUNS.items()}
-    if not all(done.values()):
+    if args.report_only:
+        facts = {name: trained(run) for name, run in RUNS.items() if (run / "checkpoints" / "latest").is_file()}
+        done = {name: name in facts and facts[name]["step"] == args.steps for name in RUNS}
+    else:
+        done = {name: train_for(run, "masked" if "masked" in name else "clm", args.minutes, args.steps)
+                for name, run in RUNS.items()}
+        facts = {name: trained(run) for name, run in RUNS.items()}
+    if not all(done.values()) and not args.report_only:
         print("not finished yet: run the same command again to continue from the checkpoints")
         return
     command = f".venv/bin/python -m sabiscale_analysis.exp_real_model --minutes {args.minutes:g}" + (
-        f" --steps {args.steps}" if args.steps else "")
-    write_results({name: evaluate(run) for name, run in RUNS.items()},
-                  {name: answer_loss_curve(run) for name, run in RUNS.items()}, command,
-                  {name: trained(run) for name, run in RUNS.items()})
+        f" --steps {args.steps}" if args.steps else "") + (f" --eval-records {args.eval_records}" if args.eval_records else "")
+    finished = [name for name in RUNS if done[name]]
+    write_results({name: evaluate(RUNS[name], args.eval_records) for name in finished},
+                  {name: answer_loss_curve(RUNS[name]) for name in finished}, command, facts)
 
 
 if __name__ == "__main__":
