@@ -4,7 +4,8 @@ time-boxed sessions and evaluated on the official dev records of ../shared/data.
 Each call trains both runs for at most --minutes each (SIGTERM at the limit: the run saves a
 checkpoint and stops; the next call continues from it, so the whole budget can be spread over
 several sessions), and once a run has reached train.max_steps evaluates it with `sabiscale eval
---full` (every dev record, 43k here: ~45 min per run on 2 cores; 200 decoded per task and
+--full` (every dev record, 43k here: an estimated ~45 min per run on 2 cores, from the 200-per-file
+eval's rate; 200 decoded per task and
 language where the data has them), or with --eval-records N on N per file spread over it. The
 peer: the same recipe with `loss.kind=clm` (the causal loss on every token), the same steps and
 therefore the same compute.
@@ -151,7 +152,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: evaluate the runs that are complete and write what there is")
     parser.add_argument("--eval-records", type=int,
-                        help="dev records per file, spread over it (default: every one; ~45 min per run here)")
+                        help="dev records per file, spread over it (default: every one; an estimated ~45 min per run here)")
     args = parser.parse_args()
     if args.report_only:
         facts = {name: trained(run) for name, run in RUNS.items() if (run / "checkpoints" / "latest").is_file()}
