@@ -96,6 +96,31 @@ def test_bf16_on_the_cpu_trains_close_to_fp32_resumes_exactly_and_exports_fp32(d
     assert {t.dtype for t in exported.values()} == {torch.float32}  # export: the fp32 master weights
 
 
+def test_mfu_denominator_is_measured_again_at_each_evaluation(demo_cfg, world, tmp_path):
+    """A peak measured while another process held the cores reads low and puts every step's MFU over
+    100%; the evaluation at step 2 measures again and the steps after it read sensibly."""
+    from sabiscale.train.loop import train_loop
+    from sabiscale.train.run import build_run
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "run")
+    cfg.tracking.enabled = False
+    cfg.train.max_steps, cfg.train.eval_every, cfg.train.eval_batches, cfg.optim.warmup_steps = 4, 2, 1, 1
+    run = build_run(cfg, world)
+    run.peak_flops = 1.0  # what a start beside a busy neighbour would have measured, exaggerated
+    train_loop(run)
+    mfu = dict(run.history.series["train/mfu"])
+    assert mfu[1] > 1 and mfu[2] > 1  # before the evaluation: the low peak
+    assert 0 < mfu[3] < 1 and 0 < mfu[4] < 1
+    assert run.peak_flops > 1e9
+
+    cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "configured")
+    cfg.train.peak_flops_per_s = 1e6  # the user's figure is kept, however low
+    run = build_run(cfg, world)
+    train_loop(run)
+    assert run.peak_flops == 1e6
+
+
 def _train_in_process(demo_cfg, world, out, overrides: dict, hooks=()):
     from sabiscale.train.loop import train
 
