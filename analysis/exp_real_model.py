@@ -35,6 +35,7 @@ from sabiscale_analysis.experiment import ROOT, answer_loss_curve, plot_curves, 
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
 RUNS = {"masked (SabiYarn)": ROOT / "runs" / "naija_small", "all tokens (clm peer)": ROOT / "runs" / "naija_small_clm"}
 RESULTS = ROOT / "analysis" / "results"
+DATA = ROOT / "runs" / "data" / "shared_data"  # the recipe's data.dir
 
 
 # the downstream score that decides each task family, and below which it is called weak here
@@ -158,6 +159,8 @@ def main() -> None:
         facts = {name: trained(run) for name, run in RUNS.items() if (run / "checkpoints" / "latest").is_file()}
         done = {name: name in facts and facts[name]["step"] == args.steps for name in RUNS}
     else:
+        if not (DATA / "shards" / "manifest.json").is_file():  # a fresh machine: tokenizer and shards first
+            sabiscale("prepare", str(RECIPE))
         done = {name: train_for(run, "masked" if "masked" in name else "clm", args.minutes, args.steps)
                 for name, run in RUNS.items()}
         facts = {name: trained(run) for name, run in RUNS.items()}
