@@ -162,8 +162,10 @@ def test_fp16_loss_scale_backoff_does_not_stop_training(skipped, loss_finite, pr
 def test_the_matmul_peak_probe_on_this_device_is_plausible():
     from sabiscale.track.metrics import measure_matmul_peak
 
+    before = torch.get_rng_state()
     peak = measure_matmul_peak(torch.device("cpu"), size=512, repeats=3)
     assert 1e9 < peak < 1e14
+    assert torch.equal(torch.get_rng_state(), before)  # measured again mid-run: the run's stream is left alone
 
 
 @pytest.mark.parametrize("driver_cuda,expected", [

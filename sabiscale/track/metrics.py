@@ -115,8 +115,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     """Achievable matmul FLOP/s of this device and dtype, the denominator of MFU (~1 s)."""
     if device.type == "cuda":
         return _cuda_matmul_peak(device, dtype, size * 2, repeats * 4)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    a, b = random_operands(device, dtype, size)
     for _ in range(2):
         a @ b
     # the fastest of `repeats` timed products: on a shared machine an average also measures the
@@ -129,11 +128,18 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return 2 * size**3 / fastest
 
 
+def random_operands(device: torch.device, dtype: torch.dtype, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a generator of their own: the peak is measured again during training, and drawing
+    from the global one there would shift the run's random stream."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return (torch.randn(size, size, device=device, dtype=dtype, generator=gen),
+            torch.randn(size, size, device=device, dtype=dtype, generator=gen))
+
+
 def _cuda_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
     """GPU: one product is too short to time from the host (launch overhead, clocks still ramping
     up would make MFU read high); warm up, then time a loop of products with CUDA events."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    a, b = random_operands(device, dtype, size)
     for _ in range(10):
         a @ b
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
