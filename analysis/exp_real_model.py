@@ -7,8 +7,8 @@ several sessions), and once a run has reached train.max_steps evaluates it with 
 --full` (every dev record, 43k here: an estimated ~45 min per run on 2 cores, from the 200-per-file
 eval's rate; 200 decoded per task and
 language where the data has them), or with --eval-records N on N per file spread over it. The
-peer: the same recipe with `loss.kind=clm` (the causal loss on every token), the same steps and
-therefore the same compute.
+peer: the same recipe with `loss.kind=clm` (the causal loss on every token), the same data and
+steps; the masked run computes its loss head on the answer tokens only, so it spends less.
 
     .venv/bin/python -m sabiscale_analysis.exp_real_model --minutes 90     # repeat until both are done
     .venv/bin/python -m sabiscale_analysis.exp_real_model --steps 1000     # a shorter complete run
@@ -105,6 +105,23 @@ def better_on(reports: dict[str, dict]) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+def task_leads(reports: dict[str, dict]) -> dict[str, str]:
+    """task -> the run that is better on most of its languages by every measure that separates
+    them (the deciding score, answer bits/byte; one where all are tied does not count), or "split"."""
+    names = list(reports)
+    wins = better_on(reports)
+    tasks = sorted({key.split("/")[0] for key in reports[names[0]]["teacher_forced"]})
+    leads = {}
+    for task in tasks:
+        sides = set()
+        for measure in wins.values():
+            counts = [sum(key.split("/")[0] == task for key in measure[name]) for name in names]
+            if sum(counts):
+                sides.add(names[counts.index(max(counts))] if counts.count(max(counts)) == 1 else "split")
+        leads[task] = sides.pop() if len(sides) == 1 else "split"
+    return leads
+
+
 def head_to_head(reports: dict[str, dict]) -> list[str]:
     """The count of task/languages each run is better on, and the one-sentence verdict."""
     masked, clm = list(reports)
@@ -116,15 +133,20 @@ def head_to_head(reports: dict[str, dict]) -> list[str]:
              f"bits/byte, {masked} is lower on {len(bits[masked])} and {clm} on {len(bits[clm])} "
              f"(lower with {masked}: {', '.join(bits[masked]) or 'none'}). One run each: differences of a few "
              "points are within seed noise (masked_mix.md measured the spread).", ""]
-    if len(score[masked]) > len(score[clm]) and len(bits[masked]) > len(bits[clm]):
-        lines.append("**Verdict:** Confirmed at this length on one seed: the masked model is ahead on most "
-                     "task/languages by both downstream scores and answer bits/byte.")
-    elif len(score[clm]) > len(score[masked]) and len(bits[clm]) > len(bits[masked]):
-        lines.append("**Verdict:** Not confirmed at this length on one seed: at equal steps and compute the "
-                     "all-token peer is ahead on most task/languages by both downstream scores and answer bits/byte.")
+    leads = task_leads(reports)
+    ahead = {side: [task for task, lead in leads.items() if lead == side] for side in (masked, clm, "split")}
+    split = f"; split on {', '.join(ahead['split'])}" if ahead["split"] else ""
+    if ahead[masked] and not ahead[clm]:
+        verdict = f"Confirmed at this length on one seed: the masked loss leads on {', '.join(ahead[masked])} and trails on no task{split}."
+    elif ahead[clm] and not ahead[masked]:
+        verdict = f"Not confirmed at this length on one seed: the all-token peer leads on {', '.join(ahead[clm])} and the masked loss on no task{split}."
+    elif ahead[masked]:
+        verdict = (f"Confirmed only in part at this length on one seed: the masked loss leads on {', '.join(ahead[masked])}, "
+                   f"the all-token peer on {', '.join(ahead[clm])}{split}.")
     else:
-        lines.append("**Verdict:** Not confirmed at this length on one seed: neither loss is ahead on both "
-                     "downstream scores and answer bits/byte across the task/languages.")
+        verdict = "Not confirmed at this length on one seed: neither loss leads on any task."
+    lines += [f"**Verdict:** {verdict} (A side leads on a task when it is better on most of its languages by "
+              "every measure that tells them apart: the deciding score and the answer bits/byte.)"]
     return lines
 
 
@@ -138,14 +160,15 @@ def write_results(reports: dict[str, dict], curves: dict[str, dict[int, float]],
     protocol = f"{per_file} per file spread evenly over it, teacher-forced" if per_file else "every record teacher-forced"
     lines = ["# The real-data model: naija_small on ../shared/data, masked vs its all-token peer\n",
              "Claim (SabiYarn): computing the loss only on the answer tokens makes the model better at the tasks; "
-             "here at equal steps and compute against the causal loss on every token.\n",
+             "here at equal steps against the causal loss on every token.\n",
              f"Command: `{command}` (repeated until both runs finished; `--report-only` writes what there is)  \n"
              f"Date: {time.strftime('%Y-%m-%d')}. Recipe "
              f"`launch/recipes/naija_small.yaml` (11.6M-parameter Llama, 16k BPE, 8 x 512 tokens per step), step "
              f"{first['step']}{' for both' if len(names) == 2 else ''} ({first['tokens_seen'] / 1e6:.1f}M tokens each, "
              f"{first['precision']}: what "
              "engine.precision=auto chose on this 2-core CPU); the peer is the same recipe with `loss.kind=clm` (the "
-             "causal loss on every token: same data, steps and compute). `sabiscale eval` on the official dev "
+             "causal loss on every token: the same data and steps; the masked run computes its loss head on the answer "
+             "tokens only, so it spends less compute per step). `sabiscale eval` on the official dev "
              f"records ({protocol}; up to 200 decoded greedily per task and language).\n",
              *[f"**{name}: not finished yet** (its last checkpoint: step {facts[name]['step'] if name in facts else 0} "
                f"of {first['step']}); the same command, without --report-only, continues it and completes this file.\n"
