@@ -31,7 +31,8 @@ range over the rounds.
     .venv/bin/python benchmarks/step_throughput.py --rounds 1 --steps 4   # smoke run
     .venv/bin/python benchmarks/step_throughput.py --precision fp32     # fp32 also where bf16 is native
 
-Results: benchmarks/results/step_throughput_<profile>.md (fp32) or ..._<profile>_bf16.md.
+Results: benchmarks/results/step_throughput_<profile>.md (fp32) or ..._<profile>_bf16.md, with _<tag> after --tag
+(results differ by CPU: the header names it).
 """
 from __future__ import annotations
 
@@ -298,14 +299,23 @@ def cold_compile_seconds(precision: str) -> float:
 def add_cold_compile(args) -> None:
     """--cold-compile-only: measure the cold compilation cost and re-render the existing results."""
     precision = workload_precision(args.precision)
-    saved = json.loads((RESULTS / f"{results_stem(args.profile, precision)}.json").read_text())
+    saved = json.loads((RESULTS / f"{results_stem(args.profile, precision, args.tag)}.json").read_text())
     saved_args = argparse.Namespace(**{**vars(args), **saved["args"]}) if "args" in saved else args
     write_results(saved["rounds"], saved["peak_flops_per_s"], saved_args, precision, cold_compile_seconds(precision),
                   saved["date"])
 
 
-def results_stem(profile: str, precision: str) -> str:
-    return f"step_throughput_{profile}" + ("" if precision == "fp32" else f"_{precision}")
+def results_stem(profile: str, precision: str, tag: str = "") -> str:
+    return f"step_throughput_{profile}" + ("" if precision == "fp32" else f"_{precision}") + (f"_{tag}" if tag else "")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the bf16 units that decide the bf16 rows (results differ by CPU)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [unit for unit in ("avx512_bf16", "amx_bf16") if unit in flags]
+    return f"{name} ({', '.join(units) or 'no native bf16'})"
 
 
 def write_results(rounds: dict, peak: float, args, precision: str, cold_compile: float | None = None,
@@ -324,14 +334,15 @@ def write_results(rounds: dict, peak: float, args, precision: str, cold_compile:
     paired_median = {peer: {k: statistics.median(v) for k, v in ratios.items()} for peer, ratios in paired.items()}
     command = (f".venv/bin/python benchmarks/step_throughput.py --rounds {args.rounds} --steps {args.steps} "
                f"--warmup {args.warmup} --profile {args.profile} --precision {precision}"
-               + ("" if args.compiled else " --no-compiled"))
+               + ("" if args.compiled else " --no-compiled") + (f" --tag {args.tag}" if args.tag else ""))
     date = date or time.strftime("%Y-%m-%d")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = results_stem(args.profile, precision)
+    stem = results_stem(args.profile, precision, args.tag)
     headline = {"median": statistics.median(vs_best), "min": min(vs_best), "max": max(vs_best), "per_round": vs_best}
     (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"command": command, "date": date, "precision": precision, "peak_flops_per_s": peak, "rounds": rounds,
-         "args": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "profile", "compiled")},
+        {"command": command, "date": date, "cpu": cpu_description(), "precision": precision,
+         "peak_flops_per_s": peak, "rounds": rounds,
+         "args": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "profile", "compiled", "tag")},
          "cold_compile_seconds": cold_compile,
          "median": median, "ratio_per_round": paired, "median_of_round_ratios": paired_median,
          "ours_vs_best_peer_supervised_tokens_per_s": headline}, indent=2) + "\n")
@@ -339,7 +350,7 @@ def write_results(rounds: dict, peak: float, args, precision: str, cold_compile:
            "mfu": "{:.1%}", "executed_mfu": "{:.1%}", "transient_bytes_per_token": "{:.0f}", "seconds_per_step": "{:.2f}"}
     flat_diff = max(r["flat_loss_rel_diff"] for r in rounds["peer_flat"])
     lines = [f"# Step throughput: sabiscale vs HF Trainer peers (padded and padding-free)\n",
-             f"Command: `{command}`  ", f"Date: {date}, 2-core CPU, {precision} for every role"
+             f"Command: `{command}`  ", f"Date: {date}, 2 cores of {cpu_description()}, {precision} for every role"
              f"{' (the Trainer peers: bf16 autocast)' if precision == 'bf16' else ''}; "
              f"measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s (fastest product, before and after the rounds); medians of {args.rounds} alternating rounds, "
              f"{args.steps} timed steps each after {args.warmup} warm-up steps; sabiscale on DeepSpeed "
@@ -397,6 +408,7 @@ def main() -> None:
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                         help="also time sabiscale with train.compile=on (role ours_compiled)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tag", default="", help="suffix of the results files, e.g. a CPU family (amx)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", default="zero2_offload", help="DeepSpeed profile of ds_configs/ for sabiscale")
