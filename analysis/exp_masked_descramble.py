@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from sabiscale_analysis.experiment import (RECIPE, ROOT, answer_loss_curve, held_out_examples, mean_sd, plot_curves,
-                                           sabiscale, steps_to_reach)
+                                           sabiscale, steps_to_reach, train_unless_done)
 
 RESULTS = ROOT / "analysis" / "results"
 KINDS = {"masked": "masked (answer only)", "clm": "not masked (all tokens)"}
@@ -47,7 +47,7 @@ def common(args) -> list[str]:
 def train(work: Path, data: Path, kind: str, seed: int, args) -> Path:
     """One run, trained to the end (a finished run is left as it is, a stopped one continues)."""
     run = work / f"{kind}-seed{seed}"
-    sabiscale("train", str(RECIPE), *common(args), f"seed={seed}", f"output_dir={run}", f"data.dir={run}",
+    train_unless_done(RECIPE, *common(args), f"seed={seed}", f"output_dir={run}", f"data.dir={run}",
               f"loss.kind={kind}", f"data.shards_dir={data / 'shards'}",
               f"tokenizer.path={data / 'tokenizer' / 'tokenizer.json'}")
     return run

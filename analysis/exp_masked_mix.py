@@ -24,7 +24,8 @@ import json
 import math
 import time
 
-from sabiscale_analysis.experiment import RECIPE, ROOT, answer_loss_curve, mean_sd, plot_curves, sabiscale
+from sabiscale_analysis.experiment import (RECIPE, ROOT, answer_loss_curve, mean_sd, plot_curves, sabiscale,
+                                           train_unless_done)
 
 WORK = ROOT / "runs" / "experiments" / "masked_mix"
 DATA = ROOT / "runs" / "data" / "shared_data"  # the recipe's own prepared data, shared with it
@@ -38,7 +39,7 @@ def train_and_eval(kind: str, seed: int, args) -> dict:
     run = WORK / f"{kind}-seed{seed}"
     report = run / f"eval_dev_step{args.steps}.json"
     if not report.is_file():
-        sabiscale("train", str(RECIPE), f"output_dir={run}", f"data.dir={DATA}", f"loss.kind={kind}", f"seed={seed}",
+        train_unless_done(RECIPE, f"output_dir={run}", f"data.dir={DATA}", f"loss.kind={kind}", f"seed={seed}",
                   f"train.max_steps={args.steps}", f"optim.warmup_steps={max(1, args.steps // 10)}",
                   f"train.eval_every={max(1, args.steps // 4)}", "train.log_every=50", "train.checkpoint_every=100",
                   "tracking.system_metrics=false")

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sabiscale_analysis.experiment import ROOT, answer_loss_curve, plot_curves, sabiscale
+from sabiscale_analysis.experiment import ROOT, answer_loss_curve, plot_curves, sabiscale, trained
 
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
 RUNS = {"masked (SabiYarn)": ROOT / "runs" / "naija_small", "all tokens (clm peer)": ROOT / "runs" / "naija_small_clm"}
@@ -79,12 +80,10 @@ def weak_spots(report: dict) -> list[str]:
     return weak
 
 
-def trained(run: Path) -> dict:
-    """What the run's last checkpoint says it was trained with: step, tokens, precision."""
-    from sabiscale.train.checkpoint import read_sidecar, resolve_checkpoint
-
-    meta, _ = read_sidecar(resolve_checkpoint(run / "checkpoints"))
-    return {"step": meta["step"], "tokens_seen": meta["tokens_seen"], "precision": meta.get("precision", "fp32")}
+def repo_relative(path: str) -> str:
+    """A path as the committed results name it: relative to the repository (which may be a
+    worktree on another machine), not by this machine's absolute path."""
+    return os.path.relpath(path, ROOT)
 
 
 def better_on(reports: dict[str, dict]) -> dict[str, dict[str, list[str]]]:
@@ -189,6 +188,8 @@ def write_results(reports: dict[str, dict], curves: dict[str, dict[int, float]],
     lines += ["", "![validation answer-token loss](real_model.png)"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, RESULTS / "real_model.png", "validation answer-token loss", "naija_small: masked vs all tokens")
+    reports = {name: {**r, "checkpoint": repo_relative(r["checkpoint"]), "data": repo_relative(r["data"])}
+               for name, r in reports.items()}
     (RESULTS / "real_model.json").write_text(json.dumps({"command": command, "trained": facts, "reports": reports,
                                                         "curves": curves},
                                                         indent=2, ensure_ascii=False) + "\n")

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from sabiscale_analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,
-                                 write_comparison)
+                                           train_unless_done, write_comparison)
 
 WORK = ROOT / "runs" / "experiments" / "rho1_noise"
 RESULTS = ROOT / "analysis" / "results"
@@ -124,11 +124,11 @@ def main() -> None:
     reference = [*common(args), f"data.jsonl_root={WORK / 'clean'}", f"output_dir={ref}", f"data.dir={ref}", f"tokenizer.path={tokenizer}",
                  f"train.max_steps={args.reference_steps}"]
     sabiscale("prepare", str(RECIPE), *reference)
-    sabiscale("train", str(RECIPE), *reference)
+    train_unless_done(RECIPE, *reference)
     sabiscale("score", "--reference", str(ref / "checkpoints"), "--shards", str(mix / "shards"), "--out", str(WORK / "scored"))
     runs = {"all tokens": WORK / "all_tokens", f"selective {args.ratio}": WORK / "selective"}
     for (name, run), kind in zip(runs.items(), ("masked", "selective")):
-        sabiscale("train", str(RECIPE), *common(args), f"output_dir={run}", f"data.dir={run}", f"loss.kind={kind}",
+        train_unless_done(RECIPE, *common(args), f"output_dir={run}", f"data.dir={run}", f"loss.kind={kind}",
                   f"loss.ratio={args.ratio}", f"data.jsonl_root={WORK / 'noisy'}", f"data.shards_dir={WORK / 'scored'}",
                   f"tokenizer.path={tokenizer}", f"train.max_steps={args.steps}",
                   f"train.checkpoint_every={args.checkpoint_every}", "train.keep_last=0",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sabiscale_analysis.exp_rho1_noise import common, write_corpora
 from sabiscale_analysis.experiment import (RECIPE, ROOT, held_out_examples, mean_sd, plot_curves, sabiscale,
-                                           steps_to_reach)
+                                           steps_to_reach, train_unless_done)
 
 WORK = ROOT / "runs" / "experiments" / "rho1_seeds"
 RESULTS = ROOT / "analysis" / "results"
@@ -63,7 +63,7 @@ def prepare_references(args) -> Path:
                      f"tokenizer.path={tokenizer}", f"train.max_steps={args.reference_steps}"]
         if not (ref / "shards" / "manifest.json").is_file():
             sabiscale("prepare", str(RECIPE), *overrides)
-        sabiscale("train", str(RECIPE), *overrides)  # nothing to do once trained
+        train_unless_done(RECIPE, *overrides)
         scored = WORK / f"scored_{name.split('_')[1]}"
         if not (scored / "manifest.json").is_file():
             sabiscale("score", "--reference", str(ref / "checkpoints"), "--shards", str(mix / "shards"), "--out", str(scored))
@@ -72,7 +72,7 @@ def prepare_references(args) -> Path:
 
 def train_run(name: str, setting: dict, seed: int, args, tokenizer: Path) -> Path:
     run = WORK / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}"
-    sabiscale("train", str(RECIPE), *base(seed), f"output_dir={run}", f"data.dir={run}",
+    train_unless_done(RECIPE, *base(seed), f"output_dir={run}", f"data.dir={run}",
               f"loss.kind={setting['kind']}", f"loss.ratio={setting['ratio']}", f"data.jsonl_root={WORK / 'noisy'}",
               f"data.shards_dir={WORK / setting['scored']}", f"tokenizer.path={tokenizer}",
               f"train.max_steps={args.steps}", f"train.checkpoint_every={args.checkpoint_every}", "train.keep_last=0")

@@ -22,7 +22,7 @@ import argparse
 import json
 import time
 
-from sabiscale_analysis.experiment import RECIPE, ROOT, sabiscale
+from sabiscale_analysis.experiment import RECIPE, ROOT, train_unless_done
 from sabiscale_analysis.trajectories import CATEGORIES, breakdowns, classify, fractions, load_trajectories, write_report
 
 WORK = ROOT / "runs" / "experiments" / "warm_trajectories"
@@ -35,7 +35,7 @@ SOURCE_STEPS = 400
 
 
 def train(out, steps: int, seed: int, extra: list[str]) -> None:
-    sabiscale("train", str(RECIPE), f"output_dir={out}", f"data.dir={DATA}", "loss.kind=masked", f"seed={seed}",
+    train_unless_done(RECIPE, f"output_dir={out}", f"data.dir={DATA}", "loss.kind=masked", f"seed={seed}",
               f"train.max_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}", "train.log_every=50",
               "tracking.system_metrics=false", *extra)
 

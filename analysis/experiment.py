@@ -1,5 +1,6 @@
-"""What the experiment scripts share: running the console script, the held-out examples of a
-corpus (the same hash split training uses), steps-to-reach, and loss-curve plots."""
+"""What the experiment scripts share: running the console script, training a run unless it is
+already finished, the held-out examples of a corpus (the same hash split training uses),
+steps-to-reach, and loss-curve plots."""
 from __future__ import annotations
 
 import statistics
@@ -13,6 +14,30 @@ RECIPE = ROOT / "launch" / "recipes" / "shared_data.yaml"
 
 def sabiscale(*argv: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "sabiscale"), *argv], check=True, cwd=ROOT)
+
+
+def trained(run: Path) -> dict | None:
+    """What the run's last complete checkpoint says it was trained with (step, tokens, precision),
+    or None before its first checkpoint."""
+    from sabiscale.train.checkpoint import latest_complete, read_sidecar
+
+    last = latest_complete(Path(run) / "checkpoints")
+    if last is None:
+        return None
+    meta, _ = read_sidecar(last)
+    return {"step": meta["step"], "tokens_seen": meta["tokens_seen"], "precision": meta.get("precision", "fp32")}
+
+
+def train_unless_done(recipe: Path, *overrides: str) -> None:
+    """`sabiscale train recipe overrides...`, skipped when the run (output_dir=) already has a
+    checkpoint at train.max_steps: a resumed experiment would otherwise build an engine for each
+    finished run (~15-20 s here) only to find nothing to do. A stopped run continues as usual."""
+    given = dict(o.split("=", 1) for o in overrides)
+    done = trained(Path(given["output_dir"]))
+    if done is not None and "train.max_steps" in given and done["step"] >= int(given["train.max_steps"]):
+        print(f"{given['output_dir']}: already trained to step {done['step']}", flush=True)
+        return
+    sabiscale("train", str(recipe), *overrides)
 
 
 def held_out_examples(overrides: list[str]) -> list:

@@ -204,6 +204,16 @@ def run_tokenizer(run_dir: Path) -> Path:
     return resolve_checkpoint(run_dir / "checkpoints") / "tokenizer" / "tokenizer.json"
 
 
+def shown_path(path: Path) -> str:
+    """A run as the report names it: relative to the working directory when it lies under it,
+    so a committed report does not carry the machine's absolute paths."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_axis: str = "fraction",
                  from_step: int = 0) -> Path:
     from sabiscale.prep.tokenizer import load_tokenizer
@@ -214,7 +224,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Token-level loss trajectories\n",
-             f"Runs: {', '.join(str(t.run_dir) for t in runs)}  ",
+             f"Runs: {', '.join(shown_path(t.run_dir) for t in runs)}  ",
              f"Probe: {len(runs[0].meta['token_id'])} answer tokens of the validation shards; method: least-squares "
              f"slope of each token's loss over training progress ({x_axis}); |slope| > {threshold} nats is H->L or "
              "L->H, otherwise H->H / L->L by the token's final loss against the mean final loss (analysis/trajectories.py). "

@@ -6,8 +6,9 @@ engine.precision=auto's CPU rule (sabiscale/train/device.py: bf16 on CPUs with n
 models at least CPU_BF16_MIN_HIDDEN wide).
 
     .venv/bin/python benchmarks/cpu_bf16.py            # ~8 minutes here, on a quiet machine
+    .venv/bin/python benchmarks/cpu_bf16.py --tag amx  # another CPU family: a results file of its own
 
-Writes benchmarks/results/cpu_bf16.{md,json}.
+Writes benchmarks/results/cpu_bf16.{md,json} (cpu_bf16_<tag>.* with --tag; the header names the CPU).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def measure(width: int, precision: str, steps: int, warmup: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def write(rounds: dict, peaks: dict, native: bool, command: str) -> None:
+def write(rounds: dict, peaks: dict, native: bool, command: str, tag: str | None = None) -> None:
     from sabiscale.train.device import CPU_BF16_MIN_HIDDEN, choose_precision
 
     rows = []
@@ -56,12 +57,13 @@ def write(rounds: dict, peaks: dict, native: bool, command: str) -> None:
                      "bf16_speedup_median": statistics.median(gain), "bf16_speedup_range": [min(gain), max(gain)],
                      "auto_picks": choose_precision("auto", "cpu", None, native, width)})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cpu_bf16.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
-                                                      "native_bf16": native, "matmul_peak_flops_per_s": peaks,
+    name = f"cpu_bf16_{tag}" if tag else "cpu_bf16"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
+                                                      "cpu": bench.cpu_description(), "native_bf16": native, "matmul_peak_flops_per_s": peaks,
                                                       "widths": rows, "rounds": rounds}, indent=2) + "\n")
     lines = ["# Where bf16 pays on the CPU: sabiscale's step in fp32 and bf16, by model width\n",
              f"Command: `{command}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}, 2-core CPU, native bf16 (AVX512-BF16 or AMX): {native}; fastest "
+             f"Date: {time.strftime('%Y-%m-%d')}, 2-core {bench.cpu_description()}, native bf16 (AVX512-BF16 or AMX): {native}; fastest "
              f"matmul (2048^3) fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
              f"({peaks['bf16'] / peaks['fp32']:.2f}x). The standard workload of benchmarks/step_throughput.py "
              f"(4 layers, micro-batch 8 x 512, ZeRO-2 with CPU Adam, fused projections, eager) at each width; "
@@ -76,7 +78,7 @@ def write(rounds: dict, peaks: dict, native: bool, command: str) -> None:
               f"{CPU_BF16_MIN_HIDDEN} wide, fp32 otherwise. Narrow models spend their step in element-wise work, "
               "which bf16 does not speed up on the CPU (the casts cost), so only wide ones gain from the faster "
               "matmuls. Without native bf16 the CPU emulates it, far slower than fp32."]
-    (RESULTS / "cpu_bf16.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tag", help="name the results file cpu_bf16_<tag> (results differ by CPU family)")
     args = parser.parse_args()
     from sabiscale.__main__ import use_environment_toolchain
 
@@ -112,7 +115,8 @@ def main() -> None:
     peaks = {"fp32": max(peaks["fp32"], measure_matmul_peak(cpu)),
              "bf16": max(peaks["bf16"], measure_matmul_peak(cpu, torch.bfloat16))}
     write(rounds, peaks, cpu_has_native_bf16(),
-          f".venv/bin/python benchmarks/cpu_bf16.py --rounds {args.rounds} --steps {args.steps} --warmup {args.warmup}")
+          f".venv/bin/python benchmarks/cpu_bf16.py --rounds {args.rounds} --steps {args.steps} --warmup {args.warmup}"
+          + (f" --tag {args.tag}" if args.tag else ""), args.tag)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ def test_training_records_the_probe_and_analyze_compares_runs(probed_runs, tmp_p
         assert "probe/meta.npz" in {a.path for a in client.list_artifacts(run_id, "probe")}
     assert "logged to MLflow" in proc.stdout
     windowed = run_cli([BIN / "sabiscale", "analyze", str(masked), "--from-step", "5", "--out", str(tmp_path / "w"),
-                        "--no-log"])
+                        "--no-log"], cwd=masked.parent)
     assert "steps 5-12" in (tmp_path / "w" / "report.md").read_text() and "report:" in windowed.stdout
+    # a committed report names its runs relative to where it was made, not by this machine's paths
+    assert f"Runs: {masked.name}  " in (tmp_path / "w" / "report.md").read_text()
     # a run on prepared data shared through data.dir has no tokenizer/ of its own: its checkpoints carry it
     import shutil
 
@@ -98,3 +100,18 @@ def test_runs_probed_on_different_tokens_are_not_compared(probed_runs, tmp_path)
 
     with pytest.raises(ValueError, match="probed on different tokens"):
         write_report([masked, other], tmp_path / "r")
+
+
+def test_an_experiment_skips_a_finished_run_and_trains_an_unfinished_one(probed_runs, tmp_path, capsys):
+    import subprocess
+
+    from sabiscale_analysis.experiment import train_unless_done, trained
+
+    masked, _ = probed_runs
+    assert trained(masked)["step"] == 12 and trained(tmp_path) is None
+    # finished: no engine is built (a missing recipe would fail if `sabiscale train` ran)
+    train_unless_done(tmp_path / "no_recipe.yaml", f"output_dir={masked}", "train.max_steps=12")
+    assert "already trained to step 12" in capsys.readouterr().out
+    # not finished (more steps asked): it does run `sabiscale train`, which here stops at the missing recipe
+    with pytest.raises(subprocess.CalledProcessError):
+        train_unless_done(tmp_path / "no_recipe.yaml", f"output_dir={masked}", "train.max_steps=20")
