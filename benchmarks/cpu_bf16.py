@@ -3,7 +3,7 @@ widths (the standard workload of benchmarks/step_throughput.py otherwise: ../sha
 BPE, 4 layers, micro-batch 8 x 512, ZeRO-2 with CPU Adam), alternating in each round, each in its
 own process; and the fastest fp32 and bf16 matmul. It is the measurement behind
 engine.precision=auto's CPU rule (sabiscale/train/device.py: bf16 on CPUs with native bf16 for
-models at least CPU_BF16_MIN_HIDDEN wide).
+models at least CPU_BF16_MIN_HIDDEN wide, a width per CPU family).
 
     .venv/bin/python benchmarks/cpu_bf16.py            # ~8 minutes here, on a quiet machine
     .venv/bin/python benchmarks/cpu_bf16.py --tag amx  # another CPU family: a results file of its own
@@ -45,9 +45,12 @@ def measure(width: int, precision: str, steps: int, warmup: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def write(rounds: dict, peaks: dict, native: bool, command: str, tag: str | None = None) -> None:
+def write(rounds: dict, peaks: dict, unit: str | None, command: str, tag: str | None = None, cpu: str | None = None) -> None:
+    """unit: the CPU's native bf16 ("amx", "avx512_bf16" or None); cpu: its description (default:
+    this machine's)."""
     from sabiscale.train.device import CPU_BF16_MIN_HIDDEN, choose_precision
 
+    native, cpu = unit is not None, cpu or bench.cpu_description()
     rows = []
     for width in WIDTHS:
         fp32, bf16 = rounds[f"{width}:fp32"], rounds[f"{width}:bf16"]
@@ -55,15 +58,15 @@ def write(rounds: dict, peaks: dict, native: bool, command: str, tag: str | None
         rows.append({"width": width, "fp32_seconds_per_step": statistics.median(r["seconds_per_step"] for r in fp32),
                      "bf16_seconds_per_step": statistics.median(r["seconds_per_step"] for r in bf16),
                      "bf16_speedup_median": statistics.median(gain), "bf16_speedup_range": [min(gain), max(gain)],
-                     "auto_picks": choose_precision("auto", "cpu", None, native, width)})
+                     "auto_picks": choose_precision("auto", "cpu", None, native, width, unit)})
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"cpu_bf16_{tag}" if tag else "cpu_bf16"
     (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
-                                                      "cpu": bench.cpu_description(), "native_bf16": native, "matmul_peak_flops_per_s": peaks,
+                                                      "cpu": cpu, "native_bf16": native, "bf16_unit": unit, "matmul_peak_flops_per_s": peaks,
                                                       "widths": rows, "rounds": rounds}, indent=2) + "\n")
     lines = ["# Where bf16 pays on the CPU: sabiscale's step in fp32 and bf16, by model width\n",
              f"Command: `{command}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}, 2-core {bench.cpu_description()}, native bf16 (AVX512-BF16 or AMX): {native}; fastest "
+             f"Date: {time.strftime('%Y-%m-%d')}, 2-core {cpu}, native bf16 (AVX512-BF16 or AMX): {native}; fastest "
              f"matmul (2048^3) fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
              f"({peaks['bf16'] / peaks['fp32']:.2f}x). The standard workload of benchmarks/step_throughput.py "
              f"(4 layers, micro-batch 8 x 512, ZeRO-2 with CPU Adam, fused projections, eager) at each width; "
@@ -74,8 +77,9 @@ def write(rounds: dict, peaks: dict, native: bool, command: str, tag: str | None
         lo, hi = r["bf16_speedup_range"]
         lines.append(f"| {r['width']} | {r['fp32_seconds_per_step']:.3f} | {r['bf16_seconds_per_step']:.3f} | "
                      f"{r['bf16_speedup_median']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['auto_picks']} |")
+    rule = ", ".join(f"{width} with {name}" for name, width in CPU_BF16_MIN_HIDDEN.items())
     lines += ["", f"The rule (sabiscale/train/device.py): bf16 on a CPU with native bf16 for models at least "
-              f"{CPU_BF16_MIN_HIDDEN} wide, fp32 otherwise. Narrow models spend their step in element-wise work, "
+              f"as wide as that CPU's threshold ({rule}; this CPU: {unit or 'none'}), fp32 otherwise. Narrow models spend their step in element-wise work, "
               "which bf16 does not speed up on the CPU (the casts cost), so only wide ones gain from the faster "
               "matmuls. Without native bf16 the CPU emulates it, far slower than fp32."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -100,7 +104,7 @@ def main() -> None:
         return
     from sabiscale.prep.prepare import prepare
     from sabiscale.track.metrics import measure_matmul_peak
-    from sabiscale.train.device import cpu_has_native_bf16
+    from sabiscale.train.device import cpu_bf16_unit
 
     if not (bench._config().shards_dir / "manifest.json").is_file():
         prepare(bench._config())
@@ -114,7 +118,7 @@ def main() -> None:
             print(f"round {r + 1} {role}: {rounds[role][-1]['seconds_per_step']:.3f} s/step", flush=True)
     peaks = {"fp32": max(peaks["fp32"], measure_matmul_peak(cpu)),
              "bf16": max(peaks["bf16"], measure_matmul_peak(cpu, torch.bfloat16))}
-    write(rounds, peaks, cpu_has_native_bf16(),
+    write(rounds, peaks, cpu_bf16_unit(),
           f".venv/bin/python benchmarks/cpu_bf16.py --rounds {args.rounds} --steps {args.steps} --warmup {args.warmup}"
           + (f" --tag {args.tag}" if args.tag else ""), args.tag)
 

@@ -349,7 +349,7 @@ def write_results(rounds: dict, peak: float, args, precision: str, cold_compile:
     fmt = {"supervised_tokens_per_s": "{:.0f}", "tokens_per_s": "{:.0f}", "padding_share": "{:.1%}",
            "mfu": "{:.1%}", "executed_mfu": "{:.1%}", "transient_bytes_per_token": "{:.0f}", "seconds_per_step": "{:.2f}"}
     flat_diff = max(r["flat_loss_rel_diff"] for r in rounds["peer_flat"])
-    lines = [f"# Step throughput: sabiscale vs HF Trainer peers (padded and padding-free)\n",
+    lines = ["# Step throughput: sabiscale vs HF Trainer peers (padded and padding-free)\n",
              f"Command: `{command}`  ", f"Date: {date}, 2 cores of {cpu_description()}, {precision} for every role"
              f"{' (the Trainer peers: bf16 autocast)' if precision == 'bf16' else ''}; "
              f"measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s (fastest product, before and after the rounds); medians of {args.rounds} alternating rounds, "

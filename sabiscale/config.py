@@ -274,8 +274,8 @@ class EngineConfig(_Section):
     # A DeepSpeed JSON; keys sabiscale owns are "auto" there and filled from this config.
     ds_config: Path = Path("ds_configs/zero2_offload.json")
     # auto: bf16 on GPUs with native bf16 (compute capability 8.0 on), fp16 with loss scaling on
-    # older GPUs; on the CPU bf16 where it has native bf16 (AVX512-BF16, AMX) and the model is at
-    # least 128 wide (where it was measured faster), fp32 otherwise.
+    # older GPUs; on the CPU bf16 where it has native bf16 and the model is wide enough for bf16 to
+    # be measured faster there (128 with AVX512-BF16, 256 with AMX), fp32 otherwise.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # auto: the GPUs where torch can use them; where nvidia-smi sees GPUs that this torch cannot
     # use, training refuses to fall back to the CPU and says what to install. cpu: train on the

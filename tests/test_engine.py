@@ -8,7 +8,7 @@ from faults import Fault
 from sabiscale.train.hooks import StepRecorder, TrainHook
 from sabiscale.config import load_config
 from sabiscale.errors import UserError
-from sabiscale.train.device import cpu_has_native_bf16
+from sabiscale.train.device import cpu_bf16_unit, cpu_has_native_bf16
 from sabiscale.train.engine import EngineConfigError, fill_ds_config, resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +48,10 @@ def test_precision_follows_the_device():
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert cpu_has_native_bf16() is native
+    assert cpu_bf16_unit() == ("amx" if torch.cpu._is_amx_tile_supported() else "avx512_bf16" if native else None)
     assert resolve_precision("auto", 64) == "fp32"
     assert resolve_precision("auto", 256) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", 128) == ("bf16" if cpu_bf16_unit() == "avx512_bf16" else "fp32")
     assert resolve_precision("bf16", 64) == "bf16"
     assert resolve_precision("fp32", 1024) == "fp32"
 

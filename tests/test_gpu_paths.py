@@ -54,17 +54,22 @@ def test_precision_by_compute_capability(requested, device, capability, bf16, ex
     assert BF16_CAPABILITY == (8, 0)
 
 
-@pytest.mark.parametrize("native_bf16,hidden,expected", [
-    (True, 256, "bf16"),    # AVX512-BF16 / AMX, a model where matmuls dominate the step
-    (True, 1024, "bf16"),
-    (True, 128, "bf16"),
-    (True, 64, "fp32"),     # too narrow: element-wise work dominates, measured slower in bf16
-    (False, 1024, "fp32"),  # emulated bf16
+@pytest.mark.parametrize("unit,hidden,expected", [
+    ("avx512_bf16", 256, "bf16"),  # a model where matmuls dominate the step
+    ("avx512_bf16", 1024, "bf16"),
+    ("avx512_bf16", 128, "bf16"),  # measured 1.31x on an AMD EPYC
+    ("avx512_bf16", 64, "fp32"),   # too narrow: element-wise work dominates, measured slower in bf16
+    ("amx", 128, "fp32"),          # measured 0.96x on an Intel Xeon with AMX: its fp32 is stronger
+    ("amx", 256, "bf16"),
+    ("amx", 64, "fp32"),
+    (None, 1024, "fp32"),          # emulated bf16
 ])
-def test_cpu_precision_by_native_bf16_and_model_width(native_bf16, hidden, expected):
-    assert choose_precision("auto", "cpu", None, native_bf16, hidden) == expected
-    assert choose_precision("fp32", "cpu", None, native_bf16, hidden) == "fp32"
+def test_cpu_precision_by_native_bf16_and_model_width(unit, hidden, expected):
+    assert choose_precision("auto", "cpu", None, unit is not None, hidden, unit) == expected
+    assert choose_precision("fp32", "cpu", None, unit is not None, hidden, unit) == "fp32"
     assert choose_precision("bf16", "cpu", None, False, 64) == "bf16"  # an explicit choice is kept
+    # a caller that only knows "native bf16" gets the AVX512-BF16 rule
+    assert choose_precision("auto", "cpu", None, True, 128) == "bf16"
 
 
 SMI_LIST = "GPU 0: NVIDIA A10G (UUID: GPU-1)\nGPU 1: NVIDIA A10G (UUID: GPU-2)\n"

@@ -1,6 +1,5 @@
 """The memory planner: its model-state terms equal DeepSpeed's own estimators where they overlap,
 and its recommendation follows from the numbers (measured against real RSS in benchmarks/)."""
-from pathlib import Path
 
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs

@@ -191,7 +191,7 @@ def test_a_task_whose_every_record_is_skipped_is_named(tmp_path):
     done = _cli("prepare", str(recipe("some", files)), "--skip-bad")
     assert done.returncode == 0, done.stderr[-3000:]
     listed = tmp_path / "some" / "shards" / "skipped.jsonl"
-    assert f"task 'sentiment': all 7 records were bad and skipped; it has no examples" in done.stdout
+    assert "task 'sentiment': all 7 records were bad and skipped; it has no examples" in done.stdout
     assert str(listed) in done.stdout and len(listed.read_text().splitlines()) == 7
     refused = _cli("prepare", str(recipe("none", files[1:])), "--skip-bad")
     assert refused.returncode == 2

@@ -17,32 +17,42 @@ BF16_CAPABILITY = (8, 0)
 
 
 # On the CPU bf16 pays only with native bf16 dot products (AVX512-BF16 or AMX; elsewhere it is
-# emulated, far slower than fp32) and only where matmuls are a large enough share of the step.
-# Measured on an AVX512-BF16 CPU (the repository's benchmarks/cpu_bf16.py): a training step 1.65x
-# faster in bf16 at width 256 and 512, 1.31x at 128, 0.90x at 64 (element-wise work dominates).
-CPU_BF16_MIN_HIDDEN = 128
+# emulated, far slower than fp32) and only where matmuls are a large enough share of the step, a
+# width that differs by CPU family (benchmarks/cpu_bf16.py, the training step bf16 vs fp32):
+# - AMD EPYC, AVX512-BF16: 0.90x at width 64, 1.31x at 128, 1.67x at 256, 1.65x at 512;
+# - Intel Xeon with AMX: 0.89x at 64, 0.96x at 128, 1.36x at 256, 1.56x at 512: its fp32 AVX-512
+#   is stronger, so bf16 needs wider matmuls to pay for its casts around element-wise work.
+CPU_BF16_MIN_HIDDEN = {"avx512_bf16": 128, "amx": 256}
 
 
 def choose_precision(requested: str, device_type: str, capability: tuple[int, int] | None,
-                     bf16_supported: bool = False, hidden_size: int = 0) -> str:
-    """On the CPU bf16 where it has native bf16 (bf16_supported) and the model is wide enough for
-    it to pay, fp32 otherwise; on CUDA bf16 from sm80 on, fp16 below; other accelerators: bf16
-    where they say they have it, else fp16."""
+                     bf16_supported: bool = False, hidden_size: int = 0, cpu_unit: str | None = None) -> str:
+    """On the CPU bf16 where it has native bf16 (bf16_supported; cpu_unit names it, "amx" or
+    "avx512_bf16") and the model is wide enough for it to pay there, fp32 otherwise; on CUDA bf16
+    from sm80 on, fp16 below; other accelerators: bf16 where they say they have it, else fp16."""
     if requested != "auto":
         return requested
     if device_type == "cpu":
-        return "bf16" if bf16_supported and hidden_size >= CPU_BF16_MIN_HIDDEN else "fp32"
+        unit = cpu_unit or ("avx512_bf16" if bf16_supported else None)
+        return "bf16" if unit is not None and hidden_size >= CPU_BF16_MIN_HIDDEN[unit] else "fp32"
     if device_type == "cuda" and capability is not None:
         return "bf16" if tuple(capability) >= BF16_CAPABILITY else "fp16"
     return "bf16" if bf16_supported else "fp16"
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX tiles, as torch's own CPU dispatch reads them (cpuinfo)."""
+def cpu_bf16_unit() -> str | None:
+    """This CPU's native bf16, as torch's own CPU dispatch reads it (cpuinfo): "amx" (AMX tiles,
+    which torch's bf16 matmuls use first), "avx512_bf16", or None (bf16 only emulated)."""
     import torch
 
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None)
+    for unit, probe in (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        if getattr(torch.cpu, probe, lambda: False)():
+            return unit
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    return cpu_bf16_unit() is not None
 
 
 # Triton, inductor's GPU backend, generates code for compute capability 7.0 on.

@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 from sabiscale.errors import UserError
 from sabiscale.config import OptimConfig, RunConfig
-from sabiscale.train.device import (choose_compile, choose_precision, cpu_has_native_bf16, fused_adam_prebuilt,
+from sabiscale.train.device import (choose_compile, choose_precision, cpu_bf16_unit, fused_adam_prebuilt,
                                     resolve_adam)
 
 
@@ -104,13 +104,15 @@ def resolve_precision(requested: str, hidden_size: int) -> str:
     accel = get_accelerator()
     device_type = accel.device_name()
     capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
+    unit = None
     if requested != "auto" or device_type == "cuda":
         bf16 = False
     elif device_type == "cpu":
-        bf16 = cpu_has_native_bf16()
+        unit = cpu_bf16_unit()
+        bf16 = unit is not None
     else:
         bf16 = accel.is_bf16_supported()
-    return choose_precision(requested, device_type, capability, bf16, hidden_size)
+    return choose_precision(requested, device_type, capability, bf16, hidden_size, unit)
 
 
 def resolve_compile(requested: str) -> bool:
