@@ -45,7 +45,13 @@ WEAK_BELOW = {"ner": ("entity_f1", 0.3), "sentiment": ("macro_f1", 0.4), "transl
 
 
 def train_for(run: Path, kind: str, minutes: float, steps: int | None) -> bool:
-    """Train until max_steps or the time box; True once the run is complete."""
+    """Train until max_steps or the time box; True once the run is complete (a finished run is not
+    started again)."""
+    from sabiscale.config import load_config
+
+    done = trained(run)
+    if done is not None and done["step"] >= (steps or load_config(RECIPE).train.max_steps):
+        return True
     overrides = [f"output_dir={run}", f"loss.kind={kind}"] + ([f"train.max_steps={steps}"] if steps else [])
     proc = subprocess.Popen([str(Path(sys.executable).parent / "sabiscale"), "train", str(RECIPE), *overrides],
                             cwd=ROOT)

@@ -7,6 +7,8 @@ models at least CPU_BF16_MIN_HIDDEN wide, a width per CPU family).
 
     .venv/bin/python benchmarks/cpu_bf16.py            # ~8 minutes here, on a quiet machine
     .venv/bin/python benchmarks/cpu_bf16.py --tag amx  # another CPU family: a results file of its own
+    .venv/bin/python benchmarks/cpu_bf16.py --render-only [--tag amx]  # rewrite the .md from the saved
+                                                        # .json with the current rule, measuring nothing
 
 Writes benchmarks/results/cpu_bf16.{md,json} (cpu_bf16_<tag>.* with --tag; the header names the CPU).
 """
@@ -45,12 +47,17 @@ def measure(width: int, precision: str, steps: int, warmup: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def write(rounds: dict, peaks: dict, unit: str | None, command: str, tag: str | None = None, cpu: str | None = None) -> None:
-    """unit: the CPU's native bf16 ("amx", "avx512_bf16" or None); cpu: its description (default:
-    this machine's)."""
+def results_name(tag: str | None) -> str:
+    return f"cpu_bf16_{tag}" if tag else "cpu_bf16"
+
+
+def write(rounds: dict, peaks: dict, unit: str | None, command: str, tag: str | None = None, cpu: str | None = None,
+          date: str | None = None) -> None:
+    """unit: the CPU's native bf16 ("amx", "avx512_bf16" or None); cpu and date: the measured
+    machine's description and the measurement's day (default: this machine's, today)."""
     from sabiscale.train.device import CPU_BF16_MIN_HIDDEN, choose_precision
 
-    native, cpu = unit is not None, cpu or bench.cpu_description()
+    native, cpu, date = unit is not None, cpu or bench.cpu_description(), date or time.strftime("%Y-%m-%d")
     rows = []
     for width in WIDTHS:
         fp32, bf16 = rounds[f"{width}:fp32"], rounds[f"{width}:bf16"]
@@ -60,13 +67,13 @@ def write(rounds: dict, peaks: dict, unit: str | None, command: str, tag: str | 
                      "bf16_speedup_median": statistics.median(gain), "bf16_speedup_range": [min(gain), max(gain)],
                      "auto_picks": choose_precision("auto", "cpu", None, native, width, unit)})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"cpu_bf16_{tag}" if tag else "cpu_bf16"
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
+    name = results_name(tag)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "date": date,
                                                       "cpu": cpu, "native_bf16": native, "bf16_unit": unit, "matmul_peak_flops_per_s": peaks,
                                                       "widths": rows, "rounds": rounds}, indent=2) + "\n")
     lines = ["# Where bf16 pays on the CPU: sabiscale's step in fp32 and bf16, by model width\n",
              f"Command: `{command}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}, 2-core {cpu}, native bf16 (AVX512-BF16 or AMX): {native}; fastest "
+             f"Date: {date}, 2-core {cpu}, native bf16 (AVX512-BF16 or AMX): {native}; fastest "
              f"matmul (2048^3) fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
              f"({peaks['bf16'] / peaks['fp32']:.2f}x). The standard workload of benchmarks/step_throughput.py "
              f"(4 layers, micro-batch 8 x 512, ZeRO-2 with CPU Adam, fused projections, eager) at each width; "
@@ -93,6 +100,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tag", help="name the results file cpu_bf16_<tag> (results differ by CPU family)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the results from their saved JSON with the current rule (its auto column)")
     args = parser.parse_args()
     from sabiscale.__main__ import use_environment_toolchain
 
@@ -101,6 +110,11 @@ def main() -> None:
         width, precision = args.role.split(":")
         print(json.dumps(bench.run_ours(args.steps, args.warmup, "zero2_offload", precision,
                                         model_overrides(int(width)) + ["train.compile=off"])))
+        return
+    if args.render_only:
+        saved = json.loads((RESULTS / f"{results_name(args.tag)}.json").read_text())
+        write(saved["rounds"], saved["matmul_peak_flops_per_s"], saved["bf16_unit"], saved["command"], args.tag,
+              saved["cpu"], saved["date"])
         return
     from sabiscale.prep.prepare import prepare
     from sabiscale.track.metrics import measure_matmul_peak

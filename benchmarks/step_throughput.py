@@ -302,7 +302,7 @@ def add_cold_compile(args) -> None:
     saved = json.loads((RESULTS / f"{results_stem(args.profile, precision, args.tag)}.json").read_text())
     saved_args = argparse.Namespace(**{**vars(args), **saved["args"]}) if "args" in saved else args
     write_results(saved["rounds"], saved["peak_flops_per_s"], saved_args, precision, cold_compile_seconds(precision),
-                  saved["date"])
+                  saved["date"], saved.get("cpu"))
 
 
 def results_stem(profile: str, precision: str, tag: str = "") -> str:
@@ -319,7 +319,9 @@ def cpu_description() -> str:
 
 
 def write_results(rounds: dict, peak: float, args, precision: str, cold_compile: float | None = None,
-                  date: str | None = None) -> None:
+                  date: str | None = None, cpu: str | None = None) -> None:
+    """cpu: the measured machine's description when results are re-rendered (default: this one's)."""
+    cpu = cpu or cpu_description()
     keys = ["supervised_tokens_per_s", "tokens_per_s", "padding_share", "mfu", "executed_mfu",
             "transient_bytes_per_token", "seconds_per_step"]
     roles = list(rounds)
@@ -340,7 +342,7 @@ def write_results(rounds: dict, peak: float, args, precision: str, cold_compile:
     stem = results_stem(args.profile, precision, args.tag)
     headline = {"median": statistics.median(vs_best), "min": min(vs_best), "max": max(vs_best), "per_round": vs_best}
     (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"command": command, "date": date, "cpu": cpu_description(), "precision": precision,
+        {"command": command, "date": date, "cpu": cpu, "precision": precision,
          "peak_flops_per_s": peak, "rounds": rounds,
          "args": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "profile", "compiled", "tag")},
          "cold_compile_seconds": cold_compile,
@@ -350,7 +352,7 @@ def write_results(rounds: dict, peak: float, args, precision: str, cold_compile:
            "mfu": "{:.1%}", "executed_mfu": "{:.1%}", "transient_bytes_per_token": "{:.0f}", "seconds_per_step": "{:.2f}"}
     flat_diff = max(r["flat_loss_rel_diff"] for r in rounds["peer_flat"])
     lines = ["# Step throughput: sabiscale vs HF Trainer peers (padded and padding-free)\n",
-             f"Command: `{command}`  ", f"Date: {date}, 2 cores of {cpu_description()}, {precision} for every role"
+             f"Command: `{command}`  ", f"Date: {date}, 2 cores of {cpu}, {precision} for every role"
              f"{' (the Trainer peers: bf16 autocast)' if precision == 'bf16' else ''}; "
              f"measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s (fastest product, before and after the rounds); medians of {args.rounds} alternating rounds, "
              f"{args.steps} timed steps each after {args.warmup} warm-up steps; sabiscale on DeepSpeed "
