@@ -11,7 +11,7 @@ the loader's decoding) is the rest of the phase.
     .venv/bin/python benchmarks/step_profile.py            # ~3 minutes here; on a quiet machine
     .venv/bin/python benchmarks/step_profile.py --steps 2  # a quick look
 
-Writes benchmarks/results/step_profile.{md,json}.
+Writes benchmarks/results/step_profile.{md,json} (step_profile_<tag>.* with --tag; the header names the CPU).
 """
 from __future__ import annotations
 
@@ -121,13 +121,15 @@ def gemm_ceiling(dtype: torch.dtype, tokens: int = 8 * 512, supervised: int = 20
             "gemm_seconds": seconds}
 
 
-def write(results: dict, command: str) -> None:
+def results_name(tag: str | None) -> str:
+    return f"step_profile_{tag}" if tag else "step_profile"
+
+
+def write(results: dict, command: str, tag: str | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "step_profile.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
-                                                           "settings": results}, indent=2) + "\n")
     names = list(results)
     lines = ["# Where a training step's time goes\n", f"Command: `{command}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}, 2-core CPU, fp32 unless the setting says bf16, the standard workload of "
+             f"Date: {time.strftime('%Y-%m-%d')}, 2-core {bench.cpu_description()}, fp32 unless the setting says bf16, the standard workload of "
              "benchmarks/step_throughput.py (11.6M Llama, micro-batch 8 x 512, ZeRO-2 with CPU Adam). "
              "Seconds per step, mean over the profiled steps (the profiler itself adds a little).\n",
              "| seconds per step | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
@@ -150,9 +152,10 @@ def write(results: dict, command: str) -> None:
     for name, c in ceiling.items():
         lines.append(f"| {name} | {c['gemm_flops_per_s'] / 1e9:.0f} | {c['peak_flops_per_s'] / 1e9:.0f} | "
                      f"{c['share_of_peak']:.0%} | {c['gemm_seconds']:.3f} |")
-    (RESULTS / "step_profile.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
-                                                           "settings": results, "gemm_ceiling": ceiling}, indent=2) + "\n")
-    (RESULTS / "step_profile.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{results_name(tag)}.json").write_text(json.dumps(
+        {"command": command, "date": time.strftime("%Y-%m-%d"), "cpu": bench.cpu_description(), "settings": results,
+         "gemm_ceiling": ceiling}, indent=2) + "\n")
+    (RESULTS / f"{results_name(tag)}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -163,6 +166,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps profiled")
     parser.add_argument("--keep-measured", action="store_true",
                         help="reuse the settings already in results/step_profile.json, profile only the others")
+    parser.add_argument("--tag", help="name the results step_profile_<tag> (results differ by CPU family)")
     args = parser.parse_args()
     from sabiscale.__main__ import use_environment_toolchain
 
@@ -174,7 +178,7 @@ def main() -> None:
 
     if not (bench._config().shards_dir / "manifest.json").is_file():
         prepare(bench._config())  # the same prepared workload as step_throughput.py
-    saved = RESULTS / "step_profile.json"
+    saved = RESULTS / f"{results_name(args.tag)}.json"
     results = json.loads(saved.read_text())["settings"] if args.keep_measured and saved.is_file() else {}
     for setting in (s for s in SETTINGS if s not in results):  # each in its own process: compiled code and allocator state do not carry over
         proc = subprocess.run([sys.executable, __file__, "--setting", setting, "--first", str(args.first),
@@ -183,7 +187,8 @@ def main() -> None:
             sys.exit(f"{setting} failed:\n{proc.stderr[-3000:]}")
         results[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
     write({s: results[s] for s in SETTINGS}, f".venv/bin/python benchmarks/step_profile.py --first {args.first} "
-          f"--steps {args.steps}" + (" --keep-measured (the other settings: an earlier run)" if args.keep_measured else ""))
+          f"--steps {args.steps}" + (f" --tag {args.tag}" if args.tag else "")
+          + (" --keep-measured (the other settings: an earlier run)" if args.keep_measured else ""), args.tag)
 
 
 if __name__ == "__main__":
