@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the results from their saved JSON with the current rule (its auto column)")
     args = parser.parse_args()
-    from sabiscale.__main__ import use_environment_toolchain
+    from sabiscale.runtime import use_environment_toolchain
 
     use_environment_toolchain()
     if args.role:

@@ -64,9 +64,10 @@ def generate(target_bytes: float) -> dict:
 
 def indexed_stream(manifest: dict, rank: int, ranks: int, start: int = 0):
     from sabiscale.data.batch import Vocab
-    from sabiscale.data.loader import make_loader, shard_urls
+    from sabiscale.data.loader import make_loader
+    from sabiscale.shards.format import split_shards
 
-    return make_loader(shard_urls(SHARDS, manifest, "train"), Vocab.from_manifest(manifest), MICRO_BATCH, rank,
+    return make_loader(split_shards(SHARDS, manifest, "train"), Vocab.from_manifest(manifest), MICRO_BATCH, rank,
                        ranks, SEED, True, 0, start)
 
 

@@ -47,11 +47,12 @@ def run_prepare(workers: int, out: Path) -> dict:
 
 def run_loader(shards_dir: Path, world_size: int, batches: int) -> dict:
     from sabiscale.data.batch import Vocab
-    from sabiscale.data.loader import make_loader, shard_urls
+    from sabiscale.data.loader import make_loader
+    from sabiscale.shards.format import split_shards
     from sabiscale.shards.format import read_manifest
 
     manifest = read_manifest(shards_dir)
-    stream = make_loader(shard_urls(shards_dir, manifest, "train"), Vocab.from_manifest(manifest), 8, 0, world_size,
+    stream = make_loader(split_shards(shards_dir, manifest, "train"), Vocab.from_manifest(manifest), 8, 0, world_size,
                          1234, True)
     next(stream)  # the first batch opens the files; training pays that once
     start = time.perf_counter()

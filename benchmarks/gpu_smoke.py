@@ -134,8 +134,9 @@ def attention_row(device: torch.device, dtype: torch.dtype):
 
 def eval_export_rows(table: Table, checkpoint: Path | None, out: Path, device: torch.device) -> None:
     from sabiscale.evaluate.heldout import teacher_forced
-    from sabiscale.prep.tasks import Example
-    from sabiscale.train.checkpoint import export_hf, load_trained_lm
+    from sabiscale.tasks import Example
+    from sabiscale.publish.export import export_hf
+from sabiscale.train.checkpoint import load_trained_lm
 
     skip = None if checkpoint is not None else "no checkpoint (the training rows did not run)"
 
@@ -169,7 +170,7 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from sabiscale.__main__ import use_environment_toolchain
+    from sabiscale.runtime import use_environment_toolchain
     from sabiscale.train.engine import ensure_launcher_env, init_distributed, resolve_precision
 
     use_environment_toolchain()

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", default=list(SIZES))
     parser.add_argument("--optimizers", nargs="*", default=["adamw", "adamw8bit"])
     args = parser.parse_args()
-    from sabiscale.__main__ import use_environment_toolchain
+    from sabiscale.runtime import use_environment_toolchain
 
     use_environment_toolchain()
     if args.role:

@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    from sabiscale.__main__ import use_environment_toolchain
+    from sabiscale.runtime import use_environment_toolchain
 
     use_environment_toolchain()
     if args.role:

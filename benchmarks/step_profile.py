@@ -168,7 +168,7 @@ def main() -> None:
                         help="reuse the settings already in results/step_profile.json, profile only the others")
     parser.add_argument("--tag", help="name the results step_profile_<tag> (results differ by CPU family)")
     args = parser.parse_args()
-    from sabiscale.__main__ import use_environment_toolchain
+    from sabiscale.runtime import use_environment_toolchain
 
     use_environment_toolchain()
     if args.setting:

@@ -419,7 +419,7 @@ def main() -> None:
     parser.add_argument("--cold-compile-only", action="store_true",
                         help="only measure train.compile's cold compilation and add it to the existing results")
     args = parser.parse_args()
-    from sabiscale.__main__ import use_environment_toolchain
+    from sabiscale.runtime import use_environment_toolchain
 
     use_environment_toolchain()
     if args.role:

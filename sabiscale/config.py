@@ -15,7 +15,7 @@ import yaml
 from sabiscale.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sabiscale.prep.tasks import BUILTIN_TASKS, TaskDef, task_registry
+from sabiscale.tasks import BUILTIN_TASKS, TaskDef, task_registry
 
 
 class ConfigError(UserError):
@@ -90,7 +90,7 @@ class DataConfig(_Section):
     source: Literal["demo", "jsonl", "files"] = "demo"
     jsonl_root: Path | None = None
     files: list[FileSource] = []
-    # Tasks declared in the recipe (or built-ins redefined): see sabiscale/prep/tasks.py.
+    # Tasks declared in the recipe (or built-ins redefined): see sabiscale/tasks.py.
     task_defs: dict[str, TaskDef] = {}
     demo_examples_per_task: int = Field(600, gt=0)
     # Cap on records read from each input file (None = all); keeps tests and smoke runs small.
@@ -109,8 +109,20 @@ class DataConfig(_Section):
     prepare_workers: int = Field(1, ge=1)
     seq_len: int = Field(256, ge=16)
     sequences_per_shard: int = Field(256, gt=0)
-    # Share of documents held out for the validation shards.
+    # Share of documents held out for the validation shards (the loss curve during training).
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    # Records whose `orig_split` is one of these never reach the train or validation shards: they
+    # are what `sabiscale eval --split dev` scores.
+    heldout_splits: list[str] = ["dev", "test"]
+    # Records without an `orig_split` (plain text, the demo corpus) are held out for eval by a
+    # stable hash of their location: this share of them.
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    # "exact": drop training documents that repeat an earlier one (low-resource web text repeats a
+    # lot); "none": keep every copy.
+    dedup: Literal["exact", "none"] = "exact"
+    # JSONL files of evaluation records: training documents sharing a text or a 13-gram with any
+    # of their string fields are dropped at prepare (counted in the manifest).
+    decontaminate_against: list[Path] = []
     # Training-time DataLoader processes per rank that read and decode shards (0 = in the training process).
     loader_workers: int = Field(0, ge=0)
     # Where `prepare` writes the prepared data (raw demo corpus, tokenizer, shards + manifest), once,
@@ -137,6 +149,9 @@ class DataConfig(_Section):
                              "data.task_defs")
         if self.source == "files" and not {f.task for f in self.files} & set(self.tasks):
             raise ValueError(f"data.tasks {self.tasks} selects none of the tasks in data.files")
+        if self.val_fraction + self.heldout_fraction >= 1:
+            raise ValueError(f"data.val_fraction ({self.val_fraction}) + data.heldout_fraction "
+                             f"({self.heldout_fraction}) must leave records to train on (sum < 1)")
         unused = set(self.mix.task_weights) - set(self.tasks)
         if unused:
             raise ValueError(f"data.mix.task_weights names tasks not in data.tasks: {sorted(unused)}")
@@ -260,7 +275,7 @@ class TrainConfig(_Section):
     # they are. ZeRO-3 always runs the modules (its parameters are whole only inside their own call).
     fused_projections: bool = True
     # Peak FLOP/s of one device, for train/mfu; None = measured at start with a matmul
-    # (fp32 on 2 CPU cores measures about 1.4e11-1.8e11).
+    # (a small CPU server in fp32 measures about 1e11-2e11).
     peak_flops_per_s: float | None = Field(None, gt=0)
 
     @field_validator("compile", mode="before")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sabiscale.__main__ import use_environment_toolchain
+from sabiscale.runtime import use_environment_toolchain
 from sabiscale.config import load_config
 from sabiscale.prep.prepare import prepare
 
@@ -41,14 +41,15 @@ def demo_cfg(tmp_path_factory):
 def parts(demo_cfg):
     """(tokenizer, the first train micro-batch of 4 demo sequences, vocab), unshuffled."""
     from sabiscale.data.batch import Vocab
-    from sabiscale.data.loader import make_loader, shard_urls
+    from sabiscale.data.loader import make_loader
+    from sabiscale.shards.format import split_shards
     from sabiscale.shards.format import read_manifest
     from sabiscale.prep.tokenizer import load_tokenizer
 
     tok = load_tokenizer(demo_cfg.tokenizer_path)
     manifest = read_manifest(demo_cfg.shards_dir)
     vocab = Vocab.from_manifest(manifest)
-    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
+    batch = next(make_loader(split_shards(demo_cfg.shards_dir, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
     return tok, batch, vocab
 
 

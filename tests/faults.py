@@ -48,7 +48,7 @@ class Fault(TrainHook):
 
 
 if __name__ == "__main__":
-    from sabiscale.__main__ import main
+    from sabiscale.cli import main
 
     faults = [Fault(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--fault=")]
     sys.exit(main([a for a in sys.argv[1:] if not a.startswith("--fault=")], hooks=faults))

@@ -7,13 +7,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import BIN, ROOT, fresh_run_dir, run_cli
-from sabiscale.train.checkpoint import export_hf, load_trained_lm
+from sabiscale.publish.export import export_hf
+from sabiscale.train.checkpoint import load_trained_lm
 from sabiscale.data.batch import Vocab
-from sabiscale.data.loader import make_loader, shard_urls
+from sabiscale.data.loader import make_loader
+from sabiscale.shards.format import split_shards
 from sabiscale.evaluate.heldout import ner_scores, parse_ner, parse_sentiment, sentiment_scores
 from sabiscale.loss.objective import TokenLossObjective
 from sabiscale.shards.format import read_manifest
-from sabiscale.prep.tasks import BUILTIN_TASKS, special_tokens
+from sabiscale.tasks import BUILTIN_TASKS, special_tokens
 
 
 def test_unparsable_outputs_count_as_wrong():
@@ -59,7 +61,7 @@ def test_export_loads_offline_and_matches_sabiscale_forward(demo_cfg, zero3_chec
         torch.testing.assert_close(model.state_dict()[name], param, msg=name)
 
     manifest = read_manifest(demo_cfg.shards_dir)
-    batch = next(make_loader(shard_urls(demo_cfg.shards_dir, manifest, "val"), Vocab.from_manifest(manifest),
+    batch = next(make_loader(split_shards(demo_cfg.shards_dir, manifest, "val"), Vocab.from_manifest(manifest),
                              2, 0, 1, 0, 0, 0))
     objective = TokenLossObjective(lm, "masked", 64, our_tok.pad_token_id)
     with torch.no_grad():
@@ -117,11 +119,12 @@ def test_an_export_carries_a_model_card_and_generation_config(demo_cfg, zero3_ch
     assert text.startswith(prompts["translation"]) and len(text) > len(prompts["translation"])
 
     report = {"split": "val", "data": "demo", "step": 3, "examples_per_file": 5,
-              "teacher_forced": {"ner/yor": {"answer_tokens": 10, "answer_bytes": 20, "perplexity": 2.5, "bits_per_byte": 0.9}},
+              "teacher_forced": {"ner/yor": {"n": 7, "answer_tokens": 10, "answer_bytes": 20, "perplexity": 2.5,
+                                             "bits_per_byte": 0.9, "bits_per_byte_ci": [0.8, 1.0]}},
               "generation": {"ner/yor": {"examples": 4, "entity_f1": 0.25, "unparsed": 1}}}
     (tag_dir / "eval_val.json").write_text(json.dumps(report))
     again = ModelCard.load(export_hf(tag_dir, tmp_path / "hf2") / "README.md")
-    assert "| ner/yor | 2.50 | 0.900 |" in again.text and "entity_f1 0.250" in again.text
+    assert "| ner/yor | 7 | 2.50 | 0.900 [0.800, 1.000] |" in again.text and "entity_f1 0.250" in again.text
 
 
 def test_lm_eval_harness_on_an_export_agrees_with_sabiscale_eval(demo_cfg, zero3_checkpoint, shared_data, tmp_path):
@@ -132,10 +135,11 @@ def test_lm_eval_harness_on_an_export_agrees_with_sabiscale_eval(demo_cfg, zero3
     root = tmp_path / "data"
     for rel in ("translation/eng-yor.jsonl", "ner/yor.jsonl", "sentiment/yor.jsonl", "text/yor.jsonl"):
         # short records: the demo model's context is 128 tokens, and lm-eval cuts longer prompts from the left
-        dev = [line for line in (shared_data / rel).read_text(encoding="utf-8").splitlines()
+        dev = [json.loads(line) for line in (shared_data / rel).read_text(encoding="utf-8").splitlines()
                if ('"orig_split": "dev"' in line or "-dev-" in line) and len(line) < 200][:8]
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text("\n".join(dev) + "\n", encoding="utf-8")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)  # text has no split field: marked held out here
+        (root / rel).write_text("".join(json.dumps({**r, "orig_split": "dev"}, ensure_ascii=False) + "\n" for r in dev),
+                                encoding="utf-8")
     ours_path = tmp_path / "ours.json"
     run_cli([BIN / "sabiscale", "eval", str(zero3_checkpoint), "--data", str(root), "--split", "dev",
              "--max-per-file", "4", "--generate", "4", "--out", str(ours_path)])
@@ -164,14 +168,14 @@ def test_eval_samples_each_file_evenly_not_its_head(shared_data):
     sample holds the labels of the whole file; the harness path takes the very same records."""
     from sabiscale.config import load_config
     from sabiscale.evaluate.harness import dev_sample
-    from sabiscale.prep.corpus import evenly_spaced, is_dev_record, load_corpus
+    from sabiscale.prep.corpus import SplitRule, evenly_spaced, load_corpus
 
     assert evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7] and evenly_spaced([1, 2], 4) == [1, 2]
     cfg = load_config(ROOT / "launch/recipes/shared_data.yaml", [f"data.jsonl_root={shared_data}", "data.tasks=[sentiment]",
                                                                  "data.languages=[pcm]"])
-    head = load_corpus(cfg, shared_data, is_dev_record, 30).examples
-    spread = load_corpus(cfg, shared_data, is_dev_record, 30, spread=True).examples
+    head = load_corpus(cfg, shared_data, {"heldout"}, 30).examples
+    spread = load_corpus(cfg, shared_data, {"heldout"}, 30, spread=True).examples
     assert {e.answer.strip() for e, _ in head} == {"negative"}
     assert {e.answer.strip() for e, _ in spread} >= {"negative", "positive"} and len(spread) == 30
-    harness = dev_sample("sentiment", shared_data / "sentiment" / "pcm.jsonl", 30)
+    harness = dev_sample("sentiment", shared_data / "sentiment" / "pcm.jsonl", 30, SplitRule.of(cfg.data), None, {})
     assert [r["label"] for r in harness] == [e.answer.strip() for e, _ in spread]

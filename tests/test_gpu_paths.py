@@ -88,7 +88,7 @@ def test_gpus_torch_cannot_use_are_named_with_the_way_out():
     assert unusable_gpus(("", SMI_HEADER), False, "2.13.0", None) is None         # a driver but no GPU
 
 
-def test_this_machine_passes_the_accelerator_check():
+def test_smoke_the_accelerator_check_passes_on_this_machine():
     from sabiscale.train.device import check_accelerator
 
     check_accelerator("auto")  # no NVIDIA driver here, or torch uses the GPUs: nothing to refuse

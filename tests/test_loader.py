@@ -3,7 +3,7 @@ import torch
 
 from sabiscale.data.batch import Vocab
 from sabiscale.data.loader import make_loader as _make_loader
-from sabiscale.data.loader import shard_urls
+from sabiscale.shards.format import split_shards
 from sabiscale.shards.format import read_manifest
 
 VOCAB = Vocab(("descramble", "ner", "sentiment", "text", "translation"), ("hau", "ibo", "yor"))
@@ -14,7 +14,7 @@ def make_loader(urls, *args, **kwargs):
 
 
 def _urls(cfg):
-    return shard_urls(cfg.shards_dir, read_manifest(cfg.shards_dir), "train")
+    return split_shards(cfg.shards_dir, read_manifest(cfg.shards_dir), "train")
 
 
 def _take(it, n):
@@ -140,15 +140,15 @@ def test_a_truncated_or_replaced_shard_is_named_before_the_first_read(demo_cfg, 
     data = victim.read_bytes()
     victim.write_bytes(data[: (len(data) // 2) // 512 * 512])  # whole blocks: tarfile sees a clean end
     with pytest.raises(ValueError, match=f"{victim}: [0-9]+ bytes, its manifest lists {entry['bytes']}"):
-        shard_urls(shards, manifest, "train")
+        split_shards(shards, manifest, "train")
     # same size, bytes changed inside a sample: the read names the shard and the sample
     victim.write_bytes(data[:600] + b"\xff" * 200 + data[800:])
-    loader = make_loader(shard_urls(shards, manifest, "train"), 4, 0, 1, seed=0, shuffle=False)
+    loader = make_loader(split_shards(shards, manifest, "train"), 4, 0, 1, seed=0, shuffle=False)
     with pytest.raises(ValueError, match=f"{victim}(: sample 0|:train-000000000: member .* cannot be decoded)"):
         next(loader)
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=f"{victim}: listed in"):
-        shard_urls(shards, manifest, "train")
+        split_shards(shards, manifest, "train")
 
 
 def test_shards_of_the_earlier_format_are_indexed_in_place(demo_cfg, tmp_path):
@@ -171,12 +171,12 @@ def test_shards_of_the_earlier_format_are_indexed_in_place(demo_cfg, tmp_path):
             del s["bytes"], s["index"]
     (shards / "manifest.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="sabiscale shards index"):
-        shard_urls(shards, read_manifest(shards), "train")
+        split_shards(shards, read_manifest(shards), "train")
     before = {p.name: p.read_bytes() for p in shards.glob("*.tar")}
     run_cli([str(BIN / "sabiscale"), "shards", "index", str(shards)])
     assert {p.name: p.read_bytes() for p in shards.glob("*.tar")} == before
     upgraded = read_manifest(shards)
     assert upgraded["format_version"] == 2 and upgraded["splits"] == manifest["splits"]
-    a = next(make_loader(shard_urls(shards, upgraded, "train"), 4, 0, 1, seed=1))
+    a = next(make_loader(split_shards(shards, upgraded, "train"), 4, 0, 1, seed=1))
     b = next(make_loader(_urls(demo_cfg), 4, 0, 1, seed=1))
     assert torch.equal(a.input_ids, b.input_ids)

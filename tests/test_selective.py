@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 from sabiscale.data.batch import Vocab
-from sabiscale.data.loader import make_loader, shard_urls
+from sabiscale.data.loader import make_loader
+from sabiscale.shards.format import split_shards
 from sabiscale.loss.head import selected_count, top_excess
 from sabiscale.loss.objective import TokenLossObjective
 from sabiscale.model.build import build_model
@@ -107,14 +108,15 @@ def scored(demo_cfg, world, reference_run, tmp_path_factory):
 
 
 def test_scored_shards_carry_the_reference_losses_aligned(demo_cfg, reference_run, scored, world, tmp_path):
-    from sabiscale.evaluate.score import Reference, score_shards
+    from sabiscale.evaluate.score import score_shards
+    from sabiscale.train.reference import Reference
 
     manifest = read_manifest(scored)
     assert manifest["reference"]["checkpoint"] == str(reference_run)
     assert manifest["reference"]["tokenizer_sha256"] == manifest["tokenizer_sha256"]
     assert verify_shards(scored)[0] == []
     vocab = Vocab.from_manifest(manifest)
-    batch = next(make_loader(shard_urls(scored, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
+    batch = next(make_loader(split_shards(scored, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
     expected = Reference(reference_run, world.device).score(batch)
     finite = torch.isfinite(batch.ref_loss)
     assert torch.equal(finite[:, 1:], batch.loss_mask[:, 1:]) and not finite[:, 0].any()
@@ -154,7 +156,7 @@ def test_misaligned_reference_losses_are_refused_by_member(scored, tmp_path):
     key = victim.removesuffix(".ref_loss.npy")
     assert any(f"member {key}" in p and "not aligned" in p for p in problems), problems
     manifest = read_manifest(bad)
-    loader = make_loader(shard_urls(bad, manifest, "train"), Vocab.from_manifest(manifest), 4, 0, 1, 0, 0, 0)
+    loader = make_loader(split_shards(bad, manifest, "train"), Vocab.from_manifest(manifest), 4, 0, 1, 0, 0, 0)
     with pytest.raises(ValueError, match=f"{key}: ref_loss is not aligned"):
         for _ in range(100):
             next(loader)

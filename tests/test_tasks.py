@@ -4,7 +4,7 @@ import pytest
 
 from sabiscale.config import ConfigError, load_config
 from sabiscale.prep.corpus import load_corpus
-from sabiscale.prep.tasks import BUILTIN_TASKS, BadRecord, NotApplicable, TaskDef, render, special_tokens
+from sabiscale.tasks import BUILTIN_TASKS, BadRecord, NotApplicable, TaskDef, render, special_tokens
 
 RESERVED = special_tokens(["yor"])
 

@@ -3,7 +3,7 @@ import unicodedata
 
 from transformers import AutoTokenizer
 
-from sabiscale.prep.tasks import BUILTIN_TASKS, EOS, Example, special_tokens
+from sabiscale.tasks import BUILTIN_TASKS, EOS, Example, special_tokens
 from sabiscale.prep.tokenizer import encode_examples, load_tokenizer
 
 

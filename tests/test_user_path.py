@@ -44,7 +44,7 @@ def test_overrides_may_follow_flags(demo_cfg, tmp_path):
 
 
 def test_a_list_where_text_is_expected_is_named(tmp_path):
-    from sabiscale.prep.tasks import BUILTIN_TASKS, BadRecord, render
+    from sabiscale.tasks import BUILTIN_TASKS, BadRecord, render
 
     record = {"text": ["a", "b"], "lang": "yor"}
     with pytest.raises(BadRecord, match=r"f\.jsonl:3: field 'text' is a list \(2 items\); this task expects a string"):
@@ -54,7 +54,7 @@ def test_a_list_where_text_is_expected_is_named(tmp_path):
 
 
 def test_an_exported_model_is_readable_by_others(demo_cfg, world, tmp_path):
-    from sabiscale.train.checkpoint import export_hf
+    from sabiscale.publish.export import export_hf
     from sabiscale.train.loop import train
 
     cfg = demo_cfg.model_copy(deep=True)
@@ -143,7 +143,7 @@ def test_a_local_run_keeps_its_artifacts_in_its_directory_and_prints_its_page(de
 def test_the_readme_prompt_guide_is_the_registry_s():
     import re
 
-    from sabiscale.prep.tasks import task_guide
+    from sabiscale.tasks import task_guide
 
     readme = (ROOT / "README.md").read_text()
     shown = re.search(r"<!-- tasks:begin -->\n(.*?)\n<!-- tasks:end -->", readme, re.S).group(1)

@@ -127,8 +127,3 @@ def make_loader(shards: list[dict], vocab: Vocab, batch_size: int, rank: int, wo
                 shuffle: bool = True, num_workers: int = 0, start: int = 0) -> BatchStream:
     """shards: a split's entries as `split_shards` gives them (path, sequences, bytes, index)."""
     return BatchStream(ShardLoader(shards, vocab, batch_size, rank, world_size, seed, shuffle, num_workers, start))
-
-
-def shard_urls(shards_dir: Path, manifest: dict, split: str) -> list[dict]:
-    """A split's shards, checked before the first read (present, size as listed, index present)."""
-    return split_shards(shards_dir, manifest, split)

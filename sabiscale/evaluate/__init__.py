@@ -1,2 +1,3 @@
-"""Stage 7, a trained checkpoint put to use: held-out evaluation (heldout), reference scoring of
-shards for the selective loss (score), export to a Hugging Face directory (export)."""
+"""Stage 8, a trained checkpoint put to use: held-out evaluation (heldout), its report (report),
+lm-evaluation-harness tasks (harness, harness_utils), reference scoring of shards for the selective
+loss (score), and the `eval`, `score`, `generate` commands (commands)."""

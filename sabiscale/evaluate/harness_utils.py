@@ -8,8 +8,7 @@ import math
 
 from sabiscale.evaluate.heldout import (ner_scores, parse_ner, parse_sentiment, sentiment_scores,
                                         translation_scores)
-from sabiscale.prep.corpus import is_dev_record
-from sabiscale.prep.tasks import BUILTIN_TASKS, EOS, render
+from sabiscale.tasks import BUILTIN_TASKS, EOS, render
 
 
 def _docs(dataset, task: str):
@@ -17,7 +16,8 @@ def _docs(dataset, task: str):
         example = render(task, BUILTIN_TASKS[task], dict(record), f"harness:{index}", [], 0)
         return {"prompt": example.prompt, "answer": example.answer.strip(), "target": example.answer + EOS}
 
-    return dataset.filter(is_dev_record).map(as_doc, with_indices=True)
+    # the data files hold only the held-out, clean records (sabiscale/evaluate/harness.py)
+    return dataset.map(as_doc, with_indices=True)
 
 
 def translation_docs(dataset):

@@ -1,22 +1,30 @@
 """`sabiscale eval`: held-out metrics of a checkpoint, per task and language, as SabiYarn reports them.
 
+Every score comes with the number of records it is computed on (`n`, `examples`) and a bootstrap
+95% interval (`<score>_ci`, evaluate/uncertainty.py).
+
 Teacher-forced, every task: answer-token perplexity and bits per byte (nats / ln 2 / UTF-8 bytes
 of the answer), so tokenizers can be compared. Generated with greedy decoding from the prompt
 (transformers `generate`, KV cache on, stop at the end-of-text token):
-- translation: chrF and BLEU (sacrebleu) per direction,
+- translation: chrF and BLEU (sacrebleu) per direction, beside the chrF of copying the source,
 - ner: entity-level F1 (seqeval) per language; the output must be one IOB2 tag per input word,
 - sentiment: accuracy and macro-F1 per language; the output must be one known label.
 An output that does not parse counts as wrong and is counted in `unparsed`.
+Classification tasks (a label answer: sentiment, langid) are also scored by rank classification,
+the standard for base models: the label with the highest likelihood given the prompt, on every
+scored record, beside the majority-label baseline of the same records (an under-trained model's
+label bias does not pass for skill).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,13 +33,15 @@ import torch.nn.functional as F
 from mlflow.entities import Metric
 from tqdm import tqdm
 
-from sabiscale.prep.tasks import Example
+from sabiscale.evaluate.uncertainty import accuracy_of, label_stats, macro_f1_of, scored
 from sabiscale.prep.tokenizer import encode_examples, encode_with_literals
+from sabiscale.tasks import Example
 
 log = logging.getLogger("sabiscale.eval")
 
 IOB_TAG = re.compile(r"^(O|[BI]-[A-Z]+)$")
 SENTIMENT_LABELS = ("positive", "negative", "neutral")
+SCORED_SECTIONS = ("teacher_forced", "generation", "classification")
 
 
 @dataclass
@@ -63,7 +73,7 @@ def log_eval(cfg, meta: dict, report: dict, files: list) -> str | None:
 
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
     metrics = {f"{report['split']}/{key}/{name}": float(value)
-               for section in ("teacher_forced", "generation") for key, scores in report[section].items()
+               for section in SCORED_SECTIONS for key, scores in report.get(section, {}).items()
                for name, value in scores.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
     try:
         client = MlflowClient(tracking_uri=uri)
@@ -82,12 +92,13 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def teacher_forced(lm, tok, examples: list[Example], batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """Per "task/lang": answer tokens, bytes, perplexity and bits per byte."""
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])  # nats, tokens, bytes
-    bar = progress(len(examples), "teacher-forced")
-    for chunk in _batches(examples, batch_size):
-        bar.update(len(chunk))
+def answer_nats(lm, tok, examples: list[Example], batch_size: int = 16, bar=None) -> np.ndarray:
+    """(records, 3): the answer's summed loss in nats, its tokens and its UTF-8 bytes, per example."""
+    rows = np.zeros((len(examples), 3))
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        if bar is not None:
+            bar.update(len(chunk))
         docs = encode_examples(tok, chunk)
         width = max(len(ids) for ids, _ in docs)
         # right padding: causal attention never looks right, so padding changes nothing before it
@@ -100,12 +111,76 @@ def teacher_forced(lm, tok, examples: list[Example], batch_size: int = 16) -> di
         logits = lm(input_ids=ids, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
         for row, example in enumerate(chunk):
-            entry = totals[f"{example.task}/{example.lang}"]
-            entry[0] += float(nll[row].sum())
-            entry[1] += int(mask[row, 1:].sum())
-            entry[2] += len(example.answer.strip().encode("utf-8"))
-    return {key: {"answer_tokens": n, "answer_bytes": b, "perplexity": math.exp(nats / max(n, 1)),
-                  "bits_per_byte": nats / math.log(2) / max(b, 1)} for key, (nats, n, b) in sorted(totals.items())}
+            rows[start + row] = (float(nll[row].sum()), int(mask[row, 1:].sum()),
+                                 len(example.answer.strip().encode("utf-8")))
+    return rows
+
+
+def teacher_forced(lm, tok, examples: list[Example], seed: int = 0, batch_size: int = 16) -> dict[str, dict]:
+    """Per "task/lang": records, answer tokens, bytes, perplexity and bits per byte, with intervals."""
+    stats = answer_nats(lm, tok, examples, batch_size, progress(len(examples), "teacher-forced"))
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, example in enumerate(examples):
+        groups[f"{example.task}/{example.lang}"].append(i)
+    out = {}
+    for key, rows in sorted(groups.items()):
+        group = stats[rows]
+        nats, tokens, nbytes = group.sum(axis=0)
+        out[key] = {"n": len(rows), "answer_tokens": int(tokens), "answer_bytes": int(nbytes),
+                    **scored("perplexity", group, lambda s: math.exp(s[0] / max(s[1], 1)), seed),
+                    **scored("bits_per_byte", group, lambda s: s[0] / math.log(2) / max(s[2], 1), seed)}
+    return out
+
+
+def rank_classification(lm, tok, examples: list[Example], labels_by_task: dict[str, list[str]],
+                        seed: int = 0) -> dict[str, dict]:
+    """Per "task/lang" of a label task: the label with the highest likelihood given the prompt
+    (summed over its tokens), accuracy and macro-F1 with intervals, and the majority-label
+    baseline of the same records."""
+    chosen = [e for e in examples if e.task in labels_by_task]
+    candidates = [dataclasses.replace(e, answer=f" {label}", answer_literals=())
+                  for e in chosen for label in labels_by_task[e.task]]
+    nats = answer_nats(lm, tok, candidates, bar=progress(len(candidates), "rank classification"))[:, 0]
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    at = 0
+    for example in chosen:
+        labels = labels_by_task[example.task]
+        best = labels[int(np.argmin(nats[at:at + len(labels)]))]
+        at += len(labels)
+        groups[f"{example.task}/{example.lang}"].append((best, example.answer.strip()))
+    out = {}
+    for key, pairs in sorted(groups.items()):
+        predicted, gold = [p for p, _ in pairs], [g for _, g in pairs]
+        labels = sorted(set(labels_by_task[key.split("/")[0]]) | set(gold))
+        stats = label_stats(predicted, gold, labels)
+        out[key] = {"n": len(gold), **scored("rank_accuracy", stats, accuracy_of, seed),
+                    **scored("rank_macro_f1", stats, macro_f1_of, seed), **majority_baseline(gold, labels)}
+    return out
+
+
+def majority_baseline(gold: list[str], labels: list[str]) -> dict:
+    """Always answering the most frequent label of these records (a constant's best case)."""
+    label, count = Counter(gold).most_common(1)[0]
+    sums = label_stats([label] * len(gold), gold, labels).sum(axis=0)
+    out = {"majority_label": label, "majority_accuracy": count / len(gold), "majority_macro_f1": macro_f1_of(sums),
+           "labels_in_slice": len(set(gold))}
+    if len(set(gold)) == 1:
+        out["caveat"] = f"one label ({label}) in this slice: accuracy and macro-F1 measure label bias, not skill"
+    return out
+
+
+def label_tasks(examples: list[Example], registry) -> dict[str, list[str]]:
+    """Task -> its candidate labels, for the tasks whose answer is a label (sentiment: the known
+    labels; others: every answer seen among the records)."""
+    from sabiscale.tasks import answer_is_label
+
+    out: dict[str, set[str]] = defaultdict(set)
+    for e in examples:
+        if e.task in registry and answer_is_label(registry[e.task]) and e.task != "ner":
+            out[e.task].add(e.answer.strip())
+    if "sentiment" in out:
+        out["sentiment"] |= set(SENTIMENT_LABELS)
+    return {task: sorted(labels) for task, labels in out.items()}
 
 
 @torch.no_grad()
@@ -162,12 +237,44 @@ def translation_scores(hypotheses: list[str], references: list[str]) -> dict[str
             "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score}
 
 
+def translation_with_intervals(hypotheses: list[str], references: list[str], sources: list[str], seed: int) -> dict:
+    """chrF and BLEU from per-sentence statistics (sacrebleu's own bootstrap scheme), and the chrF
+    of copying the source, the floor a translation must clear."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    chrf, bleu = CHRF(), BLEU()
+
+    def score_of(metric, hyps):
+        stats = np.array(metric._extract_corpus_statistics(hyps, [references]), dtype=np.float64)
+        return stats, lambda sums: metric._compute_score_from_stats(list(sums)).score
+
+    out = {}
+    for name, metric, hyps in (("chrf", chrf, hypotheses), ("bleu", bleu, hypotheses), ("copy_source_chrf", chrf, sources)):
+        stats, score = score_of(metric, hyps)
+        out |= scored(name, stats, score, seed)
+    return out
+
+
 def ner_scores(predicted: list[list[str] | None], gold: list[list[str]]) -> dict[str, float]:
     from seqeval.metrics import f1_score
 
     # an unparsable output predicts no entity at all: every gold entity is then missed
     filled = [p if p is not None else ["O"] * len(g) for p, g in zip(predicted, gold)]
     return {"entity_f1": f1_score(gold, filled), "unparsed": sum(p is None for p in predicted)}
+
+
+def ner_with_intervals(predicted: list[list[str] | None], gold: list[list[str]], seed: int) -> dict:
+    """Entity-level micro F1 (seqeval's) from per-sentence (correct, predicted, gold) entity counts."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rows = []
+    for p, g in zip(predicted, gold):
+        pred = set(get_entities(p if p is not None else ["O"] * len(g)))
+        true = set(get_entities(g))
+        rows.append((len(pred & true), len(pred), len(true)))
+    out = scored("entity_f1", np.array(rows, dtype=np.float64),
+                 lambda s: 2 * s[0] / (s[1] + s[2]) if s[1] + s[2] else 0.0, seed)
+    return out | {"unparsed": sum(p is None for p in predicted)}
 
 
 def sentiment_scores(predicted: list[str | None], gold: list[str]) -> dict[str, float]:
@@ -181,7 +288,19 @@ def sentiment_scores(predicted: list[str | None], gold: list[str]) -> dict[str, 
     return {"accuracy": accuracy, "macro_f1": float(macro_f1), "unparsed": sum(p is None for p in predicted)}
 
 
-def generation_metrics(lm, tok, examples: list[Example], per_group: int, seed: int) -> dict[str, dict[str, float]]:
+def sentiment_with_intervals(predicted: list[str | None], gold: list[str], seed: int) -> dict:
+    labels = sorted(set(gold) | {p for p in predicted if p is not None})
+    stats = label_stats(predicted, gold, labels)
+    return (scored("accuracy", stats, accuracy_of, seed) | scored("macro_f1", stats, macro_f1_of, seed)
+            | {"unparsed": sum(p is None for p in predicted)})
+
+
+def translation_source(example: Example) -> str:
+    """The source sentence of a built-in translation prompt (`<translate> {src} {lang_tag}`)."""
+    return example.prompt.removeprefix("<translate>").strip().rsplit(" ", 1)[0]
+
+
+def generation_metrics(lm, tok, examples: list[Example], per_group: int, seed: int) -> dict[str, dict]:
     """Per "task/lang" (translation: "translation/eng-<lang>"), at most `per_group` examples each."""
     groups: dict[str, list[Example]] = defaultdict(list)
     for e in examples:
@@ -194,22 +313,26 @@ def generation_metrics(lm, tok, examples: list[Example], per_group: int, seed: i
         picked = rng.sample(group, min(per_group, len(group)))
         bar.set_postfix_str(key)
         bar.update(len(picked))
-        task = key.split("/")[0]
         gold = [e.answer.strip() for e in picked]
         longest = max(len(tok.encode(g, add_special_tokens=False)) for g in gold)
         # at most half the context: the prompt needs the rest (lm-eval's rule too, so --harness agrees)
         outputs = greedy_answers(lm, tok, picked, max_new_tokens=min(longest + 8, lm.config.max_position_embeddings // 2))
+        task = key.split("/")[0]
         if task == "translation":
-            scores = translation_scores(outputs, gold)
             key = f"translation/eng-{key.split('/')[1]}"
-        elif task == "descramble":
-            scores = {"exact_match": sum(o.split() == g.split() for o, g in zip(outputs, gold)) / len(gold)}
-        elif task == "ner":
-            n_words = [len(g.split()) for g in gold]
-            scores = ner_scores([parse_ner(o, n) for o, n in zip(outputs, n_words)], [g.split() for g in gold])
-        else:
-            scores = sentiment_scores([parse_sentiment(o) for o in outputs], gold)
-        results[key] = {"examples": len(picked), **scores,
+        results[key] = {"examples": len(picked), **generated_scores(task, picked, outputs, gold, seed),
                         "samples": [{"prompt": e.prompt, "gold": g, "output": o}
                                     for e, g, o in list(zip(picked, gold, outputs))[:3]]}
     return results
+
+
+def generated_scores(task: str, picked: list[Example], outputs: list[str], gold: list[str], seed: int) -> dict:
+    if task == "translation":
+        return translation_with_intervals(outputs, gold, [translation_source(e) for e in picked], seed)
+    if task == "descramble":
+        stats = np.array([[o.split() == g.split(), 1] for o, g in zip(outputs, gold)], dtype=np.float64)
+        return scored("exact_match", stats, lambda s: s[0] / max(s[1], 1), seed)
+    if task == "ner":
+        n_words = [len(g.split()) for g in gold]
+        return ner_with_intervals([parse_ner(o, n) for o, n in zip(outputs, n_words)], [g.split() for g in gold], seed)
+    return sentiment_with_intervals([parse_sentiment(o) for o, g in zip(outputs, gold)], gold, seed)

@@ -1,3 +1,4 @@
-"""Stage 1, raw text -> tokenizer -> documents: task templates (tasks), input adapters (sources),
-the corpus reader (corpus), language/task mixing (mix), the generated demo corpus (demo_data), the
-tokenizer and its report, and `sabiscale prepare` (prepare), which hands documents to shards/."""
+"""Stage 1, raw text -> tokenizer -> documents: input adapters (sources), the corpus reader and
+its held-out split (corpus), language/task mixing (mix), the generated demo corpus (demo_data), the
+tokenizer and its report (tokenizer, tokenizer_report), contamination fingerprints (fingerprint),
+and `sabiscale prepare` (prepare, commands), which hands documents to shards/."""

@@ -7,12 +7,16 @@ Two ways to name inputs (data.source):
 - `files`: a list of files or globs, each with its task, format (jsonl, tsv, conll, text) and
   options (sabiscale/prep/sources.py).
 
-The train/validation split is a stable hash of each record's location (file name and line), so it
-does not move when other files change. Files are read independently (in parallel with
+Held out by construction (SplitRule): a record whose `orig_split` is one of data.heldout_splits
+(dev, test) is held out for evaluation and never reaches the train or validation shards; records
+without that field (plain text) are held out by a stable hash of their location (file name and
+line), which does not move when other files change. The validation shards take another hash
+slice of the rest. Files are read independently (in parallel with
 data.prepare_workers > 1) and concatenated in a fixed order, so the result never depends on scheduling.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 from collections.abc import Callable
@@ -21,12 +25,54 @@ from functools import partial
 from pathlib import Path
 
 from sabiscale.config import DataConfig, FileSource, RunConfig
-from sabiscale.prep.parallel import SERIAL, Workers
+from sabiscale.parallel import SERIAL, Workers
 from sabiscale.prep.sources import read_records
-from sabiscale.prep.tasks import KNOWN_LANGUAGES, BadRecord, Example, NotApplicable, TaskDef, render, special_tokens, task_registry
+from sabiscale.tasks import KNOWN_LANGUAGES, BadRecord, Example, NotApplicable, TaskDef, render, special_tokens, task_registry
 
 # Layout tasks that read another task's folder; every other task reads <root>/<task>/.
 _DERIVED_FROM_TEXT = {"descramble", "langid", "diacritize"}
+
+
+SPLIT_FIELD = "orig_split"
+SPLIT_RULE_VERSION = 2  # 1 (no version recorded): every record hashed to train/val, dev included
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """Where a record goes: "train", "val" (validation shards) or "heldout" (evaluation only)."""
+
+    heldout_splits: tuple[str, ...]
+    val_fraction: float
+    heldout_fraction: float
+
+    @classmethod
+    def of(cls, data: DataConfig) -> "SplitRule":
+        return cls(tuple(data.heldout_splits), data.val_fraction, data.heldout_fraction)
+
+    def split(self, record: dict, where: str) -> str:
+        at = location_fraction(where)
+        declared = record.get(SPLIT_FIELD)
+        if declared is not None:
+            if str(declared) in self.heldout_splits:
+                return "heldout"
+            return "val" if at < self.val_fraction else "train"
+        if at < self.val_fraction:
+            return "val"
+        return "heldout" if at < self.val_fraction + self.heldout_fraction else "train"
+
+    def describe(self) -> dict:
+        return {"version": SPLIT_RULE_VERSION, "field": SPLIT_FIELD, "heldout_splits": list(self.heldout_splits),
+                "val_fraction": self.val_fraction, "heldout_fraction": self.heldout_fraction,
+                "rule": f"records with {SPLIT_FIELD} in {list(self.heldout_splits)} are held out; records without "
+                        f"{SPLIT_FIELD} are held out when the hash of their file name and line falls in "
+                        f"[{self.val_fraction}, {self.val_fraction + self.heldout_fraction}); the hash slice "
+                        f"[0, {self.val_fraction}) of the rest goes to validation"}
+
+
+def location_fraction(where: str) -> float:
+    """A stable number in [0, 1) for a record's location (file name and line, not the directory)."""
+    digest = hashlib.sha256(where.split("/")[-1].encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @dataclass
@@ -92,10 +138,10 @@ def reserved_tokens(data: DataConfig, files: list[FileSource]) -> list[str]:
 
 
 def read_file(source: FileSource, spec: TaskDef, reserved: list[str], languages: list[str], seed: int,
-              max_records: int | None = None, keep: Callable[[dict], bool] | None = None,
+              rule: SplitRule, max_records: int | None = None, splits: frozenset[str] | None = None,
               skip_bad: bool = False, wanted: list[str] | None = None) -> FileResult:
-    """One file's examples; a bad record raises BadRecord, or with skip_bad is listed in `skipped`.
-    `max_records` counts the records that `keep` accepts."""
+    """One file's examples, each marked with its split; a bad record raises BadRecord, or with
+    skip_bad is listed in `skipped`. `max_records` counts the records of `splits` (None: all)."""
     result = FileResult()
     count = 0
     records = read_records(Path(source.path), source.format, dict(source.fields), list(source.columns), source.header,
@@ -104,7 +150,8 @@ def read_file(source: FileSource, spec: TaskDef, reserved: list[str], languages:
         try:
             if isinstance(record, BadRecord):
                 raise record
-            if keep is not None and not keep(record):
+            split = rule.split(record, where)
+            if splits is not None and split not in splits:
                 continue
             if source.lang is not None:
                 record.setdefault(spec.lang_field, source.lang)
@@ -114,7 +161,8 @@ def read_file(source: FileSource, spec: TaskDef, reserved: list[str], languages:
             if isinstance(lang, str) and lang not in languages:
                 raise BadRecord(f"{where}: language {lang!r} (field {spec.lang_field!r}) is not declared; add it to "
                                 "data.languages (its tag becomes a special token) or set `lang` for this source")
-            result.examples.append((render(source.task, spec, record, where, reserved, seed), where))
+            example = render(source.task, spec, record, where, reserved, seed)
+            result.examples.append((dataclasses.replace(example, split=split), where))
         except NotApplicable:
             result.not_applicable += 1
         except BadRecord as err:
@@ -136,11 +184,12 @@ def evenly_spaced(items: list, k: int | None) -> list:
     return [items[i * len(items) // k] for i in range(k)]
 
 
-def load_corpus(cfg: RunConfig, root: Path | None, keep: Callable[[dict], bool] | None = None,
+def load_corpus(cfg: RunConfig, root: Path | None, splits: set[str] | None = None,
                 max_records: int | None = None, workers: Workers = SERIAL, spread: bool = False) -> Corpus:
-    """Every example of the recipe's inputs (under `root` for the directory layouts). With
-    `spread`, `max_records` per file are taken evenly over each file (evaluation) instead of from
-    its head (which reads no further: preparing a quick subset)."""
+    """Every example of the recipe's inputs (under `root` for the directory layouts), of `splits`
+    ("train", "val", "heldout"; None: all). With `spread`, `max_records` per file are taken evenly
+    over each file (evaluation) instead of from its head (which reads no further: preparing a
+    quick subset)."""
     data = cfg.data
     files = source_files(data, root)
     if not files:
@@ -149,9 +198,10 @@ def load_corpus(cfg: RunConfig, root: Path | None, keep: Callable[[dict], bool] 
     languages = declared_languages(data, files)
     registry = task_registry(data.task_defs)
     readers = {task: partial(read_file, spec=registry[task], reserved=reserved, languages=languages, seed=cfg.seed,
-                             max_records=None if spread else
+                             rule=SplitRule.of(data), max_records=None if spread else
                              max_records if max_records is not None else data.max_records_per_file,
-                             keep=keep, skip_bad=data.skip_bad, wanted=data.languages) for task in data.tasks}
+                             splits=frozenset(splits) if splits is not None else None, skip_bad=data.skip_bad,
+                             wanted=data.languages) for task in data.tasks}
     results = workers.map(_read_one, [(readers[f.task], f) for f in files])
     if spread:
         for result in results:
@@ -168,13 +218,3 @@ def load_corpus(cfg: RunConfig, root: Path | None, keep: Callable[[dict], bool] 
 def _read_one(job: tuple[Callable[[FileSource], FileResult], FileSource]) -> FileResult:
     reader, source = job
     return reader(source)
-
-
-def is_validation(where: str, val_fraction: float) -> bool:
-    digest = hashlib.sha256(where.split("/")[-1].encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
-def is_dev_record(record: dict) -> bool:
-    """Records of an official dev split (records keep `orig_split`, or text ids carry it)."""
-    return record.get("orig_split") == "dev" or "-dev-" in str(record.get("id", ""))

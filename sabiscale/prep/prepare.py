@@ -3,7 +3,12 @@
 Writes into the run directory:
     raw/            the generated demo corpus (demo source only)
     tokenizer/      tokenizer.json + transformers config (trained here unless tokenizer.path is set)
-    shards/         train-*.tar, val-*.tar, manifest.json (and skipped.jsonl with data.skip_bad)
+    shards/         train-*.tar, val-*.tar, manifest.json, fingerprints.npz (what training saw, for
+                    eval's contamination check), and skipped.jsonl with data.skip_bad
+
+Held-out records (prep/corpus.py::SplitRule) are written to no shard; training and validation
+documents that repeat a held-out text, an earlier document (data.dedup) or a text of
+data.decontaminate_against are dropped, and the manifest counts each, per input file.
 
 Reading (and templating) and shard writing run on data.prepare_workers processes, tokenizing on the
 tokenizers library's own threads; every stage keeps input order, so the output is byte-identical
@@ -16,19 +21,23 @@ import json
 import logging
 import random
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from sabiscale.config import FileSource, RunConfig
-from sabiscale.prep.corpus import Corpus, is_validation, load_corpus
+from sabiscale.prep.corpus import SPLIT_RULE_VERSION, Corpus, SplitRule, load_corpus
+from sabiscale.prep.fingerprint import Fingerprints, document_hash, ngram_hashes, text_hashes, words
 from sabiscale.prep.demo_data import generate_demo_corpus
 from sabiscale.prep.mix import mix_documents
-from sabiscale.prep.parallel import SERIAL, Workers
+from sabiscale.parallel import SERIAL, Workers
 from sabiscale.shards.pack import Document, PackStats, pack_documents
 from sabiscale.hashing import sha256_file
 from sabiscale.shards.format import write_manifest
 from sabiscale.shards.write import write_split
-from sabiscale.prep.tasks import BadRecord, Example, task_registry
+from sabiscale.tasks import BadRecord, Example, task_registry
 from sabiscale.prep.tokenizer import adopt_tokenizer, encode_examples, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from sabiscale.errors import AlreadyExists, UserError
 
@@ -41,6 +50,7 @@ class Prepared:
     val_documents: int
     skipped: list[dict] = field(default_factory=list)
     reused: bool = False  # data.dir already held data prepared with these settings
+    heldout_records: int = 0
 
 log = logging.getLogger("sabiscale.prepare")
 
@@ -60,7 +70,12 @@ def reuse_prepared(cfg: RunConfig) -> Prepared | None:
     manifest_path = cfg.shards_dir / "manifest.json"
     if cfg.data.dir is None or not manifest_path.is_file():
         return None
-    recorded = json.loads(manifest_path.read_text(encoding="utf-8")).get("prepared_with")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("split_rule", {}).get("version") != SPLIT_RULE_VERSION:
+        raise AlreadyExists(f"data.dir {cfg.data.dir} was prepared by an earlier sabiscale that sent official dev records "
+                            "into the training shards, so nothing in it is held out: prepare into a new data.dir (or "
+                            "delete that directory first; runs trained from it cannot be evaluated on held-out data)")
+    recorded = manifest.get("prepared_with")
     wanted = prepared_settings(cfg)
     if recorded is not None:  # a setting added since then was, for that data, its default
         recorded = with_defaults(recorded, prepared_settings(RunConfig()))
@@ -100,10 +115,35 @@ def read_corpus(cfg: RunConfig, root: Path | None, workers: Workers = SERIAL) ->
                         "or data.skip_bad=true)") from None
 
 
-def split_examples(cfg: RunConfig, corpus: Corpus) -> tuple[list[Example], list[Example]]:
-    train, val = [], []
+@dataclass
+class Split:
+    train: list[Example]
+    val: list[Example]
+    heldout: list[Example]
+    per_file: dict[str, Counter]  # input file -> records per split, and documents dropped per reason
+
+
+def split_examples(cfg: RunConfig, corpus: Corpus) -> Split:
+    """Train, validation and held-out examples; train and validation lose every document that
+    repeats a held-out text, an earlier document or a text of data.decontaminate_against."""
+    buckets: dict[str, list[tuple[Example, str]]] = {"train": [], "val": [], "heldout": []}
+    per_file: dict[str, Counter] = defaultdict(Counter)  # keyed "task:path"
     for example, where in corpus.examples:
-        (val if is_validation(where, cfg.data.val_fraction) else train).append(example)
+        buckets[example.split].append((example, where))
+        per_file[f"{example.task}:{where.rsplit(':', 1)[0]}"][example.split] += 1
+    registry = task_registry(cfg.data.task_defs)
+    heldout = Fingerprints.of([e for e, _ in buckets["heldout"]], registry)
+    against = against_fingerprints(cfg.data.decontaminate_against)
+    seen: set[int] = set()
+    kept: dict[str, list[Example]] = {"train": [], "val": []}
+    for split in ("train", "val"):
+        for example, where in buckets[split]:
+            reason = drop_reason(example, registry, heldout, against, seen, cfg.data.dedup == "exact")
+            if reason is None:
+                kept[split].append(example)
+            else:
+                per_file[f"{example.task}:{where.rsplit(':', 1)[0]}"][f"dropped_{reason}"] += 1
+    train, val = kept["train"], kept["val"]
     lost = tasks_all_skipped(cfg, corpus)
     if not train:
         if corpus.skipped:  # prepare stops here, before it would write the list with the shards
@@ -111,7 +151,53 @@ def split_examples(cfg: RunConfig, corpus: Corpus) -> tuple[list[Example], list[
         raise UserError(f"no training examples found for tasks {cfg.data.tasks}" + "".join(f"\n{line}" for line in lost))
     for line in lost:
         log.warning("%s", line)
-    return train, val
+    return Split(train, val, [e for e, _ in buckets["heldout"]], per_file)
+
+
+def dropped_totals(per_file: dict[str, Counter]) -> dict[str, int]:
+    totals: Counter = Counter()
+    for counts in per_file.values():
+        totals.update({k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_")})
+    return dict(sorted(totals.items()))
+
+
+def drop_reason(example: Example, registry, heldout: Fingerprints, against: Fingerprints | None, seen: set[int],
+                dedup: bool) -> str | None:
+    """Why a train or validation document is dropped ("heldout_overlap": it repeats a held-out
+    document or text exactly; "decontaminated"; "duplicate"), or None to keep it; `seen` collects
+    the kept documents."""
+    if heldout.overlap(example, registry[example.task]) == "exact":
+        return "heldout_overlap"
+    if against is not None and against.overlap(example, registry[example.task]) is not None:
+        return "decontaminated"
+    key = document_hash(example)
+    if dedup and key in seen:
+        return "duplicate"
+    seen.add(key)
+    return None
+
+
+def against_fingerprints(paths: list[Path]) -> Fingerprints | None:
+    """Every string (or list of strings) of every record of the given JSONL files, as texts."""
+    if not paths:
+        return None
+    sides: list[list[str]] = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"data.decontaminate_against: {path} is not a file (give JSONL files of evaluation records)")
+        for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{line_no}: not JSON ({err.msg}); data.decontaminate_against takes JSONL files") from None
+            values = record.values() if isinstance(record, dict) else [record]
+            sides += [words(" ".join(v) if isinstance(v, list) else v) for v in values
+                      if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))]
+    sides = [s for s in sides if s]
+    return Fingerprints(np.zeros(0, dtype=np.uint64), np.array(sorted(text_hashes(sides)), dtype=np.uint64),
+                        np.array(sorted(ngram_hashes(sides)), dtype=np.uint64))
 
 
 def tasks_all_skipped(cfg: RunConfig, corpus: Corpus) -> list[str]:
@@ -157,14 +243,17 @@ def encode(tok, examples: list[Example]) -> list[Document]:
             for e, (ids, mask) in zip(examples, encode_examples(tok, examples))]
 
 
-def _sources_record(corpus: Corpus, root: Path | None) -> list[dict]:
-    """Each input file with its hash: what these shards were made from."""
+def _sources_record(corpus: Corpus, root: Path | None, per_file: dict[str, Counter]) -> list[dict]:
+    """Each input file with its hash and where its records went: what these shards were made from."""
     out = []
     for src in corpus.files:
         path = Path(src.path)
         shown = path.relative_to(root) if root is not None and path.is_relative_to(root) else path
+        counts = per_file.get(f"{src.task}:{path}", Counter())
+        records = {k: counts.get(k, 0) for k in ("train", "val", "heldout")}
+        records |= {k: v for k, v in sorted(counts.items()) if k.startswith("dropped_")}
         out.append({"task": src.task, "path": str(shown), "format": src.format, "sha256": source_sha256(path),
-                    **({"hf_args": src.hf_args} if src.hf_args else {})})
+                    "records": records, **({"hf_args": src.hf_args} if src.hf_args else {})})
     return out
 
 
@@ -201,9 +290,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     with Workers(cfg.data.prepare_workers) as workers:
         log.info("reading %s", root or "data.files")
         corpus = read_corpus(cfg, root, workers)
-        train, val = split_examples(cfg, corpus)
-        log.info("%d train / %d validation examples from %d files (%.0f s); tokenizer next", len(train), len(val),
-                 len(corpus.files), time.monotonic() - started)
+        parts = split_examples(cfg, corpus)
+        train, val = parts.train, parts.val
+        log.info("%d train / %d validation examples (%d held out) from %d files (%.0f s); tokenizer next", len(train),
+                 len(val), len(parts.heldout), len(corpus.files), time.monotonic() - started)
         tok = _tokenizer(cfg, train, corpus.specials)
         log.info("tokenizing, packing and writing shards to %s (%.0f s so far)", cfg.shards_dir,
                  time.monotonic() - started)
@@ -217,13 +307,17 @@ def prepare(cfg: RunConfig) -> Prepared:
             packed = list(pack_documents(docs, cfg.data.seq_len, tok.pad_token_id, stats))
             splits[split] = write_split(packed, cfg.shards_dir, split, cfg.data.sequences_per_shard, stats, workers)
     registry = task_registry(cfg.data.task_defs)
-    extra = {"sources": _sources_record(corpus, root),
+    extra = {"sources": _sources_record(corpus, root, parts.per_file),
              "tasks": {t: registry[t].model_dump(exclude_defaults=True) for t in cfg.data.tasks},
-             "not_applicable": corpus.not_applicable, "prepared_with": prepared_settings(cfg)}
+             "not_applicable": corpus.not_applicable, "prepared_with": prepared_settings(cfg),
+             "split_rule": SplitRule.of(cfg.data).describe(), "heldout_records": len(parts.heldout),
+             "dropped": dropped_totals(parts.per_file),
+             "fingerprints": Fingerprints.of(train, registry).save(cfg.shards_dir)}
     if mix_entry is not None:
         extra["mix"] = mix_entry
     if cfg.data.skip_bad:
         extra["skipped"] = write_skipped(cfg.shards_dir, corpus.skipped)
     manifest = write_manifest(cfg.shards_dir, tokenizer_hash(cfg.tokenizer_path), cfg.data.seq_len,
                               tok.pad_token_id, splits, extra)
-    return Prepared(cfg.tokenizer_path, cfg.shards_dir, manifest, len(train), len(val), corpus.skipped)
+    return Prepared(cfg.tokenizer_path, cfg.shards_dir, manifest, len(train), len(val), corpus.skipped,
+                    heldout_records=len(parts.heldout))

@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from sabiscale.prep.tasks import BadRecord
+from sabiscale.tasks import BadRecord
 from sabiscale.errors import UserError
 
 Record = tuple[dict | BadRecord, str]

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from sabiscale.hashing import sha256_file
-from sabiscale.prep.tasks import EOS, PAD, Example
+from sabiscale.tasks import EOS, PAD, Example
 from sabiscale.errors import MissingInput
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from sabiscale.prep.tasks import Example
+from sabiscale.tasks import Example
 
 
 def _lone_byte_tokens(tok) -> set[int]:

@@ -1,2 +1,3 @@
-"""Handing a trained model on: the Hugging Face model card and generation config written with
-every export, and registration in the MLflow Model Registry."""
+"""Stage 9, handing a trained model on: export to a Hugging Face directory (export), the model card
+and generation config written with it (card), registration in the MLflow Model Registry
+(registry), and the `export` command (commands)."""

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from sabiscale.config import RunConfig
-from sabiscale.prep.tasks import EXAMPLE_RECORDS, render, task_guide, task_registry
+from sabiscale.tasks import EXAMPLE_RECORDS, render, task_guide, task_registry
 
 # ISO 639-1 where a language has one (the Hub's `language` field), else the 639-3 code
 ISO_639_1 = {"yor": "yo", "hau": "ha", "ibo": "ig", "eng": "en", "pcm": "pcm", "fra": "fr", "swa": "sw"}
@@ -57,8 +57,10 @@ def eval_tables(tag_dir: Path) -> list[str]:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         lines += ["", f"Split `{report['split']}` of `{report['data']}` (step {report['step']}, "
                   f"{report['examples_per_file'] or 'all'} records per file):", "",
-                  "| task/language | perplexity | bits/byte |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v['perplexity']:.2f} | {v['bits_per_byte']:.3f} |" for k, v in report["teacher_forced"].items()]
+                  "| task/language | records | perplexity | bits/byte (95% interval) |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v.get('n', '')} | {v['perplexity']:.2f} | {v['bits_per_byte']:.3f}"
+                  + (" [{:.3f}, {:.3f}]".format(*v["bits_per_byte_ci"]) if "bits_per_byte_ci" in v else "") + " |"
+                  for k, v in report["teacher_forced"].items()]
         if report["generation"]:
             lines += ["", "| generated (greedy) | examples | scores |", "|---|---:|---|"]
             for k, v in report["generation"].items():

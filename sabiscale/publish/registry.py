@@ -27,8 +27,8 @@ def eval_tags(tag_dir: Path) -> dict[str, str]:
     tags = {}
     for report_path in sorted(tag_dir.glob("eval_*.json")):
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        for section in ("teacher_forced", "generation"):
-            for key, scores in report[section].items():
+        for section in ("teacher_forced", "generation", "classification"):
+            for key, scores in report.get(section, {}).items():
                 for name, value in scores.items():
                     if isinstance(value, float):
                         tags[f"eval.{report['split']}.{key}.{name}"] = f"{value:.4f}"

@@ -1,1 +1,2 @@
-"""Shards stage: tokenized documents -> packed fixed-length sequences -> WebDataset .tar + manifest."""
+"""Stage 2, shards: tokenized documents -> packed fixed-length sequences (pack) -> WebDataset .tar
++ manifest (format, write), checked against the manifest (verify); `shards` commands (commands)."""

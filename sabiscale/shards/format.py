@@ -300,3 +300,22 @@ def read_manifest(shards_dir: Path) -> dict:
         raise UserError(f"{path}: format_version {manifest.get('format_version')} is not "
                         f"{FORMAT_VERSION}; re-run `sabiscale prepare` with this sabiscale version")
     return manifest
+
+
+def write_fingerprints(path: Path, **arrays: np.ndarray) -> None:
+    """The contamination fingerprints beside the shards (prep/fingerprint.py), written atomically."""
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as f:
+        np.savez(f, **arrays)
+    os.replace(partial, path)
+
+
+def read_fingerprints(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise MissingInput(f"{path} is missing: these shards were prepared without contamination fingerprints (by an "
+                           "earlier sabiscale); prepare the data again into a new data.dir")
+    try:
+        with np.load(path) as loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({err}); prepare the data again into a new data.dir") from None

@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sabiscale.hashing import sha256_file
-from sabiscale.prep.parallel import SERIAL, Workers
+from sabiscale.parallel import SERIAL, Workers
 from sabiscale.errors import UserError
 from sabiscale.shards.format import (FIELDS, FORMAT_VERSION, encode_sample, read_manifest, save_manifest, shard_entry,
                                      shard_writer)

@@ -1,3 +1,5 @@
-"""Stage 5, training: the DeepSpeed engine (engine, the only module that imports deepspeed), the one
-training loop (loop) and its step (step), resume checks (resume), checkpoints (checkpoint), the
-seam for test and benchmark instruments (hooks), and the memory planner (plan)."""
+"""Stage 7, training: the DeepSpeed engine (engine, the only module that imports deepspeed), the run
+it trains (run), the one training loop (loop) and its step (step), resume checks (resume),
+checkpoints (checkpoint), the Rho-1 reference model (reference), the device checks (device), the
+inputs check (inputs), preemption (preemption), the seam for test and benchmark instruments
+(hooks), the memory planner (plan), and the `train`, `demo`, `plan` commands (commands)."""

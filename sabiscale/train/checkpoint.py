@@ -24,8 +24,7 @@ from sabiscale.config import RunConfig, build_config
 from sabiscale.hashing import sha256_file
 from sabiscale.model.build import build_model
 from sabiscale.prep.tokenizer import load_tokenizer
-from sabiscale.publish.card import write_publishing_files
-from sabiscale.errors import AlreadyExists, MissingInput, NoSpace, UserError
+from sabiscale.errors import MissingInput, NoSpace, UserError
 
 CLIENT_STATE_VERSION = 1
 SIDECAR = "sabiscale.json"
@@ -212,23 +211,3 @@ def load_trained_lm(path: Path):
     if cfg.model.tie_embeddings:
         lm.tie_weights()
     return lm.float().eval(), tok, meta
-
-
-@torch.no_grad()
-def export_hf(path: Path, out_dir: Path) -> Path:
-    """A standard Hugging Face directory: save_pretrained weights + config + the tokenizer with
-    its task tags, loadable offline with AutoModelForCausalLM / AutoTokenizer."""
-    lm, tok, meta = load_trained_lm(path)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise AlreadyExists(f"{out_dir} exists and is not empty; choose a new directory (nothing was overwritten)")
-    lm.config.use_cache = True  # for generation by users; training packs and turns it off
-    lm.set_attn_implementation("sdpa")  # sabiscale's packed attention is not in plain transformers
-    lm.save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
-    write_publishing_files(out_dir, lm, tok, build_config(meta["config"], origin=str(path)), meta, resolve_checkpoint(path))
-    for written in out_dir.iterdir():  # safetensors writes 0600; a model is handed to others
-        if written.is_file():
-            written.chmod(0o644)
-    (out_dir / "sabiscale.json").write_text(json.dumps({k: meta[k] for k in ("step", "tokenizer_sha256", "mlflow_run_id") if k in meta}, indent=2) + "\n")
-    return out_dir

@@ -9,7 +9,8 @@ from typing import Any
 
 from sabiscale.config import RunConfig, resolve_batch, resolve_warmup
 from sabiscale.data.batch import Batch, Vocab
-from sabiscale.data.loader import BatchStream, check_resumable, make_loader, shard_urls
+from sabiscale.data.loader import BatchStream, check_resumable, make_loader
+from sabiscale.shards.format import split_shards
 from sabiscale.errors import UserError
 from sabiscale.hashing import sha256_file
 from sabiscale.loss.kinds import LossKind, make_loss_kind
@@ -166,12 +167,12 @@ def data_streams(cfg: RunConfig, world: World, manifest: dict, vocab: Vocab,
     """This rank's training stream (from the saved position when resuming: a seek, no replay) and
     its validation micro-batches. Every shard is checked against the manifest before the first read."""
     micro_bs = cfg.train.micro_batch_size
-    train_shards = shard_urls(cfg.shards_dir, manifest, "train")
+    train_shards = split_shards(cfg.shards_dir, manifest, "train")
     if resumed is not None:
         check_resumable(resumed["loader"], micro_bs, cfg.seed, True, train_shards)
     loader = make_loader(train_shards, vocab, micro_bs, world.rank, world.world_size, cfg.seed, True,
                          cfg.data.loader_workers, start=resumed["loader"]["position"] if resumed else 0)
-    val_loader = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
+    val_loader = make_loader(split_shards(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
                              world.world_size, cfg.seed, False)
     return loader, [next(val_loader) for _ in range(cfg.train.eval_batches)]
 
@@ -182,7 +183,7 @@ def make_probe(cfg: RunConfig, manifest: dict, vocab: Vocab, rank: int, tracker)
         return None
     from sabiscale.track.probe import ProbeRecorder
 
-    stream = make_loader(shard_urls(cfg.shards_dir, manifest, "val"), vocab, cfg.train.micro_batch_size, 0, 1,
+    stream = make_loader(split_shards(cfg.shards_dir, manifest, "val"), vocab, cfg.train.micro_batch_size, 0, 1,
                          cfg.seed, False)
     return ProbeRecorder([next(stream) for _ in range(cfg.train.probe_batches)], vocab, cfg.output_dir / "probe",
                          rank, tracker)
@@ -193,7 +194,7 @@ def online_reference(cfg: RunConfig, kind: LossKind, manifest: dict, world: Worl
     reference losses and the recipe asks for them online (one more forward per micro-batch)."""
     if not kind.reads_reference or cfg.loss.reference != "online":
         return None
-    from sabiscale.evaluate.score import Reference
+    from sabiscale.train.reference import Reference
 
     reference = Reference(Path(cfg.loss.reference_checkpoint), world.device, cfg.loss.chunk_size)
     reference.check_tokenizer(manifest, cfg.shards_dir)

@@ -207,6 +207,17 @@ class Example:
     # "<translate>"): encoded as the text they are, never as the tag's special id
     prompt_literals: tuple[tuple[int, int], ...] = ()
     answer_literals: tuple[tuple[int, int], ...] = ()
+    # "train", "val" or "heldout": where `prepare` sends the record (prep/corpus.py::SplitRule)
+    split: str = "train"
+
+
+# Placeholders whose value is a label from a small set, not free text: answers made of them are
+# scored by rank classification and carry no text for the contamination check.
+LABEL_PLACEHOLDERS = frozenset({"label", "tags", "lang"})
+
+
+def answer_is_label(spec: "TaskDef") -> bool:
+    return bool(placeholders(spec.answer)) and placeholders(spec.answer) <= LABEL_PLACEHOLDERS
 
 
 class NotApplicable(Exception):
