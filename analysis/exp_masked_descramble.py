@@ -23,7 +23,8 @@ import json
 import time
 from pathlib import Path
 
-from sabiscale_analysis.experiment import (RECIPE, ROOT, answer_loss_curve, held_out_examples, mean_sd, plot_curves,
+from sabiscale_analysis.experiment import (RECIPE, ROOT, DecisionRule, answer_loss_curve, decide, held_out_examples,
+                                           mean_sd, paired, plot_curves, rendered_line,
                                            sabiscale, steps_to_reach, train_unless_done)
 
 RESULTS = ROOT / "analysis" / "results"
@@ -75,30 +76,24 @@ def per_seed(curves: dict[str, dict[int, float]], exact: dict[str, float]) -> di
                    "exact_match": exact[kind]} for kind in KINDS}
 
 
-def verdict(seeds: list[dict], steps: int) -> str:
-    """One sentence: masked counts as faster only when its mean final loss is lower by more than
-    both spreads and it reaches the unmasked final loss early in every seed."""
-    masked, masked_sd = mean_sd([s["masked"]["final_answer_loss"] for s in seeds])
-    clm, clm_sd = mean_sd([s["clm"]["final_answer_loss"] for s in seeds])
-    reach = [s["masked"]["steps_to_unmasked_final_loss"] for s in seeds]
-    early = all(r is not None and r < steps for r in reach)
-    gap = f"final answer loss {masked:.3f} ± {masked_sd:.3f} masked vs {clm:.3f} ± {clm_sd:.3f} not masked"
-    if clm - masked > masked_sd + clm_sd and early:
-        return (f"Confirmed in this setting: the masked loss converges faster in every seed (it reaches the unmasked "
-                f"final loss at steps {', '.join(map(str, reach))} of {steps}; {gap}).")
-    if masked - clm > masked_sd + clm_sd:
-        return f"Not confirmed in this setting: the masked loss ends worse beyond the seed spread ({gap})."
-    return (f"Not confirmed beyond the seed spread: {gap}; the masked run reaches the unmasked final loss at steps "
-            f"{', '.join(str(r) if r else 'never' for r in reach)} of {steps}.")
+RULE = DecisionRule("final held-out answer-token loss (nats)", effect=0.05, lower_is_better=True)
 
 
-def write_results(args, seeds: list[dict], curves: dict, categories: dict, report: Path, minutes: float) -> None:
+def verdict(seeds: list[dict]) -> str:
+    """The paired rule over the seeds: masked minus not masked, final held-out answer loss."""
+    result = paired({s["seed"]: s["masked"]["final_answer_loss"] for s in seeds},
+                    {s["seed"]: s["clm"]["final_answer_loss"] for s in seeds}, RULE.lower_is_better)
+    return decide(result, RULE, ("masked", "not masked"))
+
+
+def write_results(args, seeds: list[dict], curves: dict, categories: dict, report: Path, minutes: float,
+                  date: str, rendered_by: str) -> None:
     command = (f".venv/bin/python -m sabiscale_analysis.exp_masked_descramble --model {args.model} --seeds {args.seeds} "
                f"--steps {args.steps} --eval-every {args.eval_every} --records {args.records} "
                f"--exact-match-examples {args.exact_match_examples}")
     model = MODELS[args.model]
     (RESULTS / "masked_descramble.json").write_text(json.dumps(
-        {"command": command, "date": time.strftime("%Y-%m-%d"), "minutes": minutes, "model": model,
+        {"command": command, "date": date, "minutes": minutes, "model": model,
          "per_seed": seeds, "curves": curves, "trajectory_categories_first_seed": categories}, indent=2) + "\n")
     plot_curves(curves, RESULTS / "masked_descramble.png", "held-out answer-token loss",
                 "descrambling: prompt masked vs not masked")
@@ -118,13 +113,15 @@ def write_results(args, seeds: list[dict], curves: dict, categories: dict, repor
     lines = ["# SabiYarn's masked-loss experiment: descrambling, prompt masked vs not masked\n",
              "Claim (SabiYarn): computing the loss only on the answer tokens makes the model converge faster and "
              "focus on the task.\n",
-             f"Command: `{command}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}; {minutes:.0f} minutes on a 2-core CPU (runs already finished are "
+             f"Command: `{command}`  ", rendered_by,
+             f"Date of the runs: {date}; {minutes:.0f} minutes on a 2-core CPU (runs already finished are "
              f"reused, not timed). Real sentences from ../shared/data/text (every language, {args.records} per file); "
              f"a {model['num_layers']}-layer Llama (hidden {model['hidden_size']}), 4k BPE, micro-batch 8 x 256, "
              f"{args.steps} steps; the same data, model, seed and steps for both losses, seeds 1..{args.seeds} (the "
              "seed sets the initial weights and the sample order). Mean ± standard deviation over seeds, each "
-             "seed's value in brackets.\n",
+             "seed's value in brackets. Held-out records: the validation hash split of the text files (never in "
+             "the training shards). The arms are matched on steps, not compute: a masked step needs fewer FLOPs "
+             "(its head and last layer run only on answer tokens).\n",
              "| | " + " | ".join(KINDS.values()) + " |", "|---|---:|---:|",
              f"| final held-out answer-token loss | {cells('final_answer_loss', '.3f')} |",
              f"| steps to reach the same seed's unmasked final answer loss | {cells('steps_to_unmasked_final_loss', '.0f')} |",
@@ -132,7 +129,7 @@ def write_results(args, seeds: list[dict], curves: dict, categories: dict, repor
              f"{cells('exact_match', '.3f')} |"]
     for name in ("L->L", "H->L", "H->H", "L->H"):
         lines.append(f"| probe tokens {name} (seed 1) | " + " | ".join(f"{categories[k][name]:.1%}" for k in KINDS) + " |")
-    lines += ["", f"**Verdict:** {verdict(seeds, args.steps)}", "",
+    lines += ["", RULE.describe(fixed_before=False), "", f"**Verdict:** {verdict(seeds)}", "",
               "Held-out answer-token loss per evaluation step, mean over seeds:\n",
               "| step | " + " | ".join(KINDS.values()) + " |", "|---:|---:|---:|"]
     for step in sorted(curves["masked seed 1"]):
@@ -153,7 +150,18 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--records", type=int, default=2000, help="sentences read per language file")
     parser.add_argument("--exact-match-examples", type=int, default=40, help="held-out sentences decoded per language")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite masked_descramble.md from the saved JSON with the current rule (no training)")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((RESULTS / "masked_descramble.json").read_text())
+        run_args = parser.parse_args(saved["command"].split()[3:])
+        seeds = [{"seed": i + 1, **s} for i, s in enumerate(saved["per_seed"])]
+        curves = {name: {int(step): v for step, v in curve.items()} for name, curve in saved["curves"].items()}
+        write_results(run_args, seeds, curves, saved["trajectory_categories_first_seed"],
+                      RESULTS / "masked_descramble_trajectories" / "report.md", saved["minutes"], saved["date"],
+                      rendered_line(["--report-only"]))
+        return
     started = time.monotonic()
     work = ROOT / "runs" / "experiments" / "masked_descramble" / f"{args.model}-{args.steps}"
     data = work / "data"
@@ -165,15 +173,16 @@ def main() -> None:
         runs = {kind: train(work, data, kind, seed, args) for kind in KINDS}
         seed_curves = {kind: answer_loss_curve(run) for kind, run in runs.items()}
         curves.update({f"{kind} seed {seed}": c for kind, c in seed_curves.items()})
-        seeds.append(per_seed(seed_curves, {k: exact_match(r, held_out, args.exact_match_examples, seed)
-                                            for k, r in runs.items()}))
+        seeds.append({"seed": seed, **per_seed(seed_curves, {k: exact_match(r, held_out, args.exact_match_examples, seed)
+                                                             for k, r in runs.items()})})
     from sabiscale_analysis.trajectories import classify, fractions, load_trajectories, write_report
 
     first = {kind: work / f"{kind}-seed1" for kind in KINDS}
     report = write_report(list(first.values()), RESULTS / "masked_descramble_trajectories")
     categories = {kind: fractions(classify(load_trajectories(run))) for kind, run in first.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_results(args, seeds, curves, categories, report, (time.monotonic() - started) / 60)
+    write_results(args, seeds, curves, categories, report, (time.monotonic() - started) / 60, time.strftime("%Y-%m-%d"),
+                  rendered_line(None))
 
 
 if __name__ == "__main__":

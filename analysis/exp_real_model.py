@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from sabiscale_analysis.experiment import ROOT, answer_loss_curve, plot_curves, sabiscale, trained
+from sabiscale_analysis.experiment import ROOT, answer_loss_curve, plot_curves, rendered_line, sabiscale, trained
 
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
 RUNS = {"masked (SabiYarn)": ROOT / "runs" / "naija_small", "all tokens (clm peer)": ROOT / "runs" / "naija_small_clm"}
@@ -136,8 +136,8 @@ def head_to_head(reports: dict[str, dict]) -> list[str]:
              f"{masked} is better on {len(score[masked])}, {clm} on {len(score[clm])}, tied on {len(score['tie'])} "
              f"task/languages (better with {masked}: {', '.join(score[masked]) or 'none'}). By teacher-forced answer "
              f"bits/byte, {masked} is lower on {len(bits[masked])} and {clm} on {len(bits[clm])} "
-             f"(lower with {masked}: {', '.join(bits[masked]) or 'none'}). One run each: differences of a few "
-             "points are within seed noise (masked_mix.md measured the spread).", ""]
+             f"(lower with {masked}: {', '.join(bits[masked]) or 'none'}). One run each: differences inside "
+             "the bootstrap intervals of the eval reports, or of a few points, say nothing about seeds.", ""]
     leads = task_leads(reports)
     ahead = {side: [task for task, lead in leads.items() if lead == side] for side in (masked, clm, "split")}
     split = f"; split on {', '.join(ahead['split'])}" if ahead["split"] else ""
@@ -167,14 +167,16 @@ def write_results(reports: dict[str, dict], curves: dict[str, dict[int, float]],
              "Claim (SabiYarn): computing the loss only on the answer tokens makes the model better at the tasks; "
              "here at equal steps against the causal loss on every token.\n",
              f"Command: `{command}` (repeated until both runs finished; `--report-only` writes what there is)  \n"
+             f"{rendered_line(None)}\n"
              f"Date: {time.strftime('%Y-%m-%d')}. Recipe "
              f"`launch/recipes/naija_small.yaml` (11.6M-parameter Llama, 16k BPE, 8 x 512 tokens per step), step "
              f"{first['step']}{' for both' if len(names) == 2 else ''} ({first['tokens_seen'] / 1e6:.1f}M tokens each, "
              f"{first['precision']}: what "
              "engine.precision=auto chose on this 2-core CPU); the peer is the same recipe with `loss.kind=clm` (the "
              "causal loss on every token: the same data and steps; the masked run computes its loss head on the answer "
-             "tokens only, so it spends less compute per step). `sabiscale eval` on the official dev "
-             f"records ({protocol}; up to 200 decoded greedily per task and language).\n",
+             "tokens only, so it spends less compute per step). `sabiscale eval` on the held-out records (never in "
+             f"a training shard; records that appear in training anyway are left out and counted; {protocol}; up to "
+             "200 decoded greedily per task and language).\n",
              *[f"**{name}: not finished yet** (its last checkpoint: step {facts[name]['step'] if name in facts else 0} "
                f"of {first['step']}); the same command, without --report-only, continues it and completes this file.\n"
                for name in RUNS if name not in reports],

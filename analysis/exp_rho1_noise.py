@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from sabiscale_analysis.experiment import (RECIPE, ROOT, held_out_examples, plot_curves, sabiscale, steps_to_reach,
-                                           train_unless_done, write_comparison)
+                                           train_unless_done, write_comparison, rendered_line)
 
 WORK = ROOT / "runs" / "experiments" / "rho1_noise"
 RESULTS = ROOT / "analysis" / "results"
@@ -153,8 +153,9 @@ def main() -> None:
         {"command": command, "date": time.strftime("%Y-%m-%d"), "minutes": minutes, "noise": noise,
          "clean_loss": curves, "steps_to_reach": reach, "trajectory_categories": categories}, indent=2) + "\n")
     lines = ["# Rho-1's selective-LM experiment: a noisy real-text corpus, all tokens vs selective\n",
-             f"Command: `{command}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}; {minutes:.1f} minutes on a 2-core CPU. Plain text of "
+             f"Command: `{command}`  ", rendered_line(None),
+             f"Date: {time.strftime('%Y-%m-%d')}; {minutes:.1f} minutes on a 2-core CPU; one seed, so no verdict "
+             "(exp_rho1_seeds compares over paired seeds). Plain text of "
              f"../shared/data/text ({args.records} records per language); noise injected into "
              f"{sum(noise.values())} documents ({', '.join(f'{k} {v}' for k, v in sorted(noise.items()))}); the reference "
              f"trained {args.reference_steps} steps on the clean records with the mix's tokenizer; both runs: "

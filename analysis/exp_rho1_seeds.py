@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from sabiscale_analysis.exp_rho1_noise import common, write_corpora
-from sabiscale_analysis.experiment import (RECIPE, ROOT, held_out_examples, mean_sd, plot_curves, sabiscale,
+from sabiscale_analysis.experiment import (RECIPE, ROOT, DecisionRule, decide, held_out_examples, mean_sd, paired,
+                                           plot_curves, rendered_line, sabiscale,
                                            steps_to_reach, train_unless_done)
 
 WORK = ROOT / "runs" / "experiments" / "rho1_seeds"
@@ -104,29 +105,23 @@ def spread(values: list[float]) -> str:
     return "{:.3f} ± {:.3f}".format(*mean_sd(values))
 
 
-def verdict(table: dict, names: list[str]) -> str:
-    """Selective counts as better only when its mean final clean loss is lower than the all-token
-    mean by more than the two standard deviations together."""
-    def stats(name):
-        return mean_sd([r["final"] for r in table[name]])
-    b, sb = stats(names[0])
-    better = [n for n in names[1:] if b - stats(n)[0] > sb + stats(n)[1]]
-    worse = [n for n in names[1:] if stats(n)[0] - b > sb + stats(n)[1]]
-    if better and not worse:
-        return f"Confirmed in this setting for {', '.join(better)}: a lower clean loss than all-token training beyond the seed spread."
-    if not better:
-        return ("Not confirmed in this setting: no selective variant ends with a lower clean loss than all-token training "
-                "beyond the seed spread" + (f"; {', '.join(worse)} ends worse." if worse else "."))
-    return f"Confirmed only in part: better for {', '.join(better)}, worse for {', '.join(worse)}."
+RULE = DecisionRule("final clean held-out loss (nats)", effect=0.05, lower_is_better=True)
 
 
-def write_results(args, table: dict, curves: dict, minutes: float) -> None:
+def verdicts(table: dict, names: list[str]) -> list[str]:
+    """The paired rule, each selective setting against all-token training over the same seeds."""
+    base = {r["seed"]: r["final"] for r in table[names[0]]}
+    return [decide(paired({r["seed"]: r["final"] for r in table[name]}, base, RULE.lower_is_better), RULE,
+                   (name, names[0])) for name in names[1:]]
+
+
+def write_results(args, table: dict, curves: dict, minutes: float, date: str, rendered_by: str) -> None:
     names = list(table)
     command = (f".venv/bin/python -m sabiscale_analysis.exp_rho1_seeds --steps {args.steps} --seeds {args.seeds} "
                f"--reference-steps {args.reference_steps} --records {args.records} --noise-share {args.noise_share} "
                f"--ratios {' '.join(map(str, args.ratios))}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "rho1_seeds.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
+    (RESULTS / "rho1_seeds.json").write_text(json.dumps({"command": command, "date": date,
                                                          "minutes": minutes, "per_seed": table}, indent=2) + "\n")
     plot_curves(curves, RESULTS / "rho1_seeds.png", "loss on held-out clean text (mean over seeds)",
                 "noisy corpus: all tokens vs selective")
@@ -134,8 +129,11 @@ def write_results(args, table: dict, curves: dict, minutes: float) -> None:
     lines = ["# Rho-1's selective LM over seeds: a noisy real-text corpus\n",
              "Claim (Rho-1): training only on the tokens with the highest excess loss over a reference trained on "
              "high-quality data reaches the all-token baseline faster and ends better.\n",
-             f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d')}; {minutes:.0f} minutes on a 2-core CPU "
-             "(results that already existed are reused, not timed).\n",
+             f"Command: `{command}`  ", rendered_by, f"Date of the runs: {date}; {minutes:.0f} minutes on a 2-core CPU "
+             "(results that already existed are reused, not timed). Held-out records: the validation hash split of "
+             "the clean text (never in a training shard). Arms are matched on steps, not compute: a selective step "
+             "runs the forward pass on every token and the backward only where selected, and its reference costs "
+             "its own training run.\n",
              f"Setting: plain text of ../shared/data/text ({args.records} records per language), {args.noise_share:.0%} of "
              "the documents noised (garbage spans, repeated boilerplate, shuffled words; see exp_rho1_noise); "
              f"references trained {args.reference_steps} steps on the clean records and, for the self-reference, on "
@@ -149,7 +147,8 @@ def write_results(args, table: dict, curves: dict, minutes: float) -> None:
         shown = ", ".join(str(s) if s is not None else f">{args.steps}" for s in reached)
         lines.append(f"| {name} | {spread([r['final'] for r in table[name]])} | {shown} | "
                      + " | ".join(spread([r["per_language"][lang] for r in table[name]]) for lang in languages) + " |")
-    lines += ["", f"**Verdict:** {verdict(table, names)}", "", "![clean loss](rho1_seeds.png)"]
+    lines += ["", RULE.describe(fixed_before=False), ""] + [f"**Verdict:** {line}  " for line in verdicts(table, names)]
+    lines += ["", "![clean loss](rho1_seeds.png)"]
     (RESULTS / "rho1_seeds.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -163,7 +162,20 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1500, help="records read per language file")
     parser.add_argument("--noise-share", type=float, default=0.35)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.6, 0.8])
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite rho1_seeds.md from the saved JSON with the current rule (no training)")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((RESULTS / "rho1_seeds.json").read_text())
+        table = saved["per_seed"]
+        for rows in table.values():
+            for r in rows:
+                r["curve"] = {int(k): v for k, v in r["curve"].items()}
+        mean_curves = {name: {step: statistics.mean(r["curve"][step] for r in rows) for step in rows[0]["curve"]}
+                       for name, rows in table.items()}
+        write_results(parser.parse_args(saved["command"].split()[3:]), table, mean_curves, saved["minutes"],
+                      saved["date"], rendered_line(["--report-only"]))
+        return
     started = time.monotonic()
     tokenizer = prepare_references(args)
     held_out = held_out_examples(base(NOISE_SEED) + [f"data.jsonl_root={WORK / 'clean'}"])
@@ -179,7 +191,8 @@ def main() -> None:
                                 "per_language": m["per_language"]})
     mean_curves = {name: {step: statistics.mean(r["curve"][step] for r in rows) for step in rows[0]["curve"]}
                    for name, rows in table.items()}
-    write_results(args, table, mean_curves, (time.monotonic() - started) / 60)
+    write_results(args, table, mean_curves, (time.monotonic() - started) / 60, time.strftime("%Y-%m-%d"),
+                  rendered_line(None))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """What the experiment scripts share: running the console script, training a run unless it is
-already finished, the held-out examples of a corpus (the same hash split training uses),
-steps-to-reach, and loss-curve plots."""
+already finished, the validation examples of a corpus (the same split training uses), paired
+comparisons over seeds with a decision rule fixed before the runs, the header every results file
+starts with (commit and command), steps-to-reach, and loss-curve plots."""
 from __future__ import annotations
 
+import math
+import shlex
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +29,8 @@ def trained(run: Path) -> dict | None:
     if last is None:
         return None
     meta, _ = read_sidecar(last)
-    return {"step": meta["step"], "tokens_seen": meta["tokens_seen"], "precision": meta.get("precision", "fp32")}
+    return {"step": meta["step"], "tokens_seen": meta["tokens_seen"], "flops_seen": meta.get("flops_seen"),
+            "precision": meta.get("precision", "fp32")}
 
 
 def train_unless_done(recipe: Path, *overrides: str) -> None:
@@ -40,14 +45,90 @@ def train_unless_done(recipe: Path, *overrides: str) -> None:
     sabiscale("train", str(recipe), *overrides)
 
 
-def held_out_examples(overrides: list[str]) -> list:
-    """The validation-split examples of the recipe with these overrides (never trained on)."""
+def held_out_examples(overrides: list[str], split: str = "val") -> list:
+    """The examples of one split ("val": the validation shards' records; "heldout": the records
+    held out for evaluation) of the recipe with these overrides: never trained on."""
     from sabiscale.config import load_config
-    from sabiscale.prep.corpus import is_validation, load_corpus
+    from sabiscale.prep.corpus import load_corpus
 
     cfg = load_config(RECIPE, overrides)
-    return [e for e, where in load_corpus(cfg, Path(cfg.data.jsonl_root)).examples
-            if is_validation(where, cfg.data.val_fraction)]
+    return [e for e, _ in load_corpus(cfg, Path(cfg.data.jsonl_root), {split}).examples]
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """Fixed before the runs and printed in the results file: arm A is *confirmed* better than arm
+    B on a measure when every seed agrees in direction and the paired 95% interval of (A - B)
+    excludes 0 on A's side; *no effect of interest* when the interval lies inside (-effect,
+    +effect); otherwise *not decided* (more seeds would be needed)."""
+
+    measure: str          # what is compared, e.g. "held-out answer loss (nats)"
+    effect: float         # the smallest difference that would matter, in the measure's units
+    lower_is_better: bool
+
+    def describe(self, fixed_before: bool = True) -> str:
+        better = "lower" if self.lower_is_better else "higher"
+        when = "fixed before the runs" if fixed_before else "applied after the runs, which predate it"
+        return (f"Decision rule ({when}): on {self.measure} ({better} is better), an arm is confirmed "
+                f"better when every paired seed agrees in direction and the paired 95% t-interval of the "
+                f"difference excludes 0; the effect of interest is {self.effect:g}: an interval inside "
+                f"(-{self.effect:g}, +{self.effect:g}) means no effect of interest; anything else is not decided.")
+
+
+@dataclass(frozen=True)
+class Paired:
+    n: int
+    mean: float            # mean of (A - B) over the paired seeds
+    interval: tuple[float, float]
+    a_ahead: int           # seeds where A is better
+    b_ahead: int
+
+
+def paired(a: dict, b: dict, lower_is_better: bool) -> Paired:
+    """A paired comparison over the seeds both arms ran: differences, their mean, a 95% t-interval
+    and the sign count (which arm is better in how many seeds)."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    mean = statistics.mean(diffs)
+    half = (stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            if len(diffs) > 1 else math.inf)
+    ahead = sum((d < 0) if lower_is_better else (d > 0) for d in diffs)
+    behind = sum((d > 0) if lower_is_better else (d < 0) for d in diffs)
+    return Paired(len(diffs), mean, (mean - half, mean + half), ahead, behind)
+
+
+def decide(result: Paired, rule: DecisionRule, names: tuple[str, str]) -> str:
+    """The verdict line the rule gives: never written by hand."""
+    a, b = names
+    low, high = result.interval
+    shown = (f"{a} - {b} = {result.mean:+.4f}, paired 95% interval [{low:+.4f}, {high:+.4f}], {result.n} seeds, "
+             f"{a} better in {result.a_ahead}, {b} in {result.b_ahead}")
+    excludes_zero = low > 0 or high < 0
+    if excludes_zero and result.a_ahead == result.n:
+        return f"Confirmed: {a} is better than {b} on {rule.measure} ({shown})."
+    if excludes_zero and result.b_ahead == result.n:
+        return f"Confirmed: {b} is better than {a} on {rule.measure} ({shown})."
+    if -rule.effect < low and high < rule.effect:
+        return f"No effect of interest (|difference| < {rule.effect:g}) on {rule.measure} ({shown})."
+    return f"Not decided on {rule.measure}: the rule needs more seeds ({shown})."
+
+
+def git_commit() -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (commit or "unknown") + (" with uncommitted changes" if dirty else "")
+
+
+def rendered_line(argv: list[str] | None) -> str:
+    """The line naming the command that wrote a results page whole (this process's own command
+    line, or the given arguments to its module) and the commit it ran at."""
+    module = Path(sys.argv[0]).stem if not sys.argv[0].endswith("__main__.py") else "?"
+    module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else module
+    args = sys.argv[1:] if argv is None else argv
+    return f"Page written by: `.venv/bin/python -m {module} {' '.join(map(shlex.quote, args))}` at commit {git_commit()}  "
 
 
 def answer_loss_curve(run: Path) -> dict[int, float]:

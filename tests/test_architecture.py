@@ -97,7 +97,7 @@ def test_every_stage_with_a_command_registers_it_in_its_commands_module():
 def test_package_docstrings_name_only_modules_that_exist():
     for init in LIBRARY.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
-        named = set(re.findall(r"\(([a-z_]+(?:, [a-z_]+)*)\)", doc))
+        named = set(re.findall(r"\(([a-z_]+(?:, [a-z_]+)*)[,)]", doc))
         modules = {m for group in named for m in group.split(", ")}
         missing = {m for m in modules if not (init.parent / f"{m}.py").is_file()}
         assert not missing, f"{init.relative_to(ROOT)} names modules that do not exist: {sorted(missing)}"

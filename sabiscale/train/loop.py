@@ -82,6 +82,7 @@ def train_loop(run: Run) -> TrainResult:
         if step == run.start_step + 1:
             report_first_step(run, t1 - t0)
         run.tokens_seen += sum(b.num_tokens for b in micro) * world.world_size
+        run.flops_seen += float(out.sums.needed_flops)
         metrics = step_metrics(run, out.sums, micro, t1 - t0)
         result.train_losses.append(metrics["train/loss"])
         if step % cfg.train.log_every == 0 or last:
@@ -153,7 +154,8 @@ def step_metrics(run: Run, sums: StepSums, micro: list, seconds: float) -> dict[
                "train/tokens_per_s": sum(b.num_tokens for b in micro) * world.world_size / seconds,
                "train/supervised_tokens_per_s": targets / seconds,
                "train/mfu": sums.needed_flops / seconds / (run.peak_flops * world.world_size),
-               "train/mem": memory_in_use(world.device), "train/skipped_steps": engine.skipped_steps}
+               "train/mem": memory_in_use(world.device), "train/skipped_steps": engine.skipped_steps,
+               "train/flops_seen": run.flops_seen}
     if run.kind.ranks:
         metrics.update(selection_metrics(sums))
     grad_norm = engine.get_global_grad_norm()
@@ -212,7 +214,7 @@ def refresh_peak(run: Run) -> None:
 
 def checkpoint(run: Run, step: int) -> Path:
     cfg, world = run.cfg, run.world
-    client_state = {"tokens_seen": run.tokens_seen, "loader": run.loader.state_dict(), "rng": rng_state(),
+    client_state = {"tokens_seen": run.tokens_seen, "flops_seen": run.flops_seen, "loader": run.loader.state_dict(), "rng": rng_state(),
                     "world_size": world.world_size, "precision": run.precision, "config": config_to_dict(cfg),
                     "tokenizer_sha256": run.manifest["tokenizer_sha256"], "manifest_sha256": run.manifest_sha256,
                     "mlflow_run_id": run.tracker.run_id}

@@ -42,7 +42,6 @@ class Run:
     kind: LossKind
     engine: Any           # DeepSpeed engine around the TokenLossObjective
     precision: str        # fp32, bf16 or fp16, as train/device.py chose it
-    ds_config: dict
     loader: BatchStream
     val_batches: list[Batch]
     reference: Any        # the online reference model of a selective run, else None
@@ -52,6 +51,7 @@ class Run:
     peak_flops: float     # per device, the denominator of MFU
     start_step: int
     tokens_seen: int
+    flops_seen: float     # FLOPs the steps so far needed (track/flops.py): runs compared at equal compute match on it
     hooks: Hooks
     stats: TokenStats
     history: MetricHistory = field(default_factory=MetricHistory)
@@ -93,11 +93,11 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
              precision, world.world_size, ds_config["zero_optimization"]["stage"])
     trace = [SampleTrace(cfg.output_dir, world.rank)] if cfg.train.trace_samples else []
     return Run(cfg=cfg, world=world, manifest=manifest, vocab=vocab, kind=kind, engine=engine, precision=precision,
-               ds_config=ds_config,
                loader=loader, val_batches=val_batches, reference=reference, tracker=tracker,
                probe=make_probe(cfg, manifest, vocab, world.rank, tracker), cost=step_cost(lm),
                peak_flops=cfg.train.peak_flops_per_s or measure_matmul_peak(world.device, engine_dtype(precision)),
                start_step=resumed["step"] if resumed else 0, tokens_seen=resumed["tokens_seen"] if resumed else 0,
+               flops_seen=float(resumed.get("flops_seen", 0.0)) if resumed else 0.0,
                hooks=Hooks([*trace, *hooks]), stats=TokenStats(vocab, world.device),
                manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"))
 
