@@ -117,9 +117,10 @@ def decide(result: Paired, rule: DecisionRule, names: tuple[str, str]) -> str:
 
 def git_commit() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return (commit or "unknown") + (" with uncommitted changes" if dirty else "")
+    # results pages written just before do not make the code that writes the next one uncommitted
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)analysis/results",
+                            ":(exclude)docs/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return (commit or "unknown") + (" with uncommitted changes to the code" if dirty else "")
 
 
 def rendered_line(argv: list[str] | None) -> str:
