@@ -88,6 +88,19 @@ def test_gpus_torch_cannot_use_are_named_with_the_way_out():
     assert unusable_gpus(("", SMI_HEADER), False, "2.13.0", None) is None         # a driver but no GPU
 
 
+@pytest.mark.parametrize("capability,arch_list,covered", [
+    ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"], False),  # V100, cu130
+    ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "compute_90"], True),  # V100, cu126
+    ((8, 9), ["sm_75", "sm_80", "sm_86", "sm_90"], True),     # 4090: sm_86 cubins run on sm_89
+    ((12, 0), ["sm_50", "sm_80", "sm_90", "compute_90"], True),  # PTX at or below: the driver compiles it
+    ((12, 0), ["sm_80", "sm_90a"], False),
+    ((9, 0), ["sm_90a"], True)])
+def test_the_accelerator_check_knows_which_gpus_a_build_runs_on(capability, arch_list, covered):
+    from sabiscale.train.device import arch_covers
+
+    assert arch_covers(arch_list, capability) is covered
+
+
 def test_smoke_the_accelerator_check_passes_on_this_machine():
     from sabiscale.train.device import check_accelerator
 
@@ -173,28 +186,57 @@ def test_the_matmul_peak_probe_on_this_device_is_plausible():
     assert torch.equal(torch.get_rng_state(), before)  # measured again mid-run: the run's stream is left alone
 
 
-@pytest.mark.parametrize("driver_cuda,expected", [
-    (None, "pip install -q torch==2.13.0"),                              # no driver: the CPU wheel
-    ("13.1", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"),
-    ("12.9", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"),
-    ("12.6", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"),
-    ("12.2", "older than every CUDA build")])
-def test_make_install_picks_the_torch_build_the_driver_runs(tmp_path, driver_cuda, expected):
-    """launch/install_torch.sh, dry run, with a stand-in `nvidia-smi` printing a driver's header
-    (the real one needs the hardware)."""
+# (nvidia-smi's CUDA version, its GPUs' compute capabilities) of common machines -> the build
+# torch 2.13's release matrix offers them (cu126: sm_50-sm_90, CUDA 12.0+ drivers; cu130:
+# sm_75-sm_120, CUDA 13.0+ drivers; no cu128/cu129)
+@pytest.mark.parametrize("driver_cuda,caps,expected", [
+    (None, None, "pip install -q torch==2.13.0"),                  # no driver: PyPI / the local CPU wheel
+    ("13.0", ["9.0"], "whl/cu130"),                                # H100, R580
+    ("13.1", ["8.0", "8.0"], "whl/cu130"),                         # 2 x A100, R590
+    ("12.9", ["8.9"], "whl/cu126"),                                # L4 / 4090, R575: no cu129 build exists
+    ("12.8", ["8.9"], "whl/cu126"),                                # 4090, R570
+    ("12.4", ["8.0"], "whl/cu126"),                                # A100 on an R550 cluster
+    ("12.2", ["9.0"], "whl/cu126"),                                # H100 on R535
+    ("12.2", ["7.5"], "whl/cu126"),                                # T4 on R535
+    ("13.0", ["7.0"], "whl/cu126"),                                # V100 with a new driver: cu130 lacks sm_70
+    ("12.8", ["12.0"], "needs torch's cu130 build"),               # RTX 5090 on R570: refused, update the driver
+    ("13.0", ["12.0"], "whl/cu130"),                               # RTX 5090 on R580
+    ("11.8", ["7.0"], "needs a driver for CUDA 12.0 or newer"),    # V100 on R520: refused
+])
+def test_make_install_picks_the_torch_build_the_driver_runs(tmp_path, driver_cuda, caps, expected):
+    """launch/install_torch.sh, dry run, with a stand-in `nvidia-smi` printing a driver's header and
+    its GPUs' compute capabilities (the real one needs the hardware)."""
     import os
     import subprocess
 
     path = "/usr/bin:/bin"
     if driver_cuda is not None:
         smi = tmp_path / "nvidia-smi"
-        smi.write_text(f"#!/bin/sh\necho '| NVIDIA-SMI 550.1   Driver Version: 550.1   CUDA Version: {driver_cuda} |'\n")
+        caps_out = "\\n".join(caps)
+        smi.write_text("#!/bin/sh\n"
+                       f'case "$1" in --query-gpu=*) printf "{caps_out}\\n" ;;\n'
+                       f"*) echo '| NVIDIA-SMI 550.1   Driver Version: 550.1   CUDA Version: {driver_cuda} |' ;; esac\n")
         smi.chmod(0o755)
         path = f"{tmp_path}:{path}"
     out = subprocess.run([str(ROOT / "launch" / "install_torch.sh"), "pip", "--dry-run"], capture_output=True,
                          text=True, env={**os.environ, "PATH": path})
-    assert expected in out.stdout + out.stderr
-    assert (out.returncode == 2) is ("older" in expected)
+    assert expected in out.stdout + out.stderr, out.stdout + out.stderr
+    refused = "needs" in expected
+    assert (out.returncode == 2) is refused
+    if refused:  # the message names an index URL that exists for torch 2.13
+        assert "https://download.pytorch.org/whl/cu130" in out.stderr or "whl/cu126" in out.stderr
+    assert "cu128" not in out.stdout + out.stderr
+
+
+def test_an_explicit_torch_build_is_honoured_and_checked(tmp_path):
+    import os
+    import subprocess
+
+    script = [str(ROOT / "launch" / "install_torch.sh"), "pip", "--dry-run"]
+    ok = subprocess.run(script, capture_output=True, text=True, env={**os.environ, "TORCH_BUILD": "cu126"})
+    assert "whl/cu126" in ok.stdout and ok.returncode == 0
+    bad = subprocess.run(script, capture_output=True, text=True, env={**os.environ, "TORCH_BUILD": "cu128"})
+    assert bad.returncode == 2 and "cpu, cu126, cu130 or cu132" in bad.stderr
 
 
 def test_gpu_smoke_script_dry_runs_on_a_cpu(tmp_path):

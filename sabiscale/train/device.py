@@ -127,8 +127,48 @@ def unusable_gpus(smi: tuple[str, str] | None, cuda_available: bool, torch_versi
             "set engine.device=cpu")
 
 
+def arch_covers(arch_list: list[str], capability: tuple[int, int]) -> bool:
+    """Whether a torch build compiled for `arch_list` (torch.cuda.get_arch_list()) runs kernels on a
+    GPU of `capability`: a cubin for the same major and an equal or lower minor (sm_86 runs on
+    sm_89), or PTX (compute_XY) at or below it, which the driver compiles."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        digits = re.match(r"\d+", number)
+        if digits is None:
+            continue
+        built = int(digits.group())
+        if kind == "sm" and built // 10 == major and built % 10 <= minor:
+            return True
+        if kind == "compute" and built <= major * 10 + minor:
+            return True
+    return False
+
+
+def check_gpus_run_kernels() -> None:
+    """torch.cuda.is_available() is true on GPUs the build has no kernels for (a V100 under the
+    cu130 build): the first kernel would die with "no kernel image". Check the arch list, then run
+    one small kernel on every GPU."""
+    import torch
+
+    arch_list = torch.cuda.get_arch_list()
+    for index in range(torch.cuda.device_count()):
+        name, capability = torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+        if not arch_covers(arch_list, capability):
+            raise UserError(f"GPU {index} ({name}, sm_{capability[0]}{capability[1]}) has no kernels in this torch "
+                            f"{torch.__version__} (built for {' '.join(arch_list)}): reinstall torch with "
+                            "launch/install_torch.sh (it picks the cu126 build for GPUs older than Turing), or "
+                            "TORCH_BUILD=cu126 make install")
+        try:
+            float(torch.ones(8, device=f"cuda:{index}").mul(2).sum())
+        except RuntimeError as err:
+            raise UserError(f"GPU {index} ({name}) cannot run a kernel with this torch {torch.__version__}: "
+                            f"{str(err).splitlines()[0]}; reinstall torch with launch/install_torch.sh") from None
+
+
 def check_accelerator(device: str) -> None:
-    """At the CLI edge, before the engine starts: refuse a silent fall-back to the CPU."""
+    """At the CLI edge, before the engine starts: refuse a silent fall-back to the CPU, and GPUs
+    this torch build cannot run."""
     if device == "cpu":
         return
     import torch
@@ -136,3 +176,5 @@ def check_accelerator(device: str) -> None:
     problem = unusable_gpus(read_nvidia_smi(), torch.cuda.is_available(), torch.__version__, torch.version.cuda)
     if problem:
         raise UserError(problem)
+    if torch.cuda.is_available():
+        check_gpus_run_kernels()
