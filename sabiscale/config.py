@@ -296,6 +296,10 @@ class EngineConfig(_Section):
     # use, training refuses to fall back to the CPU and says what to install. cpu: train on the
     # CPU on purpose, also where GPUs are present.
     device: Literal["auto", "cpu"] = "auto"
+    # How long a collective waits for the slowest rank before the run fails. Rank-0 work between
+    # two collectives (converting a checkpoint to the universal format, hashing a large
+    # checkpoint) must fit in it; torch's default is 10 minutes.
+    collective_timeout_minutes: float = Field(60.0, gt=0)
 
 
 class TrackingConfig(_Section):

@@ -260,3 +260,27 @@ def test_bf16_gradients_accumulate_in_fp32(precision, accumulation, expected):
     cfg = load_config(None, [f"train.grad_accum_steps={accumulation}"])
     filled = fill_ds_config(json.loads(path.read_text()), cfg, 2, precision, str(path))
     assert filled.get("data_types", {}).get("grad_accum_dtype") == expected
+
+
+def test_loaded_optimizer_state_is_moved_where_fused_adamw_needs_it():
+    """A universal-checkpoint load leaves `step` as whatever tensor DeepSpeed restored (an int64
+    CPU tensor here); fused AdamW needs it float32 on the parameter's device. On the CPU the device
+    is the same, so the check is of the dtype and that a fused step then runs."""
+    from sabiscale.train.resume import place_optimizer_state
+
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    fused = torch.optim.AdamW([param], lr=0.1, fused=True)
+    param.grad = torch.ones_like(param)
+    fused.step()
+    fused.state[param]["step"] = torch.tensor(5)                       # as loaded
+    fused.state[param]["exp_avg"] = fused.state[param]["exp_avg"].double().float()
+    place_optimizer_state(fused)
+    step = fused.state[param]["step"]
+    assert step.dtype == torch.float32 and step.device == param.device and float(step) == 5
+    fused.step()
+    assert float(fused.state[param]["step"]) == 6
+    plain = torch.optim.AdamW([param], lr=0.1, foreach=False)
+    param.grad = torch.ones_like(param)
+    plain.step()
+    place_optimizer_state(plain)
+    assert plain.state[param]["step"].device.type == "cpu"  # the unfused AdamW keeps `step` on the CPU

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sabiscale.config import RunConfig, build_config
-from sabiscale.hashing import sha256_file
+from sabiscale.hashing import sha256_files
 from sabiscale.model.build import build_model
 from sabiscale.prep.tokenizer import load_tokenizer
 from sabiscale.errors import MissingInput, NoSpace, UserError
@@ -113,20 +113,24 @@ def file_inventory(tag_dir: Path) -> dict[str, dict]:
     """relative path -> size and sha256 of every file of a checkpoint (but the sidecar itself).
     Recorded at save, checked before any load: a truncated or altered file is then named with
     its expected size instead of surfacing as an unpickling error deep inside DeepSpeed."""
-    return {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != SIDECAR}
+    files = [p for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != SIDECAR]
+    return {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(files, sha256_files(files))}
 
 
 def damaged_files(tag_dir: Path, recorded: dict[str, dict]) -> list[str]:
     """What differs from the inventory recorded at save, one line per file ([] = intact)."""
-    problems = []
+    problems, to_hash = [], []
     for rel, want in recorded.items():
         path = tag_dir / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
         elif (size := path.stat().st_size) != want["bytes"]:
             problems.append(f"{rel}: {size} bytes, {want['bytes']} when saved (truncated or overwritten)")
-        elif sha256_file(path) != want["sha256"]:
+        else:
+            to_hash.append(rel)
+    for rel, digest in zip(to_hash, sha256_files([tag_dir / rel for rel in to_hash])):
+        if digest != recorded[rel]["sha256"]:
             problems.append(f"{rel}: content differs from what was saved (sha256 mismatch)")
     return problems
 

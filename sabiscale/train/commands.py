@@ -27,7 +27,7 @@ def run_training(cfg: RunConfig, hooks=()):
 
     logging.getLogger("DeepSpeed").addFilter(DropNotices())
     ensure_launcher_env()
-    world = init_distributed()
+    world = init_distributed(cfg.engine.collective_timeout_minutes)
     setup_logging(world.rank)
     return train(cfg, world, hooks), world
 

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -84,10 +85,12 @@ def first_node_address(nodelist: str) -> str:
     return address
 
 
-def init_distributed() -> World:
+def init_distributed(timeout_minutes: float = 60.0) -> World:
+    """Join (or create) the process group; `timeout_minutes` bounds every collective's wait."""
     accel = get_accelerator()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(),
+                                   timeout=timedelta(minutes=timeout_minutes))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
@@ -278,8 +281,9 @@ def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+    workers = max(1, min(8, os.cpu_count() or 1))  # rank 0 converts while the others wait in a collective
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # the version marker a Megatron client would have saved
     with contextlib.redirect_stdout(io.StringIO()):  # its progress lines are not the user's business
         ds_to_universal(args)

@@ -155,3 +155,25 @@ def load_engine_state(engine, tag_dir: Path) -> None:
     except Exception as err:  # noqa: BLE001 - re-raised with context, never swallowed
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}: {type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}\n{way_out(tag_dir)}") from err
+    if engine.optimizer is not None:
+        place_optimizer_state(getattr(engine.optimizer, "optimizer", engine.optimizer))
+
+
+@torch.no_grad()
+def place_optimizer_state(optimizer) -> None:
+    """Optimizer state next to its parameters, as torch's own load_state_dict leaves it. DeepSpeed's
+    universal-checkpoint load writes the state of the torch optimizer inside ZeRO directly, with
+    `step` a CPU tensor; torch's fused (and capturable) AdamW keeps `step` as a float32 tensor on
+    the parameter's device and its CUDA kernel refuses anything else at the first step."""
+    for group in optimizer.param_groups:
+        on_device_step = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in list(state.items()):
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    state[key] = (value.to(device=param.device, dtype=torch.float32) if on_device_step
+                                  else value.to("cpu"))
+                elif value.device != param.device:
+                    state[key] = value.to(param.device)
