@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: install browser cluster demo test bench clean
+.PHONY: install browser cluster demo test check bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ cluster:
 
 test: install browser cluster
 	$(BIN)/pytest -q tests
+
+# The developers' loop: every test but the integration and system tiers (still the real DeepSpeed
+# engine, in process), a few minutes on 2 cores. `make test` runs all three tiers.
+check: install
+	$(BIN)/pytest -q -m "not integration and not system" tests
 
 # Benchmarks are commands, not tests: sabiscale vs the HF Trainer peer on the standard workload.
 bench: install

@@ -7,9 +7,14 @@ pass/fail table. Run it on the GPU machine (or in CI there):
 
 Rows: the device and the decisions taken for it (precision from compute capability, Adam
 implementation, flash-attention); every DeepSpeed profile x optimizer for a few steps (loss finite
-and falling, no CUDA compilation needed); packed attention against the block-diagonal masked
+and falling, no CUDA compilation needed); what a first user hits next: gradient accumulation,
+activation checkpointing, fp16 with loss scaling, a resume on the same number of ranks, the real
+`sabiscale train` path with MLflow on; packed attention against the block-diagonal masked
 reference in the compute dtype; held-out eval on the device; export and generation in plain
-transformers. The table is printed and written to --out (markdown). Exit status 1 if a row failed.
+transformers; throughput (tokens/s, MFU against the GPU's data-sheet peak) of the smoke model.
+Every rank works in one directory (rank 0 makes it and prepares the data once) and the ranks
+pass each row together. `--dry-run` lists the rows. The table is printed and written to --out
+(markdown). Exit status 1 if a row failed.
 """
 from __future__ import annotations
 
@@ -28,13 +33,23 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
 class Table:
-    def __init__(self) -> None:
+    def __init__(self, world=None, dry_run: bool = False) -> None:
         self.rows: list[tuple[str, str, str, float]] = []
+        self.world, self.dry_run = world, dry_run
 
     def run(self, name: str, check, skip: str | None = None) -> object:
+        if self.dry_run:
+            self.rows.append((name, "LISTED", skip or "", 0.0))
+            return None
         if skip:
             self.rows.append((name, "SKIP", skip, 0.0))
             return None
+        try:
+            return self._timed(name, check)
+        finally:
+            lock_step(self.world)
+
+    def _timed(self, name: str, check) -> object:
         t0 = time.monotonic()
         try:
             detail = check()
@@ -79,34 +94,126 @@ def device_row(world) -> str:
 HIDDEN = 64  # the smoke's tiny model
 
 
+def lock_step(world) -> None:
+    """Every rank finishes a row before any starts the next (a row that failed on one rank must
+    not leave the others in a collective of the next)."""
+    import torch.distributed as dist
+
+    if world is not None and world.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def shared_workdir(world) -> Path:
+    """One directory for every rank: rank 0 makes it, the others learn its path."""
+    import torch.distributed as dist
+
+    path = [tempfile.mkdtemp(prefix="gpu_smoke-") if world.rank == 0 else None]
+    if world.world_size > 1 and dist.is_initialized():
+        dist.broadcast_object_list(path, src=0)
+    return Path(path[0])
+
+
 def prepared_demo(out: Path):
-    from sabiscale.config import load_config, resolve_paths
     from sabiscale.prep.prepare import prepare
+
+    cfg = prepared_demo_config(out)
+    prepare(cfg)
+    return cfg
+
+
+def prepared_demo_config(out: Path):
+    from sabiscale.config import load_config, resolve_paths
 
     overrides = [f"output_dir={out}", "data.demo_examples_per_task=150", "data.seq_len=128", "data.sequences_per_shard=32",
                  "tokenizer.vocab_size=600", f"model.hidden_size={HIDDEN}", "model.num_layers=2", "model.num_heads=2",
                  "model.intermediate_size=128", "train.micro_batch_size=4", "train.max_steps=6",
                  "optim.warmup_steps=1", "train.eval_batches=1", "tracking.enabled=false"]
-    cfg = resolve_paths(load_config(ROOT / "launch/recipes/demo.yaml", overrides), {})
-    prepare(cfg)
+    return resolve_paths(load_config(ROOT / "launch/recipes/demo.yaml", overrides), {})
+
+
+def run_dir(base, world, where: Path):
+    """A run directory beside the prepared data (made by rank 0; every rank then trains in it)."""
+    if world.rank == 0:
+        where.mkdir(parents=True, exist_ok=True)
+        for part in ("tokenizer", "shards"):
+            if not (where / part).exists():
+                (where / part).symlink_to(base.output_dir / part)
+    lock_step(world)
+    cfg = base.model_copy(deep=True)
+    cfg.output_dir = where
     return cfg
 
 
-def train_row(base, world, profile: str, optimizer: str, where: Path):
+def train_row(base, world, profile: str, optimizer: str, where: Path, **overrides):
+    """A few steps of one profile and optimizer; `overrides` set "section.key" fields."""
     from sabiscale.train.loop import train
 
     def check():
-        cfg = base.model_copy(deep=True)
-        cfg.output_dir = where
-        for part in ("tokenizer", "shards"):
-            (where / part).symlink_to(base.output_dir / part) if not (where / part).exists() else None
+        cfg = run_dir(base, world, where)
         cfg.engine.ds_config = ROOT / "ds_configs" / f"{profile}.json"
         cfg.optim.kind = optimizer
+        for key, value in overrides.items():
+            section, field = key.split("__")
+            setattr(getattr(cfg, section), field, value)
         result = train(cfg, world)
         losses = result.train_losses
         assert all(map(torch.isfinite, torch.tensor(losses))), f"non-finite losses {losses}"
         assert losses[-1] < losses[0], f"loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
         return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    return check
+
+
+def resume_row(base, world, where: Path):
+    """Train 6 steps, then the same run to 8: it continues from the checkpoint of step 6."""
+    from sabiscale.train.loop import train
+
+    def check():
+        cfg = run_dir(base, world, where)
+        cfg.engine.ds_config = ROOT / "ds_configs" / "zero2.json"
+        first = train(cfg, world)
+        cfg.train.max_steps = 8
+        second = train(cfg, world)
+        assert len(second.train_losses) == 2, f"resumed run trained {len(second.train_losses)} steps, not 2"
+        return f"steps 1-6 then 7-8 from {first.checkpoint.name}; loss {second.train_losses[-1]:.3f}"
+    return check
+
+
+def tracked_train_row(base, world, where: Path):
+    """The `sabiscale train` path with MLflow on (a store in the run directory)."""
+    from sabiscale.train.loop import train
+
+    def check():
+        cfg = run_dir(base, world, where)
+        cfg.engine.ds_config = ROOT / "ds_configs" / "zero2.json"
+        cfg.tracking.enabled = True
+        result = train(cfg, world)
+        assert world.rank != 0 or result.run_id, "no MLflow run was created"
+        return f"MLflow run {result.run_id} in {result.tracking_uri}"
+    return check
+
+
+def throughput_row(base, world, where: Path, steps: int = 30):
+    """Tokens/s and MFU of the smoke model over `steps` (the first 5 not timed)."""
+    from sabiscale.train.hooks import StepRecorder
+    from sabiscale.train.loop import train
+
+    def check():
+        cfg = run_dir(base, world, where)
+        cfg.engine.ds_config = ROOT / "ds_configs" / "zero1.json"
+        cfg.train.max_steps, cfg.train.eval_every = steps, 0
+        recorder = StepRecorder()
+        train(cfg, world, [recorder])
+        timed = recorder.records[5:]
+        seconds = sum(r.end - r.start for r in timed)
+        tokens = sum(b.num_tokens for r in timed for b in r.micro) * world.world_size
+        flops = sum(r.local_flops[0] for r in timed) * world.world_size
+        from sabiscale.track.flops import spec_peak
+        from sabiscale.train.engine import resolve_precision
+
+        name = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "CPU"
+        peak = spec_peak(name, resolve_precision("auto", HIDDEN))
+        mfu = f", MFU {flops / seconds / (peak * world.world_size):.1%} of the {name} data-sheet peak" if peak else ""
+        return f"{tokens / seconds:,.0f} tokens/s{mfu} (tiny model: launch-bound, not a throughput figure)"
     return check
 
 
@@ -136,7 +243,7 @@ def eval_export_rows(table: Table, checkpoint: Path | None, out: Path, device: t
     from sabiscale.evaluate.heldout import teacher_forced
     from sabiscale.tasks import Example
     from sabiscale.publish.export import export_hf
-from sabiscale.train.checkpoint import load_trained_lm
+    from sabiscale.train.checkpoint import load_trained_lm
 
     skip = None if checkpoint is not None else "no checkpoint (the training rows did not run)"
 
@@ -161,14 +268,55 @@ from sabiscale.train.checkpoint import load_trained_lm
     table.run("export + generate (transformers)", export, skip)
 
 
+def add_rows(table: Table, base, world, args, gpu_only: str | None, tmp: Path | None) -> None:
+    """Every training row, then (rank 0) eval and export of the first checkpoint."""
+    checkpoint = None
+    where = (lambda name: tmp / name) if tmp is not None else (lambda name: None)
+    for profile in args.profiles:
+        for optimizer in args.optimizers:
+            skip = gpu_only
+            if optimizer == "paged_adamw8bit" and profile.endswith("offload"):
+                skip = "refused by design: optimizer offload already keeps the states on the host"
+            done = table.run(f"train {profile} + {optimizer}", train_row(base, world, profile, optimizer,
+                                                                         where(f"{profile}-{optimizer}"))
+                             if skip is None else None, skip)
+            if done and checkpoint is None:
+                checkpoint = where(f"{profile}-{optimizer}") / "checkpoints"
+    extra = (("train zero2 + adamw, gradient accumulation 2",
+              lambda: train_row(base, world, "zero2", "adamw", where("accum"), train__grad_accum_steps=2), gpu_only),
+             ("train zero2 + adamw, activation checkpointing",
+              lambda: train_row(base, world, "zero2", "adamw", where("ckpt"), train__activation_checkpointing=True),
+              gpu_only),
+             ("train zero2 + adamw, fp16 with loss scaling",
+              lambda: train_row(base, world, "zero2", "adamw", where("fp16"), engine__precision="fp16"),
+              gpu_only or (None if world is None or world.device.type == "cuda" else "fp16 needs a CUDA GPU")),
+             ("resume on the same number of ranks", lambda: resume_row(base, world, where("resume")), gpu_only),
+             ("sabiscale train with MLflow on", lambda: tracked_train_row(base, world, where("tracked")), gpu_only),
+             ("throughput of the smoke model", lambda: throughput_row(base, world, where("speed")), gpu_only))
+    for name, make, skip in extra:
+        table.run(name, make() if skip is None and not table.dry_run else None, skip)
+    if world is None or world.rank == 0:  # rank 0's rows: no barrier between them
+        ranks, table.world = table.world, None
+        eval_export_rows(table, checkpoint, tmp, world.device if world is not None else None)
+        table.world = ranks
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run the GPU rows on the CPU too (checks the script)")
     parser.add_argument("--profiles", nargs="*", default=list(PROFILES))
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_smoke.md"))
+    parser.add_argument("--dry-run", action="store_true", help="list the rows without running them")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dry_run:
+        table = Table(dry_run=True)
+        table.run("device and decisions", None)
+        table.run("packed attention vs masked reference", None)
+        add_rows(table, None, None, args, None, None)
+        print(table.markdown())
+        return 0
 
     from sabiscale.runtime import use_environment_toolchain
     from sabiscale.train.engine import ensure_launcher_env, init_distributed, resolve_precision
@@ -178,27 +326,26 @@ def main() -> int:
     world = init_distributed()
     on_gpu = world.device.type == "cuda"
     gpu_only = None if on_gpu or args.cpu else "no CUDA GPU here (a dry run; --cpu runs it on the CPU)"
-    table = Table()
+    table = Table(world)
     table.run("device and decisions", lambda: device_row(world))
     precision = resolve_precision("auto", HIDDEN)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     table.run(f"packed attention vs masked reference ({precision})", attention_row(world.device, dtype))
-    checkpoint = None
-    with tempfile.TemporaryDirectory() as tmp:
-        base = prepared_demo(Path(tmp) / "data") if gpu_only is None else None
-        for profile in args.profiles:
-            for optimizer in args.optimizers:
-                skip = gpu_only
-                if optimizer == "paged_adamw8bit" and profile.endswith("offload"):
-                    skip = "refused by design: optimizer offload already keeps the states on the host"
-                where = Path(tmp) / f"{profile}-{optimizer}"
-                where.mkdir()
-                done = table.run(f"train {profile} + {optimizer}", train_row(base, world, profile, optimizer, where)
-                                 if skip is None else None, skip)
-                if done and checkpoint is None:
-                    checkpoint = where / "checkpoints"
+    tmp = shared_workdir(world)
+    try:
+        base = None
+        if gpu_only is None and world.rank == 0:
+            base = prepared_demo(tmp / "data")
+        lock_step(world)
+        if gpu_only is None and base is None:
+            base = prepared_demo_config(tmp / "data")
+        add_rows(table, base, world, args, gpu_only, tmp)
+    finally:
+        lock_step(world)
         if world.rank == 0:
-            eval_export_rows(table, checkpoint, Path(tmp), world.device)
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     if world.rank == 0:
         text = f"# GPU smoke test\n\nCommand: `{' '.join(sys.argv)}`  \nDate: {time.strftime('%Y-%m-%d')}\n\n{table.markdown()}\n"
         print(text)

@@ -6,6 +6,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
 
+# CLI subprocesses, 2-rank launches, MLflow servers: `make test`, not `make check`
+pytestmark = pytest.mark.integration
+
 
 def _single_run(store_uri: str):
     client = MlflowClient(tracking_uri=store_uri)

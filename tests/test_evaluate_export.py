@@ -17,6 +17,9 @@ from sabiscale.loss.objective import TokenLossObjective
 from sabiscale.shards.format import read_manifest
 from sabiscale.tasks import BUILTIN_TASKS, special_tokens
 
+# CLI subprocesses, 2-rank launches, MLflow servers: `make test`, not `make check`
+pytestmark = pytest.mark.integration
+
 
 def test_unparsable_outputs_count_as_wrong():
     assert parse_ner("B-PER O", 2) == ["B-PER", "O"]

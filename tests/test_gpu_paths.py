@@ -284,3 +284,28 @@ def test_loaded_optimizer_state_is_moved_where_fused_adamw_needs_it():
     plain.step()
     place_optimizer_state(plain)
     assert plain.state[param]["step"].device.type == "cpu"  # the unfused AdamW keeps `step` on the CPU
+
+
+@pytest.mark.parametrize("name,precision,peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12), ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA A100-SXM4-40GB", "bf16", 312e12), ("NVIDIA L4", "bf16", 121e12),
+    ("NVIDIA GeForce RTX 4090", "bf16", 165e12), ("Tesla T4", "fp16", 65e12), ("Tesla V100-SXM2-16GB", "fp16", 125e12),
+    ("Tesla T4", "bf16", None), ("Some Future GPU", "bf16", None)])
+def test_mfu_on_a_gpu_is_against_its_data_sheet_peak(name, precision, peak):
+    from sabiscale.track.flops import spec_peak
+
+    assert spec_peak(name, precision) == peak
+
+
+def test_gpu_smoke_lists_every_row_a_first_gpu_user_needs():
+    import subprocess
+
+    from conftest import BIN, child_env
+
+    out = subprocess.run([str(BIN / "python"), str(ROOT / "benchmarks" / "gpu_smoke.py"), "--dry-run"], cwd=ROOT,
+                         env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for row in ("gradient accumulation 2", "activation checkpointing", "fp16 with loss scaling",
+                "resume on the same number of ranks", "sabiscale train with MLflow on", "throughput of the smoke model",
+                "eval on the device", "export + generate"):
+        assert f"| {row}" in out.stdout or row in out.stdout, row

@@ -13,6 +13,9 @@ import pytest
 
 from conftest import ROOT, child_env, fresh_run_dir, tiny_overrides
 
+# a Slurm cluster, network namespaces, a clone of the README: `make test`, not `make check`
+pytestmark = pytest.mark.system
+
 STEPS = 4
 
 

@@ -18,6 +18,9 @@ import pytest
 
 from conftest import BIN, ROOT, SHARED_DATA, child_env
 
+# a Slurm cluster, network namespaces, a clone of the README: `make test`, not `make check`
+pytestmark = pytest.mark.system
+
 # covered elsewhere: what they need is not one machine's
 NOT_HERE = {
     "make demo": "the README's own command; CI runs `make test`, and tests cover the demo's stages",

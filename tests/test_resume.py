@@ -9,6 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, ROOT, child_env, fresh_run_dir, tiny_overrides
 
+# CLI subprocesses, 2-rank launches, MLflow servers: `make test`, not `make check`
+pytestmark = pytest.mark.integration
+
 STEPS = 8
 
 

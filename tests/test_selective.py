@@ -20,6 +20,9 @@ from sabiscale.model.build import build_model
 from sabiscale.shards.verify import verify_shards
 from sabiscale.shards.format import read_manifest
 
+# CLI subprocesses, 2-rank launches, MLflow servers: `make test`, not `make check`
+pytestmark = pytest.mark.integration
+
 RATIO = 0.6
 
 

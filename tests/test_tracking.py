@@ -20,6 +20,9 @@ from sabiscale.config import load_config
 from sabiscale.train.hooks import TrainHook
 from sabiscale.track.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, flatten, make_tracker
 
+# CLI subprocesses, 2-rank launches, MLflow servers: `make test`, not `make check`
+pytestmark = pytest.mark.integration
+
 ARTIFACTS = ROOT / "test-artifacts"
 
 

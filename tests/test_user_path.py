@@ -13,6 +13,9 @@ from mlflow.tracking import MlflowClient
 from conftest import BIN, ROOT, child_env, fresh_run_dir, tiny_overrides
 from sabiscale.config import load_config, resolve_warmup
 
+# CLI subprocesses, 2-rank launches, MLflow servers: `make test`, not `make check`
+pytestmark = pytest.mark.integration
+
 
 def test_a_short_run_gets_a_warmup_that_fits_with_a_note():
     cfg = load_config(ROOT / "launch/recipes/shared_data.yaml", ["train.max_steps=30"])
@@ -200,7 +203,8 @@ def test_a_task_whose_every_record_is_skipped_is_named(tmp_path):
 
 
 def test_eval_on_a_split_the_data_lacks_says_which_split_would_work(demo_cfg, tmp_path):
-    """The demo corpus marks no official dev records: `eval --split dev` names --split val/all."""
+    """A run whose split holds nothing out (heldout_fraction 0, no `orig_split` in the demo corpus):
+    `eval --split dev` names --split val/all."""
     from sabiscale.train.loop import train
     from sabiscale.train.engine import ensure_launcher_env, init_distributed
 
@@ -208,6 +212,7 @@ def test_eval_on_a_split_the_data_lacks_says_which_split_would_work(demo_cfg, tm
     cfg = demo_cfg.model_copy(deep=True)
     cfg.output_dir = fresh_run_dir(demo_cfg, tmp_path / "run")
     cfg.tracking.enabled = False
+    cfg.data.heldout_fraction = 0.0
     cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 1, 1, 1
     checkpoint = train(cfg, init_distributed()).checkpoint
     proc = _cli("eval", str(checkpoint), "--split", "dev", "--generate", "0")

@@ -55,3 +55,30 @@ def batch_flops(cost: StepCost, position_ids: torch.Tensor, real: torch.Tensor, 
     pairs = sum(n * longest * (longest + 1) / 2 for n, longest in buckets)
     executed = (cost.body - cost.tail) * position_ids.numel() + (cost.tail + cost.head) * read + cost.attention * pairs
     return needed, executed
+
+
+# Dense peak FLOP/s of common GPUs from their data sheets (bf16/fp16: tensor cores with fp32
+# accumulation; fp32: without TF32), the denominator of MFU on CUDA: a measured matmul peak runs
+# below the spec and would flatter MFU. Longer names first ("H100 PCIe" before "H100", the SXM).
+GPU_SPEC_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+)
+
+
+def spec_peak(device_name: str, precision: str) -> float | None:
+    """The data-sheet peak of a GPU by its name (torch.cuda.get_device_name) and the run's
+    precision, or None for a device not in the table (then train.peak_flops_per_s, or a measured
+    peak)."""
+    for key, peaks in GPU_SPEC_PEAKS:
+        if key in device_name:
+            return peaks.get(precision)
+    return None

@@ -206,8 +206,9 @@ def run_eval(run: Run, step: int, result: TrainResult) -> None:
 def refresh_peak(run: Run) -> None:
     """Keep MFU's denominator the fastest matmul this device has shown. One measured while another
     process held the cores reads low and puts MFU over 100% for the whole run (seen: 147%), so it
-    is measured again at each evaluation and the highest kept; a configured peak is left alone."""
-    if run.cfg.train.peak_flops_per_s is None:
+    is measured again at each evaluation and the highest kept; a configured peak, and a GPU's
+    (its spec peak, or one measured after warming its clocks), are left alone."""
+    if run.cfg.train.peak_flops_per_s is None and run.world.device.type != "cuda":
         again = measure_matmul_peak(run.world.device, engine_dtype(run.precision), repeats=3)
         run.peak_flops = max(run.peak_flops, again)
 

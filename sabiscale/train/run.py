@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sabiscale.config import RunConfig, resolve_batch, resolve_warmup
 from sabiscale.data.batch import Batch, Vocab
 from sabiscale.data.loader import BatchStream, check_resumable, make_loader
@@ -18,7 +20,7 @@ from sabiscale.loss.objective import TokenLossObjective
 from sabiscale.model import layer as layer_ops
 from sabiscale.model.build import build_model, count_parameters
 from sabiscale.prep.tokenizer import load_tokenizer
-from sabiscale.track.flops import StepCost, step_cost
+from sabiscale.track.flops import StepCost, spec_peak, step_cost
 from sabiscale.track.metrics import MetricHistory, TokenStats, measure_matmul_peak
 from sabiscale.track.tracking import Tracker, make_tracker
 from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
@@ -95,7 +97,7 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     return Run(cfg=cfg, world=world, manifest=manifest, vocab=vocab, kind=kind, engine=engine, precision=precision,
                loader=loader, val_batches=val_batches, reference=reference, tracker=tracker,
                probe=make_probe(cfg, manifest, vocab, world.rank, tracker), cost=step_cost(lm),
-               peak_flops=cfg.train.peak_flops_per_s or measure_matmul_peak(world.device, engine_dtype(precision)),
+               peak_flops=mfu_denominator(cfg, world, precision, tracker),
                start_step=resumed["step"] if resumed else 0, tokens_seen=resumed["tokens_seen"] if resumed else 0,
                flops_seen=float(resumed.get("flops_seen", 0.0)) if resumed else 0.0,
                hooks=Hooks([*trace, *hooks]), stats=TokenStats(vocab, world.device),
@@ -136,6 +138,19 @@ def enable_activation_checkpointing(lm) -> None:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def mfu_denominator(cfg: RunConfig, world: World, precision: str, tracker) -> float:
+    """train.peak_flops_per_s if set; on a GPU of the data-sheet table its spec peak (the measured
+    matmul peak is logged beside it); else the measured peak of this device and precision."""
+    if cfg.train.peak_flops_per_s:
+        return cfg.train.peak_flops_per_s
+    measured = measure_matmul_peak(world.device, engine_dtype(precision))
+    if world.device.type != "cuda":
+        return measured
+    spec = spec_peak(torch.cuda.get_device_name(world.device), precision)
+    tracker.log_metrics({"device/measured_peak_flops": measured, "device/spec_peak_flops": spec or measured}, step=0)
+    return spec or measured
 
 
 def resume_source(cfg: RunConfig, resumed: dict | None, world: World) -> Path | None:
