@@ -201,6 +201,11 @@ class LossConfig(_Section):
     # Per-task multipliers of each token's loss (default 1). A weight of 0 drops the task's tokens
     # from the loss and from the head's compute; the loss is divided by the count of weighted tokens.
     task_weights: dict[str, float] = {}
+    # masked kind only: the weight of prompt tokens' losses (0: SabiYarn's masked loss, the head
+    # runs on answer tokens only; 1: every token counts, as kind clm; in between, prompt tokens
+    # count with this weight). Like task weights, it scales losses; the loss is divided by the
+    # number of counted tokens.
+    prompt_weight: float = Field(0.0, ge=0, le=1)
     # Supervised positions per chunk of the output head; bounds the logits held at once.
     chunk_size: int = Field(2048, gt=0)
 
@@ -462,6 +467,22 @@ def build_config(tree: dict, origin: str = "config") -> RunConfig:
         raise ConfigError(_format_errors(err, origin)) from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error naming both
+    lines: plain YAML keeps the last silently (a second `data:` replaces the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (or start from defaults), apply overrides, validate everything at once."""
     tree: dict = {}
@@ -472,7 +493,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
         if not recipe.is_file():
             raise ConfigError(f"recipe {recipe} does not exist (recipes live in launch/recipes/)")
         try:
-            loaded = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+            loaded = yaml.load(recipe.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"{recipe}: not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -68,3 +68,12 @@ def test_global_batch_size_derives_accumulation_or_says_what_divides():
         resolve_batch(contradicting, 1)
     with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
         load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=10"])
+
+
+def test_a_key_given_twice_in_a_recipe_is_refused_naming_both_lines(tmp_path):
+    from sabiscale.config import ConfigError, load_config
+
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("data:\n  source: files\n  files: []\ntrain:\n  max_steps: 3\ndata:\n  source: demo\n")
+    with pytest.raises(ConfigError, match=r"key 'data' appears twice in one mapping \(lines 1 and 6\)"):
+        load_config(recipe)

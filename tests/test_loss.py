@@ -174,3 +174,42 @@ def test_flop_accounting_matches_pytorchs_count_of_the_executed_matmuls(demo_cfg
     assert padding > 0 and pairs > doc_pairs
     assert needed == pytest.approx(executed - (cost.body - cost.tail) * padding - cost.attention * (pairs - doc_pairs),
                                    rel=1e-9)
+
+
+@pytest.mark.parametrize("weight,equals", [(0.0, "masked"), (1.0, "clm")])
+def test_prompt_weight_spans_the_masked_and_the_all_token_loss(demo_cfg, parts, weight, equals):
+    """loss.prompt_weight 0 is SabiYarn's masked loss and 1 the all-token loss, to float error;
+    in between, prompt tokens count with that weight and the head runs on them."""
+    from sabiscale.config import LossConfig
+    from sabiscale.loss.kinds import make_loss_kind
+
+    tok, batch, vocab = parts
+    lm = _model(demo_cfg, tok)
+    weighted = TokenLossObjective(lm, make_loss_kind(LossConfig(kind="masked", prompt_weight=weight)), 64,
+                                  tok.pad_token_id)
+    reference = TokenLossObjective(lm, equals, 64, tok.pad_token_id)
+    with torch.no_grad():
+        a = weighted(batch.input_ids, batch.position_ids, batch.loss_mask)
+        b = reference(batch.input_ids, batch.position_ids, batch.loss_mask)
+    assert int(a.count) == int(b.count) and torch.equal(a.selected, b.selected)
+    torch.testing.assert_close(a.loss_sum, b.loss_sum, rtol=1e-6, atol=1e-5)
+
+
+def test_a_prompt_weight_between_counts_prompt_tokens_with_that_weight(demo_cfg, parts):
+    from sabiscale.config import LossConfig
+    from sabiscale.loss.kinds import make_loss_kind
+
+    tok, batch, vocab = parts
+    lm = _model(demo_cfg, tok)
+    third = TokenLossObjective(lm, make_loss_kind(LossConfig(kind="masked", prompt_weight=0.3)), 64, tok.pad_token_id)
+    every = TokenLossObjective(lm, "clm", 64, tok.pad_token_id)
+    with torch.no_grad():
+        a = third(batch.input_ids, batch.position_ids, batch.loss_mask)
+        b = every(batch.input_ids, batch.position_ids, batch.loss_mask)
+    answer = batch.loss_mask[:, 1:][b.selected]
+    expected = (b.per_token * torch.where(answer, 1.0, 0.3)).sum()
+    assert int(a.count) == int(b.count) > int(answer.sum())  # the head ran on the prompt tokens too
+    torch.testing.assert_close(a.loss_sum, expected, rtol=1e-5, atol=1e-4)
+    assert third.count_targets(batch.input_ids, batch.position_ids, batch.loss_mask) == int(a.count)
+    with pytest.raises(Exception, match="prompt_weight applies to loss.kind=masked"):
+        LossConfig(kind="clm", prompt_weight=0.5)

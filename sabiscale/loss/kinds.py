@@ -3,7 +3,8 @@ into a loss. One class per kind, registered by name; `loss.kind` in a recipe pic
 the objective is built. Adding a kind is one class here (and its test): the config accepts every
 registered name, and the objective, the loop and the metrics ask the kind, never its name.
 
-    masked     SabiYarn: only answer tokens (and each answer's end of text) count
+    masked     SabiYarn: only answer tokens (and each answer's end of text) count; with
+               loss.prompt_weight > 0 the prompt tokens count too, with that weight
     clm        every real token that something in its document predicts
     selective  Rho-1: of the answer tokens of each micro-batch, the `loss.ratio` share with the
                highest excess loss (current minus a reference model's loss)
@@ -55,6 +56,10 @@ class LossKind:
         """How many targets a micro-batch with this many candidates counts, known before any forward."""
         return candidates
 
+    def target_weights(self, loss_mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, T-1) weight of each candidate's loss, or None when every candidate weighs 1."""
+        return None
+
     def head_loss(self, head: SupervisedHead, hidden: torch.Tensor, targets: torch.Tensor,
                   token_weights: torch.Tensor | None, chunk: int, reference: torch.Tensor | None) -> HeadLoss:
         loss_sum, losses = head(hidden, targets=targets, token_weights=token_weights, chunk=chunk)
@@ -73,8 +78,21 @@ def register(kind: type[LossKind]) -> type[LossKind]:
 class Masked(LossKind):
     name = "masked"
 
+    @property
+    def prompt_weight(self) -> float:
+        return float(getattr(self.cfg, "prompt_weight", 0.0))
+
     def candidates(self, input_ids, position_ids, loss_mask, pad_id):
+        if self.prompt_weight > 0:  # prompt tokens count too: every real, predicted token
+            return (position_ids[:, 1:] != 0) & (input_ids[:, 1:] != pad_id)
         return loss_mask[:, 1:]
+
+    def target_weights(self, loss_mask):
+        if self.prompt_weight == 0 or self.prompt_weight == 1:
+            return None
+        answer = loss_mask[:, 1:]
+        return torch.where(answer, torch.ones((), device=answer.device),
+                           torch.full((), self.prompt_weight, device=answer.device))
 
 
 @register
@@ -83,6 +101,12 @@ class CausalLM(LossKind):
     it) and is not padding."""
 
     name = "clm"
+
+    @staticmethod
+    def problems(cfg) -> list[str]:
+        if cfg.prompt_weight:
+            return ["loss.prompt_weight applies to loss.kind=masked (kind clm counts every token with weight 1)"]
+        return []
 
     def candidates(self, input_ids, position_ids, loss_mask, pad_id):
         return (position_ids[:, 1:] != 0) & (input_ids[:, 1:] != pad_id)
@@ -98,11 +122,19 @@ class Selective(Masked):
     reads_reference = True
     ranks = True
 
+    @property
+    def prompt_weight(self) -> float:
+        return 0.0  # selection is among answer tokens
+
     @staticmethod
     def problems(cfg) -> list[str]:
+        problems = []
         if cfg.reference == "online" and cfg.reference_checkpoint is None:
-            return ["loss.reference is 'online' but loss.reference_checkpoint is not set"]
-        return []
+            problems.append("loss.reference is 'online' but loss.reference_checkpoint is not set")
+        if cfg.prompt_weight:
+            problems.append("loss.prompt_weight applies to loss.kind=masked; the selective loss selects among "
+                            "answer tokens (set loss.prompt_weight=0)")
+        return problems
 
     def check_shards(self, manifest, shards_dir):
         if self.cfg.reference == "shards" and "reference" not in manifest:

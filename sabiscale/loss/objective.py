@@ -79,6 +79,9 @@ class TokenLossObjective(torch.nn.Module):
         weights = self._weights(task_ids) if kind is None else None
         if weights is not None:
             selected = selected & (weights > 0)
+        prompt = self.kind.target_weights(loss_mask) if kind is None else None
+        if prompt is not None:
+            weights = prompt if weights is None else weights * prompt
         return selected, weights
 
     def count_targets(self, input_ids, position_ids, loss_mask, task_ids=None) -> torch.Tensor:
