@@ -126,8 +126,8 @@ def git_commit() -> str:
 def rendered_line(argv: list[str] | None) -> str:
     """The line naming the command that wrote a results page whole (this process's own command
     line, or the given arguments to its module) and the commit it ran at."""
-    module = Path(sys.argv[0]).stem if not sys.argv[0].endswith("__main__.py") else "?"
-    module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else module
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # set under `python -m`
+    module = spec.name if spec is not None else Path(sys.argv[0]).stem
     args = sys.argv[1:] if argv is None else argv
     return f"Page written by: `.venv/bin/python -m {module} {' '.join(map(shlex.quote, args))}` at commit {git_commit()}  "
 

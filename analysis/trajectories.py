@@ -223,7 +223,10 @@ def write_report(run_dirs: list[Path], out_dir: Path, threshold: float = 0.2, x_
     cats = [classify(t, threshold, x_axis) for t in runs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    command = (f"sabiscale analyze {' '.join(shown_path(t.run_dir) for t in runs)} --out {shown_path(out_dir)} "
+               f"--threshold {threshold} --x-axis {x_axis} --from-step {from_step} --no-log")
     lines = ["# Token-level loss trajectories\n",
+             f"Command: `{command}` (this page is written whole by it)  ",
              f"Runs: {', '.join(shown_path(t.run_dir) for t in runs)}  ",
              f"Probe: {len(runs[0].meta['token_id'])} answer tokens of the validation shards; method: least-squares "
              f"slope of each token's loss over training progress ({x_axis}); |slope| > {threshold} nats is H->L or "
