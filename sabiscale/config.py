@@ -80,6 +80,22 @@ class MixConfig(_Section):
                                                                    *self.language_weights.values()))
 
 
+def check_language_weights(weights: dict[str, float], languages: set[str], known_from: str) -> None:
+    """Language weights that name a language not in `languages` would be ignored, and weights
+    that are all 0 leave nothing to sample: both refused, with the closest known name."""
+    import difflib
+
+    unknown = sorted(set(weights) - languages)
+    if unknown:
+        hints = [f"{lang!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(lang, sorted(languages), 1))
+                 else repr(lang) for lang in unknown]
+        raise ValueError(f"data.mix.language_weights names language(s) not in {known_from}: {', '.join(hints)}; "
+                         f"the languages are {sorted(languages)}. Fix the name or remove the weight")
+    if languages and all(weights.get(lang, 1.0) == 0 for lang in languages):
+        raise ValueError(f"data.mix.language_weights gives every language ({sorted(languages)}) weight 0: nothing "
+                         "would be sampled; give at least one a weight above 0")
+
+
 LAYOUT_TASKS = ["translation", "ner", "sentiment", "descramble", "text"]
 
 
@@ -155,6 +171,11 @@ class DataConfig(_Section):
         unused = set(self.mix.task_weights) - set(self.tasks)
         if unused:
             raise ValueError(f"data.mix.task_weights names tasks not in data.tasks: {sorted(unused)}")
+        if self.val_fraction == 0:
+            raise ValueError("data.val_fraction is 0, but training evaluates on the validation split (its loss "
+                             "curve, the probe tokens): give a share above 0, e.g. 0.02")
+        if self.languages is not None:  # the data's own languages are checked at prepare, before anything is written
+            check_language_weights(self.mix.language_weights, set(self.languages), "data.languages")
         return self
 
 

@@ -77,3 +77,14 @@ def test_a_key_given_twice_in_a_recipe_is_refused_naming_both_lines(tmp_path):
     recipe.write_text("data:\n  source: files\n  files: []\ntrain:\n  max_steps: 3\ndata:\n  source: demo\n")
     with pytest.raises(ConfigError, match=r"key 'data' appears twice in one mapping \(lines 1 and 6\)"):
         load_config(recipe)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.val_fraction=0"], r"data.val_fraction is 0, but training evaluates on the validation split"),
+    (["data.languages=[yor, hau]", "data.mix.language_weights={yo: 2}"],
+     r"names language\(s\) not in data.languages: 'yo' \(did you mean 'yor'\?\)"),
+    (["data.languages=[yor, hau]", "data.mix.language_weights={yor: 0, hau: 0}"], r"gives every language .* weight 0"),
+])
+def test_settings_that_cannot_train_are_refused_when_the_config_is_read(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

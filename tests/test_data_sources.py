@@ -109,6 +109,8 @@ def test_prepare_from_files_writes_verified_shards_and_records_sources(formats, 
      r"lang.jsonl:1: language 'xyz' .* add it to data.languages"),
     ("empty.jsonl", '{"text": "q", "summary": "  ", "lang": "eng"}\n', {"format": "jsonl", "task": "summarize"},
      r"empty.jsonl:1: field 'summary' is empty"),
+    ("surrogate.jsonl", '{"text": "half \\ud800 a pair", "lang": "eng"}\n', {"format": "jsonl", "task": "text"},
+     r"surrogate.jsonl:1: field 'text' holds a lone UTF-16 surrogate \(\\ud800\) at character 6"),
     ("list.jsonl", '{"prompt": ["say", "now"], "response": "ok", "lang": "eng"}\n',
      {"format": "jsonl", "task": "instruction"}, r"list.jsonl:1: field 'prompt' is a list \(2 items\); this task expects a string"),
 ])
@@ -206,6 +208,18 @@ def test_a_reused_tokenizer_must_know_the_task_tags(demo_cfg, tmp_path):
                              f"output_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"lacks the special token\(s\) \['<langid>', '<language>'\]"):
         prepare(cfg)
+
+
+@pytest.mark.parametrize("content, message", [(b"", r"is empty \(0 bytes\)"), (b'{"version": "1.0", "model"',
+                                                                          r"is not a tokenizer.json the tokenizers")])
+def test_a_broken_tokenizer_path_is_named_and_nothing_is_written(demo_cfg, tmp_path, content, message):
+    broken = _write(tmp_path / "given" / "tokenizer.json", content)
+    cfg = load_config(None, ["data.source=jsonl", f"data.jsonl_root={demo_cfg.output_dir / 'raw'}",
+                             f"tokenizer.path={broken}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=f"tokenizer {broken} {message}"):
+        prepare(cfg)
+    assert not cfg.tokenizer_path.exists() and not cfg.shards_dir.exists()
+    assert broken.read_bytes() == content  # the user's file untouched
 
 
 def test_shards_from_another_tokenizer_are_refused_before_training(demo_cfg, tmp_path):
@@ -312,3 +326,15 @@ def test_byte_fair_mixing_counts_shares_in_bytes_of_raw_text(shared_data, tmp_pa
     yor_tokens = {u: m["by_task_lang"]["text/yor"]["realized_tokens"] / sum(e["realized_tokens"] for e in m["by_task_lang"].values())
                   for u, m in mixes.items()}
     assert yor_tokens["bytes"] > yor_tokens["tokens"] and realized_bytes["tokens"] is None
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("{pcmm: 2}", r"names language\(s\) not in the data: 'pcmm' \(did you mean 'pcm'\?\)"),
+    ("{pcm: 0}", r"gives every language \(\['pcm'\]\) weight 0"),
+])
+def test_language_weights_are_checked_against_the_data_before_anything_is_written(formats, tmp_path, weights, message):
+    files = [f for f in formats["files"] if f["task"] == "sentiment"]
+    cfg = _files_cfg(tmp_path, files, f"data.mix.language_weights={weights}")
+    with pytest.raises(ValueError, match=message):
+        prepare(cfg)
+    assert not cfg.tokenizer_path.exists() and not cfg.shards_dir.exists()

@@ -31,7 +31,7 @@ from sabiscale.config import FileSource, RunConfig
 from sabiscale.prep.corpus import SPLIT_RULE_VERSION, Corpus, SplitRule, load_corpus
 from sabiscale.prep.fingerprint import Fingerprints, document_hash, ngram_hashes, text_hashes, words
 from sabiscale.prep.demo_data import generate_demo_corpus
-from sabiscale.prep.mix import mix_documents
+from sabiscale.prep.mix import check_mix, mix_documents
 from sabiscale.parallel import SERIAL, Workers
 from sabiscale.shards.pack import Document, PackStats, pack_documents
 from sabiscale.hashing import sha256_file
@@ -149,6 +149,10 @@ def split_examples(cfg: RunConfig, corpus: Corpus) -> Split:
         if corpus.skipped:  # prepare stops here, before it would write the list with the shards
             write_skipped(cfg.shards_dir, corpus.skipped)
         raise UserError(f"no training examples found for tasks {cfg.data.tasks}" + "".join(f"\n{line}" for line in lost))
+    if not val:  # training evaluates on the validation split: refused here, not after the engine started
+        raise UserError(f"no validation examples: data.val_fraction={cfg.data.val_fraction} sent none of "
+                        f"the {len(corpus.examples)} records to validation, and training evaluates on them; raise "
+                        "data.val_fraction (e.g. 0.02) and prepare again (nothing was written)")
     for line in lost:
         log.warning("%s", line)
     return Split(train, val, [e for e, _ in buckets["heldout"]], per_file)
@@ -217,10 +221,10 @@ def tasks_all_skipped(cfg: RunConfig, corpus: Corpus) -> list[str]:
 
 def _tokenizer(cfg: RunConfig, train: list[Example], specials: list[str]):
     if cfg.tokenizer.path is not None:
+        # read and checked where it is: a file that cannot serve leaves no copy in the run
+        _check_specials(load_tokenizer(Path(cfg.tokenizer.path)), specials, Path(cfg.tokenizer.path))
         adopt_tokenizer(Path(cfg.tokenizer.path), cfg.tokenizer_path)
-        tok = load_tokenizer(cfg.tokenizer_path)
-        _check_specials(tok, specials, Path(cfg.tokenizer.path))
-        return tok
+        return load_tokenizer(cfg.tokenizer_path)
     texts = (e.prompt + e.answer for e in train)
     tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, specials)
     save_tokenizer(tok, cfg.tokenizer_path)
@@ -292,6 +296,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         corpus = read_corpus(cfg, root, workers)
         parts = split_examples(cfg, corpus)
         train, val = parts.train, parts.val
+        check_mix(cfg.data.mix, {e.lang for e in train})
         log.info("%d train / %d validation examples (%d held out) from %d files (%.0f s); tokenizer next", len(train),
                  len(val), len(parts.heldout), len(corpus.files), time.monotonic() - started)
         tok = _tokenizer(cfg, train, corpus.specials)

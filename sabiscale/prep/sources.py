@@ -54,7 +54,29 @@ def read_jsonl(path: Path, fields: dict[str, str]) -> Iterator[Record]:
         if not isinstance(record, dict):
             yield BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}"), where
             continue
+        surrogate = lone_surrogate(record)
+        if surrogate is not None:
+            yield BadRecord(f"{where}: {surrogate}"), where
+            continue
         yield mapped(record, fields), where
+
+
+def lone_surrogate(value, name: str = "") -> str | None:
+    """Where a string of a JSON value holds half of a UTF-16 pair (valid JSON, e.g. "\\ud800",
+    but no text: it cannot be written as UTF-8), said for the error; None when there is none."""
+    if isinstance(value, str):
+        at = next((i for i, c in enumerate(value) if "\ud800" <= c <= "\udfff"), None)
+        if at is None:
+            return None
+        return (f"field {name or 'value'!r} holds a lone UTF-16 surrogate (\\u{ord(value[at]):04x}) at character "
+                f"{at + 1}: a \\u escape of half a character pair, which is no text; write the character itself "
+                "(or its full pair of escapes), or remove it")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate(item, f"{name}[{key}]" if isinstance(key, int) else (f"{name}.{key}" if name else key))
+        if found is not None:
+            return found
+    return None
 
 
 def read_tsv(path: Path, columns: list[str], header: bool) -> Iterator[Record]:

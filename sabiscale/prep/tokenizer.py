@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sabiscale.hashing import sha256_file
 from sabiscale.tasks import EOS, PAD, Example
-from sabiscale.errors import MissingInput
+from sabiscale.errors import MissingInput, UserError
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, specials: list[str]) -> Tokenizer:
@@ -45,7 +45,13 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> PreTrainedTokenizerFast:
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     if not path.is_file():
         raise MissingInput(f"tokenizer {path} does not exist; run `sabiscale prepare` first")
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=PAD)
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=PAD)
+    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        size = path.stat().st_size
+        what = "is empty (0 bytes)" if size == 0 else f"is not a tokenizer.json the tokenizers library can read ({err})"
+        raise UserError(f"tokenizer {path} {what}; give a tokenizer.json written by `sabiscale prepare` or by "
+                        "the Hugging Face tokenizers library (a run's tokenizer/tokenizer.json)") from None
 
 
 def adopt_tokenizer(source: Path, target: Path) -> None:
