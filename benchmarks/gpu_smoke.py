@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from sabiscale.train.plan import profiles
+
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = ("zero1", "zero2", "zero2_offload", "zero3_offload")
+PROFILES = profiles(ROOT / "ds_configs")  # the same list `sabiscale plan` reads
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 

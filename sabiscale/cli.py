@@ -72,3 +72,28 @@ def main(argv: list[str] | None = None, hooks=()) -> int:
             raise
         print(f"sabiscale {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - not the user's input: a bug, reported as one
+        if args.debug:
+            raise
+        print(bug_report(args.command, err), file=sys.stderr)
+        return BUG_EXIT
+
+
+BUG_EXIT = 70  # EX_SOFTWARE: an internal error, not a usage error (2)
+
+
+def bug_report(command: str, err: Exception) -> str:
+    """What a user sees for an unexpected exception: that it is sabiscale's fault, its one-line
+    summary, and the file holding the traceback to report (a traceback alone reads as "my input
+    was wrong")."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix=f"sabiscale-{command}-bug-", suffix=".txt", delete=False,
+                                     encoding="utf-8") as f:
+        f.write(f"sabiscale {' '.join(sys.argv[1:])}\n\n{''.join(traceback.format_exception(err))}")
+    summary = str(err).splitlines()[0][:300] if str(err) else ""
+    return (f"sabiscale {command}: internal error (a bug in sabiscale, not a problem with your input): "
+            f"{type(err).__name__}: {summary}\nThe traceback is in {f.name}; please report it to the sabiscale "
+            "maintainers (the project's issue tracker) with that file and the command. `sabiscale --debug "
+            f"{command} ...` shows it here.")

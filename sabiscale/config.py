@@ -268,6 +268,7 @@ class TrainConfig(_Section):
     max_steps: int = Field(200, gt=0)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
+    # validation micro-batches per evaluation, in all: the same set on any number of ranks, split over them
     eval_batches: int = Field(4, gt=0)
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     keep_last: int = Field(2, ge=0)         # newest checkpoints kept (0 = all) ...
@@ -341,6 +342,9 @@ class TrackingConfig(_Section):
     checkpoints: Literal["path", "artifact"] = "path"
     # while the store is unreachable, how often to try again (records wait in the run's journal)
     retry_seconds: float = Field(30.0, ge=0)
+    # A resume whose store (uri) is not the one its MLflow run lives in: "continue" logs on to the
+    # run in its own store (said in the log); "new_run" starts a new MLflow run in the given store.
+    on_store_change: Literal["continue", "new_run"] = "continue"
 
 
 class RunConfig(_Section):

@@ -19,6 +19,9 @@ STEPS = 30
 # Different CPUs (AVX2, AVX-512) pick different fp32 kernels; their rounding differences grow
 # over steps to ~1e-5 relative. A real change of the numbers moves the curve by far more.
 RTOL = 1e-3
+# eval metrics kept in the golden file: the overall answer loss and one task x language pair
+EVAL_KEYS = ("eval/answer_loss", "eval/bits_per_byte", "eval_translation/yor/answer_loss",
+             "eval_translation/yor/bits_per_byte")
 
 
 def golden_overrides(out: Path) -> list[str]:
@@ -26,7 +29,8 @@ def golden_overrides(out: Path) -> list[str]:
             "engine.precision=fp32"]
 
 
-def demo_curve(out: Path, world) -> list[float]:
+def demo_curve(out: Path, world) -> tuple[list[float], dict[str, dict[str, float]]]:
+    """(train loss per step, {step: the EVAL_KEYS}) of the demo's first STEPS steps."""
     from sabiscale.config import load_config
     from sabiscale.prep.prepare import prepare
     from sabiscale.train.loop import train
@@ -34,17 +38,21 @@ def demo_curve(out: Path, world) -> list[float]:
     cfg = load_config(ROOT / "launch/recipes/demo.yaml", golden_overrides(out))
     cfg.engine.ds_config = ROOT / cfg.engine.ds_config
     prepare(cfg)
-    return train(cfg, world).train_losses
+    result = train(cfg, world)
+    return result.train_losses, {str(step): {k: m[k] for k in EVAL_KEYS} for step, m in result.eval_metrics.items()}
 
 
 @pytest.mark.slow
 def test_demo_loss_curve_matches_the_golden_curve(tmp_path, world):
     golden = json.loads(GOLDEN.read_text())
-    losses = demo_curve(tmp_path / "demo", world)
+    losses, evals = demo_curve(tmp_path / "demo", world)
     assert len(losses) == len(golden["train_loss"]) == STEPS
     assert losses[-1] < losses[0] - 1.0  # it learns
     for step, (now, then) in enumerate(zip(losses, golden["train_loss"]), start=1):
         assert now == pytest.approx(then, rel=RTOL), f"step {step}: {now} vs golden {then}"
+    assert sorted(evals) == sorted(golden["eval"]) == ["0", str(STEPS)]  # step 0 too
+    for step, metrics in golden["eval"].items():
+        assert evals[step] == pytest.approx(metrics, rel=RTOL), f"eval at step {step}"
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
@@ -55,7 +63,7 @@ if __name__ == "__main__" and "--write" in sys.argv:
 
     ensure_launcher_env()
     with tempfile.TemporaryDirectory() as tmp:
-        curve = demo_curve(Path(tmp) / "demo", init_distributed())
+        curve, evals = demo_curve(Path(tmp) / "demo", init_distributed())
     GOLDEN.write_text(json.dumps({"recipe": "launch/recipes/demo.yaml", "overrides": golden_overrides(Path("<tmp>")),
-                                  "train_loss": curve}, indent=1) + "\n")
+                                  "train_loss": curve, "eval": evals}, indent=1) + "\n")
     print(f"wrote {GOLDEN}: {curve[0]:.4f} -> {curve[-1]:.4f}")

@@ -68,8 +68,8 @@ def test_cpu_precision_by_native_bf16_and_model_width(unit, hidden, expected):
     assert choose_precision("auto", "cpu", None, unit is not None, hidden, unit) == expected
     assert choose_precision("fp32", "cpu", None, unit is not None, hidden, unit) == "fp32"
     assert choose_precision("bf16", "cpu", None, False, 64) == "bf16"  # an explicit choice is kept
-    # a caller that only knows "native bf16" gets the AVX512-BF16 rule
-    assert choose_precision("auto", "cpu", None, True, 128) == "bf16"
+    # on the CPU only the unit decides: "the device says bf16" without a unit is emulated bf16
+    assert choose_precision("auto", "cpu", None, True, 1024) == "fp32"
 
 
 SMI_LIST = "GPU 0: NVIDIA A10G (UUID: GPU-1)\nGPU 1: NVIDIA A10G (UUID: GPU-2)\n"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, child_env, fresh_run_dir, tiny_overrides
+from sabiscale.train.engine import free_port
 
 # a Slurm cluster, network namespaces, a clone of the README: `make test`, not `make check`
 pytestmark = pytest.mark.system
@@ -123,12 +124,6 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def slurm(tmp_path):
     """A real Slurm cluster on this host: slurmctld and two slurmd "nodes" (n1, n2), munge auth."""
@@ -144,7 +139,7 @@ def slurm(tmp_path):
         (d / sub).mkdir(parents=True)
     host = socket.gethostname().split(".")[0]
     conf = d / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=host, d=d, ctld_port=_free_port(), port1=_free_port(), port2=_free_port()))
+    conf.write_text(SLURM_CONF.format(host=host, d=d, ctld_port=free_port(), port1=free_port(), port2=free_port()))
     env = {**child_env(), "SLURM_CONF": str(conf)}  # without this process's rendezvous (MASTER_PORT)
     started_munge = False
     if _run(["pgrep", "-x", "munged"]).returncode != 0:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sabiscale.data.batch import Vocab
-from sabiscale.data.loader import make_loader as _make_loader
+from sabiscale.data.loader import check_resumable, make_loader as _make_loader
 from sabiscale.shards.format import split_shards
 from sabiscale.shards.format import read_manifest
 
@@ -75,17 +75,15 @@ def test_resume_seeks_without_reading_what_came_before(demo_cfg):
     far = make_loader(shards, 4, 0, 1, seed=3, shuffle=True, start=5000)
     batch = next(far)
     assert batch.index == 5000 and far.bytes_read < 4 * 2 * 4096  # four samples' bytes, not 5000 micro-batches'
-    fresh = make_loader(shards, 4, 0, 1, seed=3, shuffle=True)
-    fresh.load_state_dict({**fresh.state_dict(), "position": 5000})
-    assert torch.equal(next(fresh).input_ids, batch.input_ids)
+    with_worker = make_loader(shards, 4, 0, 1, seed=3, shuffle=True, num_workers=1, start=5000)
+    assert torch.equal(next(with_worker).input_ids, batch.input_ids)  # the same seek in a worker process
 
 
 def test_a_checkpoint_of_the_earlier_sample_order_is_refused_with_the_way_out(demo_cfg):
-    stream = make_loader(_urls(demo_cfg), 2, 0, 1, seed=3)
     old = {"position": 10, "batch_size": 2, "seed": 3, "shuffle_buffer": 64,
            "urls": [s["path"].rsplit("/", 1)[1] for s in _urls(demo_cfg)]}
     with pytest.raises(ValueError, match="sample order of an earlier sabiscale"):
-        stream.load_state_dict(old)
+        check_resumable(old, 2, 3, True, _urls(demo_cfg))  # what training checks before it seeks
 
 
 def test_exact_resume_with_workers_ranks_and_a_new_world_size(demo_cfg):
@@ -108,23 +106,22 @@ def test_exact_resume_with_workers_ranks_and_a_new_world_size(demo_cfg):
         assert torch.equal(b.input_ids, reference[b.index].input_ids) and b.keys == reference[b.index].keys
 
 
-def test_load_state_dict_continues_after_the_last_batch_read(demo_cfg):
-    """Read k batches, save the state, rebuild the loader, load it, continue: the concatenation
-    equals an uninterrupted read, with workers and ranks; another stream definition is refused."""
+def test_a_saved_state_continues_after_the_last_batch_read(demo_cfg):
+    """Read k batches, save the state, rebuild the loader from it as training does (checked, then
+    a seek to its position), continue: the concatenation equals an uninterrupted read, with
+    workers and ranks; another stream definition is refused."""
     urls = _urls(demo_cfg)
     uninterrupted = _take(make_loader(urls, 2, 0, 1, seed=4, shuffle=True, num_workers=0), 12)
     before = [make_loader(urls, 2, r, 2, seed=4, shuffle=True, num_workers=2) for r in (0, 1)]
     seen = [b for _ in range(2) for stream in before for b in [next(stream)]]
     state = before[0].state_dict()
-    after = [make_loader(urls, 2, r, 2, seed=4, shuffle=True, num_workers=1) for r in (0, 1)]
-    for stream in after:
-        stream.load_state_dict(state)
+    check_resumable(state, 2, 4, True, urls)
+    after = [make_loader(urls, 2, r, 2, seed=4, shuffle=True, num_workers=1, start=state["position"]) for r in (0, 1)]
     seen += [b for _ in range(4) for stream in after for b in [next(stream)]]
     assert [b.index for b in seen] == list(range(12))
     assert all(torch.equal(b.input_ids, uninterrupted[b.index].input_ids) for b in seen)
-    other = make_loader(urls, 2, 0, 1, seed=5, shuffle=True, num_workers=0)
     with pytest.raises(ValueError, match="seed changed since the checkpoint"):
-        other.load_state_dict(state)
+        check_resumable(state, 2, 5, True, urls)
 
 
 def test_a_truncated_or_replaced_shard_is_named_before_the_first_read(demo_cfg, tmp_path):

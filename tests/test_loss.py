@@ -4,8 +4,13 @@ import dataclasses
 import pytest
 import torch
 
-from sabiscale.loss.objective import TokenLossObjective, target_selection
+from sabiscale.loss.objective import TokenLossObjective, loss_kind
 from sabiscale.model.build import build_model
+
+
+def target_selection(loss_mask, input_ids, position_ids, kind: str, pad_id: int):
+    """(B, T-1) bool: the targets a loss kind may count, by the kind's own rule."""
+    return loss_kind(kind).candidates(input_ids, position_ids, loss_mask, pad_id)
 
 
 def _model(demo_cfg, tok, seed=0):
@@ -213,3 +218,22 @@ def test_a_prompt_weight_between_counts_prompt_tokens_with_that_weight(demo_cfg,
     assert third.count_targets(batch.input_ids, batch.position_ids, batch.loss_mask) == int(a.count)
     with pytest.raises(Exception, match="prompt_weight applies to loss.kind=masked"):
         LossConfig(kind="clm", prompt_weight=0.5)
+
+
+def test_the_eval_set_is_one_global_set_split_evenly_over_ranks(demo_cfg, parts):
+    """Each rank runs as many eval forwards as the others (ZeRO-3 gathers parameters inside every
+    forward); the filler of a smaller share counts nothing, so the reduced loss is the 1-rank one."""
+    from sabiscale.train.loop import evaluate
+    from sabiscale.train.run import eval_share
+
+    _, batch, vocab = parts
+    batches = [dataclasses.replace(batch, index=i) for i in range(3)]
+    shares = [eval_share(batches, rank, 2) for rank in range(2)]
+    assert [len(s) for s in shares] == [2, 2] and [b.index for b in shares[0]] == [0, 2]
+    filler = shares[1][1]
+    assert not filler.loss_mask.any()
+    tok = parts[0]
+    objective = TokenLossObjective(_model(demo_cfg, tok), "masked", 64, tok.pad_token_id)
+    alone = evaluate(objective, [batches[1]], vocab, torch.device("cpu"))
+    with_filler = evaluate(objective, shares[1], vocab, torch.device("cpu"))
+    assert with_filler == pytest.approx(alone)  # the filler adds no token, to any task or language

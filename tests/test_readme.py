@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -17,6 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import BIN, ROOT, SHARED_DATA, child_env
+from sabiscale.train.engine import free_port
 
 # a Slurm cluster, network namespaces, a clone of the README: `make test`, not `make check`
 pytestmark = pytest.mark.system
@@ -68,12 +68,6 @@ def small(line: str) -> str:
     return line
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_readme_runs_as_written(tmp_path):
     if not SHARED_DATA.is_dir():
@@ -94,7 +88,7 @@ def test_the_readme_runs_as_written(tmp_path):
             skipped.append((line, reason))
             continue
         if line.startswith("launch/mlflow-server.sh"):
-            port = _free_port()
+            port = free_port()
             server = subprocess.Popen(shlex.split(line.replace(" 5000", f" {port}")), cwd=clone, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:

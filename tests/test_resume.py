@@ -35,15 +35,46 @@ def _train(out, extra, launcher=None, fault=None):
     return proc
 
 
+# what depends on the clock or the process, not on the training: left out of the comparison
+TIMED = ("train/tokens_per_s", "train/supervised_tokens_per_s", "train/mfu", "train/mem", "train/first_step_seconds",
+         "model/parameters", "system/")
+
+
 def _losses(out):
     """train/loss per step as the run has it, and the run count. Every step is logged once: a
     resumed run does not log again the steps it replays from its checkpoint."""
+    metrics, runs = _metrics(out)
+    return metrics["train/loss"], runs
+
+
+def _metrics(out):
+    """Every metric the run logged that does not depend on the clock: name -> {step: value}."""
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
-    steps = [m.step for m in history]
-    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(steps)}"
-    return {m.step: m.value for m in history}, len(runs)
+    found = {}
+    for name in client.get_run(runs[0].info.run_id).data.metrics:
+        if name.startswith(TIMED):
+            continue
+        history = client.get_metric_history(runs[0].info.run_id, name)
+        steps = [m.step for m in history]
+        assert len(steps) == len(set(steps)), f"{name}: steps logged twice: {sorted(steps)}"
+        found[name] = {m.step: m.value for m in history}
+    return found, len(runs)
+
+
+def _same_metrics(out, reference_metrics, rel=1e-5, abs=1e-6):
+    """Every logged metric of a resumed run (per task and language, eval included) equals the
+    uninterrupted run's at every step, and the plot history it draws from holds the whole curve."""
+    metrics, _ = _metrics(out)
+    assert sorted(metrics) == sorted(reference_metrics)
+    for name, values in reference_metrics.items():
+        assert sorted(metrics[name]) == sorted(values), name
+        assert [metrics[name][s] for s in sorted(values)] == pytest.approx([values[s] for s in sorted(values)],
+                                                                           rel=rel, abs=abs), name
+    history = [json.loads(line) for line in (out / "plots" / "history.jsonl").read_text().splitlines()]
+    plotted_steps = {name: sorted(e["step"] for e in history if name in e["metrics"]) for name in ("train/loss",
+                                                                                                   "eval/answer_loss")}
+    assert plotted_steps == {name: sorted(reference_metrics[name]) for name in plotted_steps}
 
 
 def _samples(out):
@@ -60,9 +91,14 @@ def _samples(out):
 def reference(demo_cfg, tmp_path_factory):
     out = fresh_run_dir(demo_cfg, tmp_path_factory.mktemp("uninterrupted"))
     _train(out, ["train.grad_accum_steps=2"])
-    losses, runs = _losses(out)
-    assert runs == 1 and sorted(losses) == list(range(1, STEPS + 1))
-    return losses, _samples(out)
+    metrics, runs = _metrics(out)
+    assert runs == 1 and sorted(metrics["train/loss"]) == list(range(1, STEPS + 1))
+    assert "train/loss/task/ner" in metrics and "eval/loss/lang/yor" in metrics
+    # every task x language pair of the validation split, with bits per byte, at step 0 and each eval
+    pairs = {k for k in metrics if k.startswith("eval_") and k.endswith("/bits_per_byte")}
+    assert len(pairs) >= 3 and len({k.split("/")[0] for k in pairs}) >= 2  # one eval micro-batch holds a few
+    assert all(sorted(metrics[k]) == [0, STEPS] for k in pairs)
+    return metrics["train/loss"], _samples(out), metrics
 
 
 @pytest.mark.parametrize("fault", ["mid_step:5", "between_steps:5", "mid_checkpoint:6"])
@@ -79,10 +115,9 @@ def test_kill_and_resume_equals_uninterrupted(demo_cfg, reference, tmp_path, fau
     assert "resuming from" in proc.stdout
     assert not list(checkpoints.glob("*.partial"))
     losses, runs = _losses(out)
-    ref_losses, ref_samples = reference
+    ref_losses, ref_samples, ref_metrics = reference
     assert runs == 1  # the resumed run continued the same MLflow run
-    assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx([ref_losses[s] for s in range(1, STEPS + 1)],
-                                                                      rel=1e-5, abs=1e-6)
+    _same_metrics(out, ref_metrics)
     samples = _samples(out)
     assert samples == ref_samples  # every step saw the same samples: no repeats, no gaps
     assert sorted(k for keys in samples.values() for k in keys) == sorted(k for keys in ref_samples.values() for k in keys)
@@ -95,10 +130,9 @@ def test_two_ranks_killed_and_resumed(demo_cfg, reference, tmp_path):
     _train(out, [], launcher=2, fault="between_steps:3")
     _train(out, [], launcher=2)
     losses, runs = _losses(out)
-    ref_losses, ref_samples = reference
+    ref_losses, ref_samples, ref_metrics = reference
     assert runs == 1
-    assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx([ref_losses[s] for s in range(1, STEPS + 1)],
-                                                                      rel=1e-5, abs=1e-6)
+    _same_metrics(out, ref_metrics)
     assert _samples(out) == ref_samples
 
 
@@ -109,11 +143,12 @@ def test_elastic_resume_on_another_number_of_ranks_continues_the_curve(demo_cfg,
     is repeated or skipped. The global batch stays 8 sequences (accumulation follows the ranks)."""
     common = ["train.global_batch_size=8", f"engine.ds_config={ROOT / 'ds_configs' / profile}.json"]
     if profile == "zero2_offload":  # the module's reference: 1 rank x 2 accumulation steps, the default profile
-        ref_losses, ref_samples = reference
+        ref_losses, ref_samples, ref_metrics = reference
     else:
         ref = fresh_run_dir(demo_cfg, tmp_path / "ref")
         _train(ref, common)
-        ref_losses, ref_samples = _losses(ref)[0], _samples(ref)
+        ref_metrics = _metrics(ref)[0]
+        ref_losses, ref_samples = ref_metrics["train/loss"], _samples(ref)
     for first, then in ((2, 1), (1, 2)):
         out = fresh_run_dir(demo_cfg, tmp_path / f"{first}to{then}")
         _train(out, common, launcher=first if first > 1 else None, fault="between_steps:4")
@@ -124,6 +159,7 @@ def test_elastic_resume_on_another_number_of_ranks_continues_the_curve(demo_cfg,
         assert runs == 1, (first, then)
         assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(
             [ref_losses[s] for s in range(1, STEPS + 1)], rel=1e-4, abs=1e-5), (first, then)
+        _same_metrics(out, ref_metrics, rel=1e-4, abs=1e-5)  # the eval loss too: one global eval set on any ranks
         assert _samples(out) == ref_samples, (first, then)
 
 

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -16,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, ROOT, fresh_run_dir, run_cli, tiny_overrides
+from sabiscale.train.engine import free_port
 from sabiscale.config import load_config
 from sabiscale.train.hooks import TrainHook
 from sabiscale.track.tracking import MAX_PARAM_LENGTH, MLflowTracker, NullTracker, flatten, make_tracker
@@ -48,12 +48,6 @@ def test_long_values_go_to_an_artifact_and_names_carry_a_timestamp(tmp_path):
     long = json.loads(open(downloaded, encoding="utf-8").read())
     assert len(long["data.languages"]) > MAX_PARAM_LENGTH
     assert run.info.run_name.startswith("run-") and len(run.info.run_name) == len("run-20260101-000000")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, params: dict | None = None) -> dict:
@@ -93,7 +87,7 @@ def _stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _start_server(tmp_path / "server", port)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -173,7 +167,7 @@ def test_an_unreachable_store_never_stops_training(tmp_path, monkeypatch, caplog
     arrives; what cannot arrive by the end stays in the run's journal for `tracking sync`."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    port = _free_port()
+    port = free_port()
     store = tmp_path / "server"
     base = f"http://127.0.0.1:{port}"
     server = _start_server(store, port)
@@ -198,8 +192,8 @@ def test_an_unreachable_store_never_stops_training(tmp_path, monkeypatch, caplog
     from sabiscale.track.journal import read_journal
 
     journal = read_journal(cfg.output_dir / "tracking_journal.jsonl")
-    assert [r["op"] for r in journal.records[journal.sent:]] == ["metrics", "status"]
-    assert journal.records[journal.sent]["metrics"] == {"train/loss": 0.5}
+    assert [r["op"] for r in journal.pending] == ["metrics", "status"]
+    assert journal.pending[0]["metrics"] == {"train/loss": 0.5}
 
 
 class StartServerAt(TrainHook):
@@ -260,7 +254,7 @@ def test_a_store_that_comes_up_mid_run_gets_the_whole_run(demo_cfg, world, tmp_p
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cfg = _late_run_cfg(demo_cfg, tmp_path / "run", base, 6)
     hook = StartServerAt(3, tmp_path / "server", port)
@@ -282,7 +276,7 @@ def test_a_store_never_up_during_the_run_is_synced_later_once(demo_cfg, world, t
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cfg = _late_run_cfg(demo_cfg, tmp_path / "run", base, 4)
     result = train(cfg, world)
@@ -332,7 +326,7 @@ def test_a_journal_cut_by_a_kill_goes_on_and_never_creates_a_second_run(tmp_path
     journal = Journal(path)
     assert journal.state.run_id is None and journal.pending() == len(kept)
     client = MlflowClient(tracking_uri=first.uri)
-    send_pending(journal, client)
+    send_pending(journal, client, first.uri)
     journal.close()
     assert read_journal(path).run_id == first.run_id  # found by its tag, not created again
     runs = client.search_runs([first.experiment_id])
@@ -359,6 +353,77 @@ def test_a_restart_before_the_first_checkpoint_continues_the_same_run(tmp_path):
     other = MLflowTracker(changed)
     other.finish()
     assert other.run_id != first.run_id and len(list(tmp_path.glob("tracking_journal.*.jsonl"))) == 1
+
+
+def _never_created(tmp_path, monkeypatch) -> Path:
+    """A run whose store never answered: everything it logged waits in its journal."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"tracking.uri=http://127.0.0.1:{free_port()}",
+                             "tracking.system_metrics=false", "tracking.retry_seconds=3600"])
+    tracker = MLflowTracker(cfg)
+    for step in range(1, 4):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
+    tracker.finish()
+    assert tracker.run_id is None
+    return cfg.output_dir
+
+
+def test_an_interrupted_sync_to_another_store_is_finished_by_the_same_command(tmp_path, monkeypatch):
+    """`tracking sync --uri B` of a run never created is cut after it created the run in B: the
+    same command again finishes it (the journal names the store the run was created in), so does
+    the command without --uri, and a third store is refused naming B."""
+    import sabiscale.track.journal as journal_module
+    from sabiscale.errors import UserError
+    from sabiscale.track.tracking import sync
+
+    run_dir = _never_created(tmp_path, monkeypatch)
+    store = f"sqlite:///{tmp_path / 'b.db'}"
+    real = journal_module.send_metrics
+    monkeypatch.setattr(journal_module, "send_metrics", lambda *a: (_ for _ in ()).throw(ConnectionError("cut")))
+    with pytest.raises(ConnectionError):
+        sync(run_dir, store)
+    monkeypatch.setattr(journal_module, "send_metrics", real)
+    again = sync(run_dir, store)
+    assert again.sent > 0 and again.uri == store
+    client = MlflowClient(tracking_uri=store)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and runs[0].info.run_id == again.run_id and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == [1, 2, 3]
+    assert sync(run_dir).sent == 0 and sync(run_dir).uri == store
+    with pytest.raises(UserError, match=f"lives in {store}; sync it there"):
+        sync(run_dir, f"sqlite:///{tmp_path / 'c.db'}")
+
+
+@pytest.mark.parametrize("choice", ["continue", "new_run"])
+def test_a_resume_given_another_store_says_where_it_logs(tmp_path, caplog, choice):
+    """The run lives in store A; a resume names store B: it logs on to A and says so (never "B is
+    unreachable"), or with tracking.on_store_change=new_run starts a new run in B."""
+    a, b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"tracking.uri={a}", "tracking.system_metrics=false"])
+    first = MLflowTracker(cfg)
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    first.journal.close()  # killed after a checkpoint
+    resumed_cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"tracking.uri={b}", f"tracking.run_id={first.run_id}",
+                                     "tracking.system_metrics=false", f"tracking.on_store_change={choice}"])
+    with caplog.at_level("WARNING", logger="sabiscale.tracking"):
+        again = MLflowTracker(resumed_cfg, resuming=True)
+        again.log_metrics({"train/loss": 1.0}, step=2)
+        again.finish()
+    said = " ".join(r.message for r in caplog.records)
+    assert "unreachable" not in said
+    in_a = MlflowClient(tracking_uri=a)
+    in_b = MlflowClient(tracking_uri=b)
+    runs_b = [r for e in in_b.search_experiments() for r in in_b.search_runs([e.experiment_id])]
+    if choice == "continue":
+        assert f"lives in {a}" in said and "tracking.on_store_change=new_run" in said
+        assert again.uri == a and again.run_id == first.run_id and runs_b == []
+        assert [m.step for m in in_a.get_metric_history(first.run_id, "train/loss")] == [1, 2]
+    else:
+        assert "logs to a new run in" in said
+        assert again.uri == b and again.run_id != first.run_id and len(runs_b) == 1
+        assert [m.step for m in in_b.get_metric_history(again.run_id, "train/loss")] == [2]
+        assert len(list((tmp_path / "run").glob("tracking_journal.*.jsonl"))) == 1  # the first run's journal kept
 
 
 def test_export_register_creates_a_model_version_read_back_over_rest(demo_cfg, mlflow_server, tmp_path):

@@ -95,14 +95,6 @@ class BatchStream:
         d = self.dataset
         return {"position": self.position, **stream_definition(d.batch_size, d.seed, d.shuffle, d.shards)}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from the next unseen micro-batch of a saved state (any world size or number
-        of workers); a state of another stream definition is refused."""
-        d = self.dataset
-        check_resumable(state, d.batch_size, d.seed, d.shuffle, d.shards)
-        d.start = self.position = state["position"]
-        self._it = self._batches()
-
 
 def stream_definition(batch_size: int, seed: int, shuffle: bool, shards: list[dict]) -> dict:
     return {"batch_size": batch_size, "seed": seed, "order": ORDER_VERSION if shuffle else "unshuffled",

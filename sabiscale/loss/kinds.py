@@ -34,7 +34,7 @@ class LossKind:
 
     name: ClassVar[str]
     reads_reference: ClassVar[bool] = False  # needs each token's reference loss (shards or online)
-    ranks: ClassVar[bool] = False            # keeps a share of its candidates (selection metrics are logged)
+    selects: ClassVar[bool] = False          # keeps a share of its candidates (selection metrics are logged)
 
     def __init__(self, cfg) -> None:  # cfg: sabiscale.config.LossConfig
         self.cfg = cfg
@@ -120,7 +120,7 @@ class Selective(Masked):
 
     name = "selective"
     reads_reference = True
-    ranks = True
+    selects = True
 
     @property
     def prompt_weight(self) -> float:

@@ -39,12 +39,6 @@ def loss_kind(kind: str | LossKind, ratio: float = 1.0) -> LossKind:
     return make_loss_kind(LossConfig(kind=kind, ratio=ratio))
 
 
-def target_selection(loss_mask: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                     kind: str, pad_id: int) -> torch.Tensor:
-    """(B, T-1) bool: the next-token targets a kind may count."""
-    return loss_kind(kind).candidates(input_ids, position_ids, loss_mask, pad_id)
-
-
 class TokenLossObjective(torch.nn.Module):
     """Wraps a causal LM; forward returns the TokenLosses of one micro-batch."""
 

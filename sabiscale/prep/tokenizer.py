@@ -65,6 +65,18 @@ def adopt_tokenizer(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def token_byte_lengths(tok: PreTrainedTokenizerFast) -> np.ndarray:
+    """(vocab,) UTF-8 bytes each token id stands for: in byte-level BPE one character of a token's
+    string is one byte; tags and other added tokens stand for no text (0). The denominator of
+    bits per byte, which compares models whatever their tokenizers do."""
+    lengths = np.zeros(len(tok), dtype=np.int64)
+    added = set(tok.get_added_vocab().values())
+    for piece, token_id in tok.backend_tokenizer.get_vocab(with_added_tokens=True).items():
+        if token_id not in added and token_id < len(lengths):
+            lengths[token_id] = len(piece)
+    return lengths
+
+
 def tokenizer_hash(path: Path) -> str:
     return sha256_file(path)
 

@@ -10,13 +10,17 @@ and lets a resumed run skip the metric steps it replays from its checkpoint, whi
 already holds.
 
 Lines are records (`op`: start, params, json, artifact, tags, metrics, status) and bookkeeping
-(`run`: the run id once created; `sent`: how many records have reached the store). A kill -9 can
-tear only the last line, which is ignored.
+(`run`: the run id once created and the store it was created in; `sent`: how many records have
+reached the store). A kill -9 can tear only the last line, which is ignored. Records that reached
+the store are not kept in memory; from time to time, when nothing is pending, the state is saved
+beside the journal (`.state`: counts, run, last steps, byte offset), so a resumed run reads only
+the lines after it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,48 +42,110 @@ def now_ms() -> int:
 
 @dataclass
 class JournalState:
-    records: list[dict] = field(default_factory=list)   # what the run logged, in order
-    sent: int = 0                                        # records[:sent] reached the store
+    """What the journal says, without holding what was already delivered: only the records not yet
+    sent stay in memory (`pending`, the records numbered `sent` .. `count`-1)."""
+
+    pending: list[dict] = field(default_factory=list)
+    count: int = 0                                       # records in the journal
+    sent: int = 0                                        # records [0, sent) reached the store
     run_id: str | None = None
     experiment_id: str | None = None
+    run_uri: str | None = None                           # the store the run was created in
     uri: str | None = None                               # the store of the first start record
+    last_uri: str | None = None                          # the store of the latest start record
     last_step: dict[str, int] = field(default_factory=dict)  # metric key -> highest step recorded
+    first_config: dict | None = None                     # the run's resolved config, as first logged
+    last_status: str | None = None
 
     def note(self, record: dict) -> None:
-        if record["op"] == "metrics":
+        op = record["op"]
+        if op == "metrics":
             for key in record["metrics"]:
                 self.last_step[key] = max(self.last_step.get(key, -1), record["step"])
-        elif record["op"] == "start" and self.uri is None:
-            self.uri = record["uri"]
+        elif op == "start":
+            self.uri = self.uri or record["uri"]
+            self.last_uri = record["uri"]
+        elif op == "json" and record["name"] == "config/resolved_config.json" and self.first_config is None:
+            self.first_config = record["data"]
+        elif op == "status":
+            self.last_status = record["status"]
+
+    def snapshot(self) -> dict:
+        """Everything but the pending records (taken only when none are pending)."""
+        return {k: v for k, v in self.__dict__.items() if k != "pending"}
+
+
+def snapshot_path(path: Path) -> Path:
+    """Where the journal's state is saved from time to time, so a resume reads only what follows."""
+    return path.with_name(path.name + ".state")
 
 
 def read_journal(path: Path) -> JournalState:
-    state = JournalState()
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """The journal's state: from its last saved snapshot, reading only the lines after it (a long
+    run's journal holds ~2 lines per step), or from the start when there is no usable snapshot."""
+    state, offset = _load_snapshot(path)
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    recent: list[dict] = []  # records since the snapshot, numbered from state.count
+    first = state.count
     for number, line in enumerate(lines, 1):
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if number == len(lines):  # torn by a kill in the middle of a write: never sent, never complete
                 break
-            raise UserError(f"{path}:{number} is not a journal line (JSON expected). The file is written by sabiscale "
-                            "train; if it was edited, restore it or move it aside (its records are then not synced)") from None
+            raise UserError(f"{path}: line {number} after byte {offset} is not a journal line (JSON expected). The file "
+                            "is written by sabiscale train; if it was edited, restore it or move it aside (its "
+                            "records are then not synced)") from None
         if entry["op"] == "sent":
             state.sent = entry["upto"]
         elif entry["op"] == "run":
             state.run_id, state.experiment_id = entry["run_id"], entry["experiment_id"]
+            state.run_uri = entry.get("uri")
         else:
-            state.records.append(entry)
+            recent.append(entry)
+            state.count += 1
             state.note(entry)
+    state.pending = recent[max(state.sent - first, 0):]
     return state
+
+
+def _load_snapshot(path: Path) -> tuple[JournalState, int]:
+    """(state, byte offset it accounts up to); a fresh state and 0 when there is none, or when it
+    belongs to another journal (moved aside) or to a longer one (the journal was cut)."""
+    saved = snapshot_path(path)
+    if not saved.is_file():
+        return JournalState(), 0
+    try:
+        snap = json.loads(saved.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            head = f.readline()
+        if snap.pop("head") != head.decode("utf-8", "replace") or snap["offset"] > path.stat().st_size:
+            return JournalState(), 0
+        offset = snap.pop("offset")
+        return JournalState(**snap), offset
+    except (json.JSONDecodeError, KeyError, TypeError, OSError):
+        return JournalState(), 0  # a damaged snapshot costs only time: the journal itself is read
 
 
 def drop_torn_tail(path: Path) -> None:
     """A line a kill cut short would sit in the middle once more lines follow: cut it off first."""
     with path.open("rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+        size = f.seek(0, 2)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        start = max(size - (1 << 20), 0)  # a record line is far shorter than 1 MiB
+        f.seek(start)
+        tail = f.read()
+        cut = tail.rfind(b"\n")
+        f.truncate(start + cut + 1 if cut >= 0 else 0 if start == 0 else size)
 
 
 def recorded_run_id(output_dir: Path) -> str | None:
@@ -88,6 +154,9 @@ def recorded_run_id(output_dir: Path) -> str | None:
 
 
 class Journal:
+    # a snapshot at most every this many records once all are sent: a resume then reads at most this many lines
+    SNAPSHOT_EVERY = 2000
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.state = JournalState()
@@ -95,6 +164,7 @@ class Journal:
             drop_torn_tail(path)
             self.state = read_journal(path)
         self._file = None
+        self._since_snapshot = 0
 
     def _write(self, entry: dict) -> None:
         if self._file is None:
@@ -104,23 +174,46 @@ class Journal:
         self._file.flush()  # a kill -9 loses at most the line being written
 
     def add(self, record: dict) -> None:
-        self.state.records.append(record)
+        self.state.pending.append(record)
+        self.state.count += 1
         self.state.note(record)
         self._write(record)
+        self._since_snapshot += 1
 
     def pending(self) -> int:
-        return len(self.state.records) - self.state.sent
+        return self.state.count - self.state.sent
 
     def mark_sent(self, upto: int) -> None:
+        """Records [0, upto) reached the store: they leave memory; the journal keeps them."""
+        del self.state.pending[:upto - self.state.sent]
         self.state.sent = upto
         self._write({"op": "sent", "upto": upto})
+        if self._since_snapshot >= self.SNAPSHOT_EVERY and not self.pending():
+            self.save_snapshot()
 
-    def set_run(self, run_id: str, experiment_id: str) -> None:
-        self.state.run_id, self.state.experiment_id = run_id, experiment_id
-        self._write({"op": "run", "run_id": run_id, "experiment_id": experiment_id})
+    def set_run(self, run_id: str, experiment_id: str, uri: str) -> None:
+        self.state.run_id, self.state.experiment_id, self.state.run_uri = run_id, experiment_id, uri
+        self._write({"op": "run", "run_id": run_id, "experiment_id": experiment_id, "uri": uri})
+
+    def save_snapshot(self) -> None:
+        """The state up to the journal's current end, for a resume to start reading there. Only
+        with nothing pending: every record before the offset is then delivered and never needed
+        in memory again. Written whole or not at all (a kill leaves the previous one)."""
+        if self._file is None or self.pending():
+            return
+        self._file.flush()
+        with self.path.open("rb") as f:
+            head = f.readline().decode("utf-8", "replace")
+        saved = snapshot_path(self.path)
+        partial = saved.with_name(saved.name + ".partial")
+        partial.write_text(json.dumps({**self.state.snapshot(), "offset": self._file.tell(), "head": head}),
+                           encoding="utf-8")
+        os.replace(partial, saved)
+        self._since_snapshot = 0
 
     def close(self) -> None:
         if self._file is not None:
+            self.save_snapshot()
             self._file.close()
             self._file = None
 
@@ -140,21 +233,21 @@ def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
     return experiment.experiment_id
 
 
-def send_pending(journal: Journal, client) -> int:
-    """Deliver every record not yet sent, in order; consecutive metric records go in one call.
-    Raises whatever the store raises; what was delivered before stays marked as sent."""
-    records, start = journal.state.records, journal.state.sent
-    i = start
-    while i < len(records):
-        end = i + 1
-        if records[i]["op"] == "metrics":
-            end = metrics_run_end(records, i)
-            send_metrics(client, journal.state.run_id, records[i:end])
+def send_pending(journal: Journal, client, uri: str) -> int:
+    """Deliver every record not yet sent to the store at `uri` (the client's), in order;
+    consecutive metric records go in one call. Raises whatever the store raises; what was
+    delivered before stays marked as sent."""
+    records = journal.state.pending
+    total = len(records)
+    while records:
+        end = 1
+        if records[0]["op"] == "metrics":
+            end = metrics_run_end(records, 0)
+            send_metrics(client, journal.state.run_id, records[:end])
         else:
-            send_record(journal, client, records[i])
-        journal.mark_sent(end)
-        i = end
-    return len(records) - start
+            send_record(journal, client, records[0], uri)
+        journal.mark_sent(journal.state.sent + end)  # drops them from `records`
+    return total
 
 
 def metrics_run_end(records: list[dict], i: int) -> int:
@@ -174,12 +267,12 @@ def send_metrics(client, run_id: str, records: list[dict]) -> None:
                                       for r in records for key, value in r["metrics"].items()])
 
 
-def send_record(journal: Journal, client, record: dict) -> None:
+def send_record(journal: Journal, client, record: dict, uri: str) -> None:
     from mlflow.entities import Param, RunTag
 
     op, run_id = record["op"], journal.state.run_id
     if op == "start":
-        open_run(journal, client, record)
+        open_run(journal, client, record, uri)
     elif op == "params":
         items = [Param(k, v) for k, v in record["params"].items()]
         for at in range(0, len(items), MAX_PARAMS_PER_BATCH):
@@ -196,7 +289,7 @@ def send_record(journal: Journal, client, record: dict) -> None:
         raise UserError(f"{journal.path}: unknown journal record {op!r}; was it written by a newer sabiscale?")
 
 
-def open_run(journal: Journal, client, record: dict) -> None:
+def open_run(journal: Journal, client, record: dict, uri: str) -> None:
     """The start of a training process: the run is created the first time (or continued by the id
     the recipe or checkpoint gave), and set RUNNING again when a later process resumes it."""
     run_id = journal.state.run_id or record.get("run_id")
@@ -208,11 +301,11 @@ def open_run(journal: Journal, client, record: dict) -> None:
         run = found[0] if found else client.create_run(experiment_id, start_time=record["time_ms"],
                                                        run_name=record["run_name"],
                                                        tags={JOURNAL_TAG: record["journal_id"]})
-        journal.set_run(run.info.run_id, experiment_id)
+        journal.set_run(run.info.run_id, experiment_id, uri)
         return
     client.update_run(run_id, status="RUNNING")
     if journal.state.run_id is None:
-        journal.set_run(run_id, client.get_run(run_id).info.experiment_id)
+        journal.set_run(run_id, client.get_run(run_id).info.experiment_id, uri)
 
 
 def send_artifact(client, run_id: str, path: Path, folder: str | None) -> None:

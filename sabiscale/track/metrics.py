@@ -1,11 +1,10 @@
 """What the loop measures: the named sums of a step, per-task and per-language token losses (sums
-and counts, reduced across ranks), device peak FLOP/s for MFU, memory in use, and the history the
-plots are drawn from. FLOP counts are in track/flops.py."""
+and counts, reduced across ranks), device peak FLOP/s for MFU and memory in use. FLOP counts are in track/flops.py; the history the
+plots are drawn from is in track/plots.py."""
 from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -109,6 +108,65 @@ class TokenStats:
         self.task.zero_()
         self.lang.zero_()
 
+    def window(self, all_reduce) -> dict[str, dict[str, list[float]]]:
+        """The sums since the last log line, reduced over ranks and keyed by name (a collective):
+        saved in a checkpoint, so the first log line after a resume averages the same steps as an
+        uninterrupted run's, on any number of ranks."""
+        out = {}
+        for kind, table, names in (("task", self.task, self.vocab.tasks), ("lang", self.lang, self.vocab.langs)):
+            total = all_reduce(table.clone()).cpu()
+            out[kind] = {name: total[:, i].tolist() for i, name in enumerate(names)}
+        return out
+
+    def restore(self, window: dict[str, dict[str, list[float]]], rank: int) -> None:
+        """Continue a saved window: rank 0 holds its sums, the other ranks start from zero (the
+        metrics sum over ranks)."""
+        self.reset()
+        if rank != 0:
+            return
+        for kind, table, names in (("task", self.task, self.vocab.tasks), ("lang", self.lang, self.vocab.langs)):
+            for i, name in enumerate(names):
+                if name in window.get(kind, {}):
+                    table[:, i] = torch.tensor(window[kind][name], dtype=torch.float64)
+
+
+class TaskLanguageStats:
+    """Answer-token losses, tokens and the UTF-8 bytes those tokens stand for, per task x language:
+    the eval's answer loss and bits per byte for every pair (bits per byte compares runs whatever
+    their tokenizers)."""
+
+    def __init__(self, vocab: Vocab, token_bytes: torch.Tensor, device: torch.device) -> None:
+        self.vocab = vocab
+        self.token_bytes = token_bytes.to(device)
+        self.table = torch.zeros(3, len(vocab.tasks) * len(vocab.langs), dtype=torch.float64, device=device)
+
+    def add(self, batch: Batch, out: TokenLosses) -> None:
+        task = batch.task_ids[:, 1:][out.selected]
+        lang = batch.lang_ids[:, 1:][out.selected]
+        keep = (task >= 0) & (lang >= 0)
+        pair = (task * len(self.vocab.langs) + lang)[keep]
+        targets = batch.input_ids[:, 1:][out.selected][keep]
+        self.table[0].index_add_(0, pair, out.per_token.to(torch.float64)[keep])
+        self.table[1].index_add_(0, pair, torch.ones_like(pair, dtype=torch.float64))
+        self.table[2].index_add_(0, pair, self.token_bytes[targets].to(torch.float64))
+
+    def metrics(self, all_reduce) -> dict[str, float]:
+        """`eval_<task>/<lang>/answer_loss` and `.../bits_per_byte` (one MLflow chart group per
+        task), and the overall `eval/bits_per_byte`; reduced over ranks."""
+        total = all_reduce(self.table.clone()).cpu()
+        out = {}
+        for i, task in enumerate(self.vocab.tasks):
+            for j, lang in enumerate(self.vocab.langs):
+                nats, tokens, nbytes = total[:, i * len(self.vocab.langs) + j].tolist()
+                if tokens > 0:
+                    out[f"eval_{task}/{lang}/answer_loss"] = nats / tokens
+                    if nbytes > 0:
+                        out[f"eval_{task}/{lang}/bits_per_byte"] = nats / math.log(2) / nbytes
+        nats, _, nbytes = total.sum(dim=1).tolist()
+        if nbytes > 0:
+            out["eval/bits_per_byte"] = nats / math.log(2) / nbytes
+        return out
+
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
                         repeats: int = 8) -> float:
@@ -157,14 +215,3 @@ def memory_in_use(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
     return float(psutil.Process().memory_info().rss)
-
-
-class MetricHistory:
-    """Every logged scalar by name, kept in memory on rank 0 for the plots."""
-
-    def __init__(self) -> None:
-        self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-
-    def record(self, metrics: dict[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            self.series[name].append((step, float(value)))

@@ -16,7 +16,7 @@ from typing import Protocol
 from sabiscale.config import RunConfig, config_to_dict
 from sabiscale.errors import MissingInput, UserError
 from sabiscale.lock import DirectoryLock
-from sabiscale.track.journal import JOURNAL_NAME, Journal, JournalState, now_ms, send_pending
+from sabiscale.track.journal import JOURNAL_NAME, Journal, JournalState, now_ms, send_pending, snapshot_path
 
 log = logging.getLogger("sabiscale.tracking")
 
@@ -103,6 +103,7 @@ class MLflowTracker:
         self._down_since: float | None = None
         self._next_try = 0.0
         self.journal = open_journal(cfg, resuming)
+        cfg = self._settle_store(cfg)
         self._start(cfg)
         self._send()
 
@@ -114,11 +115,35 @@ class MLflowTracker:
     def experiment_id(self) -> str | None:
         return self.journal.state.experiment_id
 
+    def _settle_store(self, cfg: RunConfig) -> RunConfig:
+        """A resume given another store than the one its MLflow run lives in: log on to the run
+        where it is (tracking.on_store_change=continue), or start a new run in the given store
+        (new_run). Either way the log says which; the store is never called unreachable for it."""
+        from mlflow.tracking import MlflowClient
+
+        home = self.journal.state.run_uri
+        if self.journal.state.run_id is None or home is None or home == self.uri:
+            return cfg
+        if cfg.tracking.on_store_change == "continue":
+            log.warning("MLflow run %s lives in %s, where it was created; this resume logs on to it there, not to %s "
+                        "(to start a new MLflow run in %s instead, add tracking.on_store_change=new_run)",
+                        self.journal.state.run_id, home, self.uri, self.uri)
+            self.uri = home
+            self._client = MlflowClient(tracking_uri=home)
+            return cfg
+        old = self.journal.state.run_id
+        self.journal = open_journal(cfg, resuming=False, new_run=True)
+        log.warning("tracking.on_store_change=new_run: MLflow run %s stays in %s with the steps it has; this resume "
+                    "logs to a new run in %s from here on", old, home, self.uri)
+        cfg = cfg.model_copy(deep=True)
+        cfg.tracking.run_id = None
+        return cfg
+
     def _start(self, cfg: RunConfig) -> None:
         # the default local store keeps its artifacts in the run directory too, not in ./mlruns of
         # whatever directory the command ran in
         local = (cfg.output_dir / "mlruns").resolve().as_uri() if cfg.tracking.uri is None else None
-        continued = self.journal.state.records or cfg.tracking.run_id
+        continued = self.journal.state.count or cfg.tracking.run_id
         self.journal.add({"op": "start", "uri": self.uri, "experiment": cfg.tracking.experiment or cfg.name,
                           "artifact_location": local, "run_name": default_run_name(cfg),
                           "run_id": cfg.tracking.run_id, "journal_id": uuid.uuid4().hex, "time_ms": now_ms()})
@@ -148,7 +173,7 @@ class MLflowTracker:
             return
         had_run = self.run_id is not None
         try:
-            sent = send_pending(self.journal, self._client)
+            sent = send_pending(self.journal, self._client, self.uri)
         except Exception as err:  # noqa: BLE001 - any failure of the store must not stop training
             self._unreachable(err)
             return
@@ -208,17 +233,20 @@ class MLflowTracker:
         self.journal.close()
 
 
-def open_journal(cfg: RunConfig, resuming: bool) -> Journal:
+def open_journal(cfg: RunConfig, resuming: bool, new_run: bool = False) -> Journal:
     """The run's journal, read once. A resumed run continues it, and so does a restart from step 0
     of the same configuration that never finished (killed before its first checkpoint: the same
-    run, replaying the same steps). Any other run starting from step 0 starts a new journal; the
-    earlier one is moved aside, never deleted, and named if it holds records never sent."""
+    run, replaying the same steps). Any other run starting from step 0 (or `new_run`) starts a new
+    journal; the earlier one is moved aside, never deleted, and named if it holds records never sent."""
     path = cfg.output_dir / JOURNAL_NAME
     journal = Journal(path)
-    if resuming or not journal.state.records or same_unfinished_run(journal.state, cfg):
+    if not new_run and (resuming or not journal.state.count or same_unfinished_run(journal.state, cfg)):
         return journal
+    journal.close()
     aside = path.with_name(f"tracking_journal.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.jsonl")
     path.rename(aside)
+    if snapshot_path(path).is_file():
+        snapshot_path(path).rename(snapshot_path(aside))
     if journal.pending():
         log.warning("%s held %d records of an earlier run that never reached the store: `sabiscale tracking sync "
                     "%s` sends them", aside, journal.pending(), aside)
@@ -226,10 +254,8 @@ def open_journal(cfg: RunConfig, resuming: bool) -> Journal:
 
 
 def same_unfinished_run(state: JournalState, cfg: RunConfig) -> bool:
-    configs = [r["data"] for r in state.records if r["op"] == "json" and r["name"] == "config/resolved_config.json"]
-    statuses = [r["status"] for r in state.records if r["op"] == "status"]
     current = json.loads(json.dumps(config_to_dict(cfg)))
-    return bool(configs) and configs[0] == current and (not statuses or statuses[-1] != "FINISHED")
+    return state.first_config is not None and state.first_config == current and state.last_status != "FINISHED"
 
 
 @dataclass
@@ -249,12 +275,17 @@ def sync(where: Path, uri: str | None = None) -> SyncResult:
         raise MissingInput(f"{path} does not exist: give a run directory (output_dir) or a tracking journal file")
     with DirectoryLock(path.parent, "tracking sync"):
         journal = Journal(path)
-        target = uri or journal.state.uri
-        if uri and journal.state.run_id and uri != journal.state.uri:
-            raise UserError(f"{path}: its run {journal.state.run_id} lives in {journal.state.uri}; "
-                            f"sync it there (leave out --uri), not to {uri}")
+        state = journal.state
+        # the store the run was created in (by training, or by an earlier sync that was cut short);
+        # a run never created goes where --uri says, else to the store training last aimed at
+        home = (state.run_uri or state.uri) if state.run_id else None
+        if uri and home and uri != home:
+            journal.close()
+            raise UserError(f"{path}: its MLflow run {state.run_id} lives in {home}; sync it there (leave out --uri), "
+                            f"not to {uri}")
+        target = home or uri or state.last_uri
         try:
-            sent = send_pending(journal, MlflowClient(tracking_uri=target))
+            sent = send_pending(journal, MlflowClient(tracking_uri=target), target)
         finally:
             journal.close()
     return SyncResult(sent, journal.state.run_id, journal.state.experiment_id, target)

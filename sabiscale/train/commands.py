@@ -120,11 +120,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def print_largest(cfg: RunConfig, vocab: int, gpu: int) -> None:
-    from sabiscale.train.plan import GiB, PROFILES, largest_fitting_model
+    from sabiscale.train.plan import GiB, largest_fitting_model, profiles
 
     print(f"\nlargest model of this shape family that fits one {gpu / GiB:.0f} GiB GPU "
           f"(micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}):")
-    for profile in PROFILES:
+    for profile in profiles(PROJECT_ROOT / "ds_configs"):
         for opt in ("adamw", "adamw8bit"):
             params, trial, fit = largest_fitting_model(cfg, vocab, profile, PROJECT_ROOT / "ds_configs", opt, True, gpu)
             m = trial.model

@@ -27,14 +27,14 @@ CPU_BF16_MIN_HIDDEN = {"avx512_bf16": 128, "amx": 256}
 
 def choose_precision(requested: str, device_type: str, capability: tuple[int, int] | None,
                      bf16_supported: bool = False, hidden_size: int = 0, cpu_unit: str | None = None) -> str:
-    """On the CPU bf16 where it has native bf16 (bf16_supported; cpu_unit names it, "amx" or
-    "avx512_bf16") and the model is wide enough for it to pay there, fp32 otherwise; on CUDA bf16
-    from sm80 on, fp16 below; other accelerators: bf16 where they say they have it, else fp16."""
+    """On the CPU bf16 where it has a native bf16 unit (cpu_unit: "amx" or "avx512_bf16", as
+    cpu_bf16_unit() reads it) and the model is wide enough for it to pay there, fp32 otherwise; on
+    CUDA bf16 from sm80 on, fp16 below; other accelerators: bf16 where they say they have it
+    (bf16_supported), else fp16."""
     if requested != "auto":
         return requested
     if device_type == "cpu":
-        unit = cpu_unit or ("avx512_bf16" if bf16_supported else None)
-        return "bf16" if unit is not None and hidden_size >= CPU_BF16_MIN_HIDDEN[unit] else "fp32"
+        return "bf16" if cpu_unit is not None and hidden_size >= CPU_BF16_MIN_HIDDEN[cpu_unit] else "fp32"
     if device_type == "cuda" and capability is not None:
         return "bf16" if tuple(capability) >= BF16_CAPABILITY else "fp16"
     return "bf16" if bf16_supported else "fp16"
@@ -49,10 +49,6 @@ def cpu_bf16_unit() -> str | None:
         if getattr(torch.cpu, probe, lambda: False)():
             return unit
     return None
-
-
-def cpu_has_native_bf16() -> bool:
-    return cpu_bf16_unit() is not None
 
 
 # Triton, inductor's GPU backend, generates code for compute capability 7.0 on.

@@ -39,7 +39,8 @@ class World:
     device: torch.device
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a rendezvous or a test server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +57,7 @@ def ensure_launcher_env(environ: dict = os.environ) -> None:
         return
     environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    environ.setdefault("MASTER_PORT", str(_free_port()))
+    environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def slurm_rendezvous(environ: dict) -> dict[str, str]:
@@ -89,8 +90,16 @@ def init_distributed(timeout_minutes: float = 60.0) -> World:
     """Join (or create) the process group; `timeout_minutes` bounds every collective's wait."""
     accel = get_accelerator()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(),
-                                   timeout=timedelta(minutes=timeout_minutes))
+        try:
+            deepspeed.init_distributed(dist_backend=accel.communication_backend_name(),
+                                       timeout=timedelta(minutes=timeout_minutes))
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err) and "address already in use" not in str(err):
+                raise
+            port = os.environ.get("MASTER_PORT", "?")
+            raise UserError(f"the rendezvous port {port} (MASTER_PORT) is in use on {os.environ.get('MASTER_ADDR', '?')}: "
+                            "another run, or processes left by one, listen there. Pick another (`deepspeed "
+                            "--master_port N`, or MASTER_PORT=N), or end the leftover processes") from None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
@@ -107,14 +116,9 @@ def resolve_precision(requested: str, hidden_size: int) -> str:
     accel = get_accelerator()
     device_type = accel.device_name()
     capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
-    unit = None
-    if requested != "auto" or device_type == "cuda":
-        bf16 = False
-    elif device_type == "cpu":
-        unit = cpu_bf16_unit()
-        bf16 = unit is not None
-    else:
-        bf16 = accel.is_bf16_supported()
+    auto = requested == "auto"
+    unit = cpu_bf16_unit() if auto and device_type == "cpu" else None
+    bf16 = auto and device_type not in ("cpu", "cuda") and accel.is_bf16_supported()
     return choose_precision(requested, device_type, capability, bf16, hidden_size, unit)
 
 

@@ -1,6 +1,8 @@
 """The one seam where instruments attach to the training loop: tests (fault injection), benchmarks
-(step timings) and the sample trace. A hook observes; it never does the loop's own work, so the
-loop reads top to bottom without them. Pass hooks to `train(cfg, world, hooks=[...])`.
+(step timings) and the sample trace. Hooks observe and never do the loop's own work, so the loop
+reads top to bottom without them; the one exception is `after_forward`, which may change the
+micro-batch's losses in place (tests inject a non-finite loss there). Pass hooks to
+`train(cfg, world, hooks=[...])`.
 """
 from __future__ import annotations
 

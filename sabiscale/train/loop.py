@@ -23,7 +23,8 @@ from tqdm import tqdm
 from sabiscale.config import RunConfig, config_to_dict
 from sabiscale.data.batch import Vocab
 from sabiscale.errors import TrainingDiverged
-from sabiscale.track.metrics import StepSums, TokenStats, measure_matmul_peak, memory_in_use, selection_metrics
+from sabiscale.track.metrics import (StepSums, TaskLanguageStats, TokenStats, measure_matmul_peak, memory_in_use,
+                                     selection_metrics)
 from sabiscale.track.plots import loss_plots
 from sabiscale.train.checkpoint import rng_state, save_checkpoint, step_tag
 from sabiscale.train.engine import World, all_reduce_sum, barrier, engine_dtype
@@ -40,6 +41,7 @@ class TrainResult:
     steps: int
     train_losses: list[float] = field(default_factory=list)
     eval_answer_loss: dict[int, float] = field(default_factory=dict)  # step -> loss
+    eval_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> every eval metric
     checkpoint: Path | None = None
     run_id: str | None = None
     tracking_uri: str | None = None
@@ -86,7 +88,7 @@ def train_loop(run: Run) -> TrainResult:
         metrics = step_metrics(run, out.sums, micro, t1 - t0)
         result.train_losses.append(metrics["train/loss"])
         if step % cfg.train.log_every == 0 or last:
-            metrics.update(run.stats.metrics("train", all_reduce_sum, run.kind.ranks))  # since the last log line
+            metrics.update(run.stats.metrics("train", all_reduce_sum, run.kind.selects))  # since the last log line
             run.stats.reset()
             log_line(bar, world.rank, step, cfg.train.max_steps, metrics)
         tracker.log_metrics(metrics, step=step)
@@ -156,7 +158,7 @@ def step_metrics(run: Run, sums: StepSums, micro: list, seconds: float) -> dict[
                "train/mfu": sums.needed_flops / seconds / (run.peak_flops * world.world_size),
                "train/mem": memory_in_use(world.device), "train/skipped_steps": engine.skipped_steps,
                "train/flops_seen": run.flops_seen}
-    if run.kind.ranks:
+    if run.kind.selects:
         metrics.update(selection_metrics(sums))
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
@@ -178,27 +180,34 @@ def progress_bar(cfg: RunConfig, rank: int, start_step: int):
 
 
 @torch.no_grad()
-def evaluate(objective: torch.nn.Module, batches: list, vocab: Vocab, device: torch.device) -> dict[str, float]:
-    """Answer-token (prompt-masked) loss over the validation micro-batches, overall and per
-    task and language, reduced across ranks."""
+def evaluate(objective: torch.nn.Module, batches: list, vocab: Vocab, device: torch.device,
+             token_bytes: torch.Tensor | None = None) -> dict[str, float]:
+    """Answer-token (prompt-masked) loss over the validation micro-batches (records never trained
+    on), overall, per task, per language and, with `token_bytes`, per task x language with bits
+    per byte; reduced across ranks."""
     objective.eval()
     stats = TokenStats(vocab, device)
+    pairs = TaskLanguageStats(vocab, token_bytes, device) if token_bytes is not None else None
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         b = batch.to(device)
         out = objective(b.input_ids, b.position_ids, b.loss_mask, b.task_ids, kind="masked")
         total += torch.stack([out.per_token.sum().double(), out.count.double()])
         stats.add(b, out)
+        if pairs is not None:
+            pairs.add(b, out)
     objective.train()
     total = all_reduce_sum(total)
-    return {"eval/answer_loss": float(total[0] / total[1].clamp(min=1)), **stats.metrics("eval", all_reduce_sum)}
+    return {"eval/answer_loss": float(total[0] / total[1].clamp(min=1)), **stats.metrics("eval", all_reduce_sum),
+            **(pairs.metrics(all_reduce_sum) if pairs is not None else {})}
 
 
 def run_eval(run: Run, step: int, result: TrainResult) -> None:
     if step > 0:  # build_run has just measured it for step 0
         refresh_peak(run)
-    metrics = evaluate(run.engine.module, run.val_batches, run.vocab, run.world.device)
+    metrics = evaluate(run.engine.module, run.val_batches, run.vocab, run.world.device, run.token_bytes)
     result.eval_answer_loss[step] = metrics["eval/answer_loss"]
+    result.eval_metrics[step] = metrics
     run.tracker.log_metrics(metrics, step=step)
     run.history.record(metrics, step)
 
@@ -216,6 +225,7 @@ def refresh_peak(run: Run) -> None:
 def checkpoint(run: Run, step: int) -> Path:
     cfg, world = run.cfg, run.world
     client_state = {"tokens_seen": run.tokens_seen, "flops_seen": run.flops_seen, "loader": run.loader.state_dict(), "rng": rng_state(),
+                    "token_window": run.stats.window(all_reduce_sum),
                     "world_size": world.world_size, "precision": run.precision, "config": config_to_dict(cfg),
                     "tokenizer_sha256": run.manifest["tokenizer_sha256"], "manifest_sha256": run.manifest_sha256,
                     "mlflow_run_id": run.tracker.run_id}

@@ -30,7 +30,13 @@ from pathlib import Path
 from sabiscale.config import RunConfig
 
 GiB = 2**30
-PROFILES = ("zero1", "zero2", "zero2_offload", "zero3_offload")  # cheapest (fastest) first
+
+
+def profiles(ds_dir: Path) -> tuple[str, ...]:
+    """The DeepSpeed profiles shipped in ds_dir (ds_configs/), cheapest (fastest) first: their
+    names sort so (zero1 < zero2 < zero2_offload < zero3_offload); a new profile is one new file."""
+    return tuple(sorted(p.stem for p in Path(ds_dir).glob("*.json")))
+
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
@@ -195,11 +201,11 @@ def load_profile(name: str, ds_dir: Path) -> dict:
 
 def plan_all(cfg: RunConfig, vocab: int, gpu_bytes: float, host_bytes: float | None, ranks: int,
              gpus_per_node: int, ds_dir: Path) -> tuple[list[Plan], Plan | None]:
-    """Every profile x optimizer x checkpointing, and the cheapest that fits (in PROFILES order,
+    """Every profile x optimizer x checkpointing, and the cheapest that fits (in profiles() order,
     AdamW before 8-bit, no checkpointing before checkpointing), or None."""
     shape = ModelShape.from_config(cfg, vocab)
     plans = [plan_profile(cfg, shape, profile, load_profile(profile, ds_dir), opt, ckpt, ranks, gpus_per_node)
-             for profile in PROFILES for ckpt in (False, True) for opt in OPTIMIZERS]
+             for profile in profiles(ds_dir) for ckpt in (False, True) for opt in OPTIMIZERS]
 
     def fits(p: Plan) -> bool:
         return p.device_total <= gpu_bytes and (host_bytes is None or p.host_peak <= host_bytes)

@@ -2,6 +2,8 @@
 engine, the resume point loaded, the data streams, the tracker, the probe and the FLOP model."""
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,10 @@ from sabiscale.loss.kinds import LossKind, make_loss_kind
 from sabiscale.loss.objective import TokenLossObjective
 from sabiscale.model import layer as layer_ops
 from sabiscale.model.build import build_model, count_parameters
-from sabiscale.prep.tokenizer import load_tokenizer
+from sabiscale.prep.tokenizer import load_tokenizer, token_byte_lengths
 from sabiscale.track.flops import StepCost, spec_peak, step_cost
-from sabiscale.track.metrics import MetricHistory, TokenStats, measure_matmul_peak
+from sabiscale.track.metrics import TokenStats, measure_matmul_peak
+from sabiscale.track.plots import PlotHistory
 from sabiscale.track.tracking import Tracker, make_tracker
 from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
 from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, load_universal,
@@ -56,9 +59,10 @@ class Run:
     flops_seen: float     # FLOPs the steps so far needed (track/flops.py): runs compared at equal compute match on it
     hooks: Hooks
     stats: TokenStats
-    history: MetricHistory = field(default_factory=MetricHistory)
+    history: PlotHistory = field(default_factory=PlotHistory)
     stop: StopRequest = field(default_factory=StopRequest)  # a stop signal (preemption) was received
     manifest_sha256: str = ""  # recorded in every checkpoint
+    token_bytes: torch.Tensor | None = None  # (vocab,) UTF-8 bytes per token id, for the eval's bits per byte
 
 
 def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
@@ -94,14 +98,20 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     log.info("model: %.2fM parameters, precision %s, world size %d, ZeRO stage %s", parameters / 1e6,
              precision, world.world_size, ds_config["zero_optimization"]["stage"])
     trace = [SampleTrace(cfg.output_dir, world.rank)] if cfg.train.trace_samples else []
+    stats = TokenStats(vocab, world.device)
+    if resumed is not None and "token_window" in resumed:
+        stats.restore(resumed["token_window"], world.rank)
     return Run(cfg=cfg, world=world, manifest=manifest, vocab=vocab, kind=kind, engine=engine, precision=precision,
                loader=loader, val_batches=val_batches, reference=reference, tracker=tracker,
                probe=make_probe(cfg, manifest, vocab, world.rank, tracker), cost=step_cost(lm),
                peak_flops=mfu_denominator(cfg, world, precision, tracker),
                start_step=resumed["step"] if resumed else 0, tokens_seen=resumed["tokens_seen"] if resumed else 0,
                flops_seen=float(resumed.get("flops_seen", 0.0)) if resumed else 0.0,
-               hooks=Hooks([*trace, *hooks]), stats=TokenStats(vocab, world.device),
-               manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"))
+               hooks=Hooks([*trace, *hooks]), stats=stats,
+               history=PlotHistory(cfg.output_dir / "plots" / "history.jsonl" if world.rank == 0 else None,
+                                   resumed["step"] if resumed else 0),
+               manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"),
+               token_bytes=torch.from_numpy(token_byte_lengths(load_tokenizer(cfg.tokenizer_path))))
 
 
 def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None) -> TokenLossObjective:
@@ -187,9 +197,20 @@ def data_streams(cfg: RunConfig, world: World, manifest: dict, vocab: Vocab,
         check_resumable(resumed["loader"], micro_bs, cfg.seed, True, train_shards)
     loader = make_loader(train_shards, vocab, micro_bs, world.rank, world.world_size, cfg.seed, True,
                          cfg.data.loader_workers, start=resumed["loader"]["position"] if resumed else 0)
-    val_loader = make_loader(split_shards(cfg.shards_dir, manifest, "val"), vocab, micro_bs, world.rank,
-                             world.world_size, cfg.seed, False)
-    return loader, [next(val_loader) for _ in range(cfg.train.eval_batches)]
+    # one fixed global eval set, split over the ranks: the eval loss does not depend on their number
+    val_loader = make_loader(split_shards(cfg.shards_dir, manifest, "val"), vocab, micro_bs, 0, 1, cfg.seed, False)
+    val_batches = [next(val_loader) for _ in range(cfg.train.eval_batches)]
+    return loader, eval_share(val_batches, world.rank, world.world_size)
+
+
+def eval_share(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
+    """This rank's share of the global eval set (every world_size-th micro-batch). ZeRO-3 gathers
+    parameters inside every forward, so each rank runs as many forwards as the others: a rank
+    with a smaller share repeats a micro-batch with no target counted (it adds nothing)."""
+    mine = batches[rank::world_size]
+    each = -(-len(batches) // world_size)
+    filler = dataclasses.replace(batches[0], loss_mask=torch.zeros_like(batches[0].loss_mask))
+    return mine + [filler] * (each - len(mine))
 
 
 def make_probe(cfg: RunConfig, manifest: dict, vocab: Vocab, rank: int, tracker):

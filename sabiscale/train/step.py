@@ -44,6 +44,8 @@ def train_step(run, micro: list[Batch], step: int) -> StepOutput:
             engine.backward(out.loss_sum * scale)
         run.hooks.after_backward(step)
         with record_function("sabiscale/optimizer_step"):
+            # called after every micro-batch, as DeepSpeed expects: it updates the parameters (and
+            # the LR schedule) only at the accumulation boundary, the step's last micro-batch
             engine.step()
         needed, batch_executed = batch_flops(run.cost, batch.position_ids, batch.task_ids >= 0, int(out.count))
         executed += batch_executed
