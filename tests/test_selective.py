@@ -118,6 +118,9 @@ def test_scored_shards_carry_the_reference_losses_aligned(demo_cfg, reference_ru
     assert manifest["reference"]["checkpoint"] == str(reference_run)
     assert manifest["reference"]["tokenizer_sha256"] == manifest["tokenizer_sha256"]
     assert verify_shards(scored)[0] == []
+    # the same records, so the same contamination fingerprints: a run trained on them can be evaluated
+    fingerprints = manifest["fingerprints"]["file"]
+    assert (scored / fingerprints).read_bytes() == (demo_cfg.shards_dir / fingerprints).read_bytes()
     vocab = Vocab.from_manifest(manifest)
     batch = next(make_loader(split_shards(scored, manifest, "train"), vocab, 4, 0, 1, 0, 0, 0))
     expected = Reference(reference_run, world.device).score(batch)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def score_shards(checkpoint: Path, in_dir: Path, out_dir: Path, rank: int, world
     bar.close()
     barrier()
     if rank == 0:
-        _write_scored_manifest(manifest, out_dir, identity)
+        _write_scored_manifest(manifest, in_dir, out_dir, identity)
     barrier()
     return out_dir / "manifest.json"
 
@@ -109,7 +110,11 @@ def _claim(path: Path, identity: dict, in_dir: Path, rank: int, barrier) -> None
     barrier()
 
 
-def _write_scored_manifest(manifest: dict, out_dir: Path, identity: dict) -> None:
+def _write_scored_manifest(manifest: dict, in_dir: Path, out_dir: Path, identity: dict) -> None:
+    # the same records as the input shards: the same contamination fingerprints, so a run trained
+    # on the scored shards is evaluated on the same clean held-out records
+    if "fingerprints" in manifest:
+        shutil.copyfile(in_dir / manifest["fingerprints"]["file"], out_dir / manifest["fingerprints"]["file"])
     scored = json.loads(json.dumps(manifest))
     for split in scored["splits"].values():
         split["shards"] = [shard_entry(out_dir / s["name"], s["sequences"], sha256_file(out_dir / s["name"]))

@@ -1,0 +1,254 @@
+"""Rho-1 in its own regime: continued pre-training of a trained base, with a reference that is
+better than the base on the target data, all tokens vs selective, paired over seeds, costs counted
+with the reference's.
+
+Rho-1 (Lin et al. 2024) continues pre-training a trained model (TinyLlama after 3T tokens) and
+selects the tokens whose loss exceeds a reference model's, the reference trained on high-quality
+target data. Here, on naija_small and the real mix of ../shared/data:
+1. base: the recipe trained from scratch on the whole mix (`--base-steps`, resumable: a later call
+   continues it);
+2. target data: the task records the evaluation is about (translation, NER, sentiment), prepared
+   with the base's tokenizer; held out by the same rule, so the held-out records stay held out;
+3. reference: the base continued on the target data (`--reference-steps`); its held-out answer
+   loss on the target tasks is reported beside the base's (it must be better, or the experiment
+   says so and stops short of a verdict);
+4. the whole mix scored by the reference (`sabiscale score`);
+5. per seed, the base continued on the scored mix for `--steps`: all tokens (the masked loss) vs
+   selective (top 60% of answer tokens by excess loss), the same data order and steps;
+6. held-out scores of every continued run (analysis/heldout_scores.py), the paired decision rule,
+   and the token trajectories of the continued all-token run (the window Rho-1 measured in), next
+   to Rho-1's 51/26/11/12 (L->L, H->L, H->H, L->H).
+
+    .venv/bin/python -m sabiscale_analysis.exp_rho1_continued                  # ~1.5 h on 2 CPU cores
+    .venv/bin/python -m sabiscale_analysis.exp_rho1_continued --report-only    # the page from what is done
+
+Writes analysis/results/rho1_continued.{md,json}; the runs stay in runs/experiments/rho1_continued/.
+analysis/gpu_day.py runs the same stages at SabiYarn's scale on a GPU (Scale below).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sabiscale_analysis.experiment import (ROOT, DecisionRule, decide, mean_sd, paired, rendered_line, sabiscale,
+                                           trained, train_unless_done)
+from sabiscale_analysis.heldout_scores import score_run
+
+TARGET_TASKS = ["translation", "ner", "sentiment"]
+RHO1_PAPER = {"L->L": 0.51, "H->L": 0.26, "H->H": 0.11, "L->H": 0.12}  # Rho-1, Fig. 2 (TinyLlama, 15B tokens)
+RULE = DecisionRule("held-out answer loss on the target tasks, mean over tasks (nats per answer token)", 0.05, True)
+
+
+@dataclass
+class Scale:
+    """Everything that differs between the CPU experiment, a GPU day and a dry run."""
+
+    recipe: Path = ROOT / "launch" / "recipes" / "naija_small.yaml"
+    work: Path = ROOT / "runs" / "experiments" / "rho1_continued"
+    data_dir: Path = ROOT / "runs" / "data" / "shared_data"  # the recipe's prepared data (the whole mix)
+    overrides: list[str] = field(default_factory=list)      # model size, batch, data source, ...
+    base_steps: int = 1500
+    reference_steps: int = 300
+    steps: int = 400
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    ratio: float = 0.6
+    loss_records: int = 200
+    translations: int = 100
+    probe_every: int = 20
+    results: Path = ROOT / "analysis" / "results"
+    name: str = "rho1_continued"
+    # no continued runs from a reference that is not better than the base (a dry run goes on anyway)
+    require_better_reference: bool = True
+    command: str = ".venv/bin/python -m sabiscale_analysis.exp_rho1_continued"  # what writes the page
+
+
+def arms(scale: Scale) -> dict[str, list[str]]:
+    return {"all tokens": ["loss.kind=masked"],
+            f"selective {scale.ratio:g}": ["loss.kind=selective", f"loss.ratio={scale.ratio}"]}
+
+
+def common(scale: Scale, run: Path, steps: int) -> list[str]:
+    return [*scale.overrides, f"output_dir={run}", f"train.max_steps={steps}", "train.eval_every=100",
+            "train.checkpoint_every=100", "train.keep_every=0"]
+
+
+def train_base(scale: Scale) -> Path:
+    run = scale.work / "base"
+    if not (scale.data_dir / "shards" / "manifest.json").is_file():
+        sabiscale("prepare", str(scale.recipe), *scale.overrides, f"data.dir={scale.data_dir}",
+                  f"output_dir={scale.work / 'prepare'}")
+    train_unless_done(scale.recipe, *common(scale, run, scale.base_steps), f"data.dir={scale.data_dir}", "seed=0")
+    return run
+
+
+def train_reference(scale: Scale, base: Path) -> Path:
+    target = scale.work / "target_data"
+    tokenizer = scale.data_dir / "tokenizer" / "tokenizer.json"
+    shared = [f"data.dir={target}", f"data.tasks=[{', '.join(TARGET_TASKS)}]", f"tokenizer.path={tokenizer}"]
+    if not (target / "shards" / "manifest.json").is_file():
+        sabiscale("prepare", str(scale.recipe), *scale.overrides, *shared, f"output_dir={scale.work / 'prepare'}")
+    run = scale.work / "reference"
+    train_unless_done(scale.recipe, *common(scale, run, scale.reference_steps), *shared, "seed=0",
+                      f"train.init_from={base / 'checkpoints'}")
+    return run
+
+
+def scored_mix(scale: Scale, reference: Path) -> Path:
+    out = scale.work / "scored_mix"
+    if not (out / "manifest.json").is_file():
+        sabiscale("score", "--reference", str(reference / "checkpoints"), "--shards", str(scale.data_dir / "shards"),
+                  "--out", str(out))
+    return out
+
+
+def continued(scale: Scale, base: Path, scored: Path, arm: str, seed: int) -> Path:
+    run = scale.work / f"{arm.replace(' ', '_')}-seed{seed}"
+    probe = [f"train.probe_every={scale.probe_every}"] if seed == scale.seeds[0] else []
+    train_unless_done(scale.recipe, *common(scale, run, scale.steps), *arms(scale)[arm], *probe,
+                      f"data.dir={scale.data_dir}", f"data.shards_dir={scored}", f"seed={seed}",
+                      f"train.init_from={base / 'checkpoints'}")
+    return run
+
+
+def target_loss(report: dict) -> float:
+    """The primary measure: answer loss on the target tasks, mean over them."""
+    values = [report["answer_loss"][t]["nats_per_token"] for t in TARGET_TASKS if t in report["answer_loss"]]
+    return sum(values) / len(values)
+
+
+def trajectory_fractions(run: Path) -> dict[str, float] | None:
+    """L->L, H->L, H->H, L->H shares of the probe tokens over the whole continued run (the
+    window starts at the trained base), at the analysis module's default threshold."""
+    from sabiscale_analysis.trajectories import classify, fractions, load_trajectories
+
+    if not (run / "probe" / "meta.npz").is_file():
+        return None
+    return fractions(classify(load_trajectories(run)))
+
+
+def run_all(scale: Scale) -> None:
+    base = train_base(scale)
+    reference = train_reference(scale, base)
+    quality = {"base": score(scale, base), "reference": score(scale, reference)}
+    if scale.require_better_reference and target_loss(quality["reference"]) >= target_loss(quality["base"]):
+        print("the reference is not better than the base on the target tasks: no continued runs (train it longer)")
+        return
+    scored = scored_mix(scale, reference)
+    for seed in scale.seeds:  # seed by seed: a stopped experiment holds whole comparisons
+        for arm in arms(scale):
+            score(scale, continued(scale, base, scored, arm, seed))
+        write_results(scale, rendered_line(None))
+
+
+def score(scale: Scale, run: Path) -> dict:
+    return score_run(run, scale.loss_records, scale.translations)
+
+
+def collect(scale: Scale) -> tuple[dict, dict[str, dict[int, dict]]]:
+    """(quality of base and reference, arm -> seed -> scores) of what is scored so far."""
+    def scored(run: Path) -> dict | None:
+        path = run / "heldout_scores.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    quality = {name: scored(scale.work / name) for name in ("base", "reference")}
+    table = {arm: {seed: r for seed in scale.seeds
+                   if (r := scored(scale.work / f"{arm.replace(' ', '_')}-seed{seed}")) is not None}
+             for arm in arms(scale)}
+    return quality, table
+
+
+def forward_flops(report: dict, scored_tokens: int) -> float:
+    """Scoring the mix with the reference: one forward pass over its tokens, ~2 FLOPs per
+    parameter per token (track/flops.py counts training at ~6)."""
+    per_token_training = report["trained"]["flops_seen"] / max(report["trained"]["tokens_seen"], 1)
+    return per_token_training / 3 * scored_tokens
+
+
+def write_results(scale: Scale, rendered_by: str) -> None:
+    quality, table = collect(scale)
+    names = list(table)
+    lines = [f"# Rho-1 in its own regime: continued pre-training of a trained base ({scale.name})\n",
+             "Claim (Rho-1): continuing to pre-train on only the tokens with the highest excess loss over a reference "
+             "trained on the target data gets a better model on that target than continuing on all tokens.\n",
+             f"Command: `{scale.command}` (repeat until done)  ", rendered_by, "",
+             f"Date: {time.strftime('%Y-%m-%d')}. Recipe `{scale.recipe.relative_to(ROOT)}` "
+             f"{' '.join(scale.overrides)}; base {scale.base_steps} steps on the whole mix (seed 0), reference = base + "
+             f"{scale.reference_steps} steps on the target tasks ({', '.join(TARGET_TASKS)}), continued runs "
+             f"{scale.steps} steps from the base on the mix scored by the reference, seeds {scale.seeds}. Scores on "
+             f"clean held-out records only (analysis/heldout_scores.py).\n", RULE.describe(), ""]
+    if quality["base"] and quality["reference"]:
+        b, r = target_loss(quality["base"]), target_loss(quality["reference"])
+        lines += [f"Reference quality on the target tasks' held-out answer loss: base {b:.4f}, reference {r:.4f} "
+                  f"({'better' if r < b else 'NOT better'} by {b - r:+.4f} nats).\n"]
+    lines += ["| arm | " + " | ".join(f"seed {s}" for s in scale.seeds) + " | mean +- sd |",
+              "|---|" + "---:|" * (len(scale.seeds) + 1)]
+    values = {arm: {s: target_loss(rep) for s, rep in rows.items()} for arm, rows in table.items()}
+    for arm in names:
+        got = values[arm]
+        mean, sd = mean_sd(list(got.values())) if got else (float("nan"), 0.0)
+        lines.append(f"| {arm} | " + " | ".join(f"{got[s]:.4f}" if s in got else "-" for s in scale.seeds)
+                     + f" | {mean:.4f} +- {sd:.4f} |")
+    lines.append("")
+    selective, baseline = names[1], names[0]
+    if len(set(values[selective]) & set(values[baseline])) >= 2:
+        lines.append("**Verdict:** " + decide(paired(values[selective], values[baseline], True), RULE, (selective, baseline)))
+    else:
+        lines.append("**Verdict:** not yet two paired seeds.")
+    lines += ["", *cost_lines(scale, quality, table), "", *trajectory_lines(scale)]
+    scale.results.mkdir(parents=True, exist_ok=True)
+    (scale.results / f"{scale.name}.json").write_text(json.dumps({"quality": quality, "runs": {
+        arm: {str(s): r for s, r in rows.items()} for arm, rows in table.items()}}, indent=2) + "\n")
+    (scale.results / f"{scale.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def cost_lines(scale: Scale, quality: dict, table: dict) -> list[str]:
+    """Training FLOPs of each stage; the selective arm's total includes the reference and the
+    scoring of the mix (the base is shared by both arms)."""
+    if not quality["reference"]:
+        return []
+    ref = quality["reference"]["trained"]["flops_seen"]
+    manifest = json.loads((scale.work / "scored_mix" / "manifest.json").read_text()) \
+        if (scale.work / "scored_mix" / "manifest.json").is_file() else None
+    tokens = sum(s["counts"]["tokens"] for s in manifest["splits"].values()) if manifest else 0
+    scoring = forward_flops(quality["reference"], tokens)
+    lines = ["Cost (training FLOPs as the runs count them; scoring = one forward pass over the mix):\n",
+             "| arm | continued run | + reference training | + scoring the mix | total |", "|---|---:|---:|---:|---:|"]
+    for arm, rows in table.items():
+        if not rows:
+            continue
+        run = sum(r["trained"]["flops_seen"] for r in rows.values()) / len(rows)
+        extra = (ref, scoring) if arm != "all tokens" else (0.0, 0.0)
+        lines.append(f"| {arm} | {run:.3e} | {extra[0]:.3e} | {extra[1]:.3e} | {run + sum(extra):.3e} |")
+    return lines
+
+
+def trajectory_lines(scale: Scale) -> list[str]:
+    found = {arm: trajectory_fractions(scale.work / f"{arm.replace(' ', '_')}-seed{scale.seeds[0]}") for arm in arms(scale)}
+    if not any(found.values()):
+        return []
+    lines = [f"Token trajectories over the continued run (seed {scale.seeds[0]}, probe every {scale.probe_every} steps "
+             "from the trained base to the end; slope threshold 0.2 nats over the window, final loss above/below the "
+             "probe mean), next to Rho-1's:\n", "| | " + " | ".join(RHO1_PAPER) + " |", "|---|" + "---:|" * 4,
+             "| Rho-1 (TinyLlama, 15B tokens) | " + " | ".join(f"{v:.0%}" for v in RHO1_PAPER.values()) + " |"]
+    for arm, frac in found.items():
+        if frac:
+            lines.append(f"| {arm} | " + " | ".join(f"{frac[c]:.0%}" for c in RHO1_PAPER) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report-only", action="store_true", help="train nothing: write the page from what is scored")
+    args = parser.parse_args()
+    scale = Scale()
+    if not args.report_only:
+        run_all(scale)
+    write_results(scale, rendered_line(None))
+
+
+if __name__ == "__main__":
+    main()
