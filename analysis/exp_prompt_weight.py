@@ -176,8 +176,10 @@ def write_results(reports: dict, command: str) -> None:
         for name, rule in PLAN["rules"].items():
             both = set(value[name].get(a, {})) & set(value[name].get(b, {}))
             if len(both) >= 2:
-                lines.append(f"- w={a} vs w={b}: " + decide(paired(value[name][a], value[name][b], rule.lower_is_better),
-                                                           rule, (f"w={a}", f"w={b}")))
+                interim = (f"**interim, {len(both)} of the {len(PLAN['seeds'])} planned seeds** "
+                           if len(both) < len(PLAN["seeds"]) else "")
+                lines.append(f"- w={a} vs w={b}: {interim}" + decide(paired(value[name][a], value[name][b],
+                                                                           rule.lower_is_better), rule, (f"w={a}", f"w={b}")))
             else:
                 lines.append(f"- w={a} vs w={b} on {rule.measure}: not yet run on two paired seeds.")
     if best is not None:
@@ -219,7 +221,8 @@ def per_language_lines(reports: dict) -> list[str]:
     """Seed 1's per-language sentiment and translation scores with their bootstrap intervals."""
     seed = PLAN["sweep_seed"]
     lines = [f"Per language, seed {seed} (bootstrap 95% intervals over records):\n",
-             "| arm (w) | " + " | ".join(sorted(next(iter(reports.values()))["sentiment"])) + " |" if reports else ""]
+             "| arm (w) | " + " | ".join(sorted(next(iter(reports.values()))["sentiment"])) + " |" if reports else "",
+             "|---|" + "---:|" * len(next(iter(reports.values()))["sentiment"]) if reports else ""]
     for (arm, s), r in sorted(reports.items()):
         if s == seed:
             lines.append(f"| {arm} | " + " | ".join(
