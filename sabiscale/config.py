@@ -82,17 +82,18 @@ class MixConfig(_Section):
 
 def check_language_weights(weights: dict[str, float], languages: set[str], known_from: str) -> None:
     """Language weights that name a language not in `languages` would be ignored, and weights
-    that are all 0 leave nothing to sample: both refused, with the closest known name."""
+    that are all 0 leave nothing to sample: both refused, with the closest known name (a UserError
+    is a ValueError: the config's validators raise it too)."""
     import difflib
 
     unknown = sorted(set(weights) - languages)
     if unknown:
         hints = [f"{lang!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(lang, sorted(languages), 1))
                  else repr(lang) for lang in unknown]
-        raise ValueError(f"data.mix.language_weights names language(s) not in {known_from}: {', '.join(hints)}; "
+        raise UserError(f"data.mix.language_weights names language(s) not in {known_from}: {', '.join(hints)}; "
                          f"the languages are {sorted(languages)}. Fix the name or remove the weight")
     if languages and all(weights.get(lang, 1.0) == 0 for lang in languages):
-        raise ValueError(f"data.mix.language_weights gives every language ({sorted(languages)}) weight 0: nothing "
+        raise UserError(f"data.mix.language_weights gives every language ({sorted(languages)}) weight 0: nothing "
                          "would be sampled; give at least one a weight above 0")
 
 

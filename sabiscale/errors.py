@@ -2,8 +2,9 @@
 
 Each message names the file, line or field and what to do. The CLI prints these alone (exit 2);
 any other exception is a bug in sabiscale: the CLI says so, saves its traceback to a file to report
-and exits 70 (`sabiscale --debug ...` shows the traceback of either). They subclass the built-in type a caller would catch (ValueError, FileNotFoundError,
-...) so library users can keep catching those.
+and exits 70 (`sabiscale --debug ...` shows the traceback of either). They subclass the built-in
+type a caller would catch (ValueError, FileNotFoundError, ...) so library users can keep catching
+those.
 """
 from __future__ import annotations
 

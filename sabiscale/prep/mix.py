@@ -13,17 +13,9 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from sabiscale.config import MixConfig, check_language_weights
+from sabiscale.config import MixConfig
 from sabiscale.shards.pack import Document
 from sabiscale.errors import UserError
-
-
-def check_mix(mix: MixConfig, languages: set[str]) -> None:
-    """The language weights against the languages the data has, before anything is written."""
-    try:
-        check_language_weights(mix.language_weights, languages, "the data")
-    except ValueError as err:
-        raise UserError(str(err)) from None
 
 
 def target_tokens(natural: dict[tuple[str, str], int], mix: MixConfig) -> dict[tuple[str, str], float]:

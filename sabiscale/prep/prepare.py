@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sabiscale.config import FileSource, RunConfig
+from sabiscale.config import FileSource, RunConfig, check_language_weights
 from sabiscale.prep.corpus import SPLIT_RULE_VERSION, Corpus, SplitRule, load_corpus
 from sabiscale.prep.fingerprint import Fingerprints, document_hash, ngram_hashes, text_hashes, words
 from sabiscale.prep.demo_data import generate_demo_corpus
-from sabiscale.prep.mix import check_mix, mix_documents
+from sabiscale.prep.mix import mix_documents
 from sabiscale.parallel import SERIAL, Workers
 from sabiscale.shards.pack import Document, PackStats, pack_documents
 from sabiscale.hashing import sha256_file
@@ -296,7 +296,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         corpus = read_corpus(cfg, root, workers)
         parts = split_examples(cfg, corpus)
         train, val = parts.train, parts.val
-        check_mix(cfg.data.mix, {e.lang for e in train})
+        check_language_weights(cfg.data.mix.language_weights, {e.lang for e in train}, "the data")
         log.info("%d train / %d validation examples (%d held out) from %d files (%.0f s); tokenizer next", len(train),
                  len(val), len(parts.heldout), len(corpus.files), time.monotonic() - started)
         tok = _tokenizer(cfg, train, corpus.specials)

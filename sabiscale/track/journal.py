@@ -165,6 +165,7 @@ class Journal:
             self.state = read_journal(path)
         self._file = None
         self._since_snapshot = 0
+        self._head: str | None = None
 
     def _write(self, entry: dict) -> None:
         if self._file is None:
@@ -202,8 +203,10 @@ class Journal:
         if self._file is None or self.pending():
             return
         self._file.flush()
-        with self.path.open("rb") as f:
-            head = f.readline().decode("utf-8", "replace")
+        if self._head is None:  # the first line names the journal (its start record's id): it never changes
+            with self.path.open("rb") as f:
+                self._head = f.readline().decode("utf-8", "replace")
+        head = self._head
         saved = snapshot_path(self.path)
         partial = saved.with_name(saved.name + ".partial")
         partial.write_text(json.dumps({**self.state.snapshot(), "offset": self._file.tell(), "head": head}),

@@ -1,6 +1,6 @@
 """What the loop measures: the named sums of a step, per-task and per-language token losses (sums
-and counts, reduced across ranks), device peak FLOP/s for MFU and memory in use. FLOP counts are in track/flops.py; the history the
-plots are drawn from is in track/plots.py."""
+and counts, reduced across ranks), device peak FLOP/s for MFU and memory in use. FLOP counts are
+in track/flops.py; the history the plots are drawn from is in track/plots.py."""
 from __future__ import annotations
 
 import math
@@ -137,7 +137,7 @@ class TaskLanguageStats:
 
     def __init__(self, vocab: Vocab, token_bytes: torch.Tensor, device: torch.device) -> None:
         self.vocab = vocab
-        self.token_bytes = token_bytes.to(device)
+        self.token_bytes = token_bytes  # on `device` (built once per run)
         self.table = torch.zeros(3, len(vocab.tasks) * len(vocab.langs), dtype=torch.float64, device=device)
 
     def add(self, batch: Batch, out: TokenLosses) -> None:

@@ -32,8 +32,10 @@ class PlotHistory:
     def __init__(self, path: Path | None = None, upto_step: int = 0) -> None:
         self.path = path
         self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._file = None
         if path is not None:
             self._continue(path, upto_step)
+            self._file = path.open("a", encoding="utf-8")  # kept open: a record is appended every step
 
     def _continue(self, path: Path, upto_step: int) -> None:
         kept = []
@@ -56,9 +58,9 @@ class PlotHistory:
         picked = {name: float(value) for name, value in metrics.items() if plotted(name)}
         for name, value in picked.items():
             self.series[name].append((step, value))
-        if self.path is not None and picked:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "metrics": picked}) + "\n")
+        if self._file is not None and picked:
+            self._file.write(json.dumps({"step": step, "metrics": picked}) + "\n")
+            self._file.flush()  # a kill loses at most this line (the resume replays its step)
 
 
 def _plot(series: dict[str, list[tuple[int, float]]], title: str, path: Path) -> Path | None:

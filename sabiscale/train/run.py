@@ -111,7 +111,7 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
                history=PlotHistory(cfg.output_dir / "plots" / "history.jsonl" if world.rank == 0 else None,
                                    resumed["step"] if resumed else 0),
                manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"),
-               token_bytes=torch.from_numpy(token_byte_lengths(load_tokenizer(cfg.tokenizer_path))))
+               token_bytes=torch.from_numpy(token_byte_lengths(load_tokenizer(cfg.tokenizer_path))).to(world.device))
 
 
 def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None) -> TokenLossObjective:
