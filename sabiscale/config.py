@@ -274,6 +274,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     keep_last: int = Field(2, ge=0)         # newest checkpoints kept (0 = all) ...
     keep_every: int = Field(0, ge=0)        # ... plus every N-th step (0 = none)
+    # Every N steps (and at the end) a Hugging Face directory <checkpoint>/hf beside a checkpoint
+    # of that step (saved then if checkpoint_every does not fall there), written by a child
+    # process while training goes on; `sabiscale eval` and `eval --harness` take it. 0 = off.
+    export_every: int = Field(0, ge=0)
     # auto: continue from the newest complete checkpoint in output_dir if there is one;
     # must: the same, but it is an error if there is none; never: refuse to run over checkpoints.
     resume: Literal["auto", "must", "never"] = "auto"

@@ -39,7 +39,8 @@ def test_unparsable_outputs_count_as_wrong():
 
 @pytest.fixture(scope="module")
 def zero3_checkpoint(demo_cfg, world, tmp_path_factory):
-    """A checkpoint whose parameters are partitioned by ZeRO-3, from a short real run."""
+    """A checkpoint whose parameters are partitioned by ZeRO-3, from a short real run that exports
+    as it goes (train.export_every=2 of 3 steps: at step 2, and at the end)."""
     from sabiscale.train.loop import train
 
     cfg = demo_cfg.model_copy(deep=True)
@@ -47,7 +48,32 @@ def zero3_checkpoint(demo_cfg, world, tmp_path_factory):
     cfg.tracking.enabled = False
     cfg.engine.ds_config = ROOT / "ds_configs/zero3_offload.json"
     cfg.train.max_steps, cfg.optim.warmup_steps, cfg.train.eval_batches = 3, 1, 1
+    cfg.train.export_every = 2
     return train(cfg, world).checkpoint
+
+
+def test_export_every_writes_loadable_exports_beside_the_checkpoints(zero3_checkpoint, monkeypatch):
+    """Step 2 (no checkpoint_every there: one is saved for it) and the last step are exported in
+    the background, whole and renamed; each loads in plain transformers with the checkpoint's
+    weights and logits; an export is not mistaken for a checkpoint."""
+    from sabiscale.errors import MissingInput
+    from sabiscale.train.checkpoint import resolve_checkpoint
+
+    checkpoints = zero3_checkpoint.parent
+    assert sorted(p.name for p in checkpoints.glob("step_*/hf")) == ["hf", "hf"]
+    assert not list(checkpoints.rglob("*.partial")), "an unfinished export was left behind"
+    assert "export of" in (checkpoints.parent / "exports.log").read_text()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(str(zero3_checkpoint / "hf"), local_files_only=True).eval()
+    lm, _, _ = load_trained_lm(zero3_checkpoint)
+    for name, param in lm.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], param, msg=name)
+    ids = torch.arange(5, 37).reshape(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, lm(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(MissingInput, match="is a Hugging Face export"):
+        resolve_checkpoint(zero3_checkpoint / "hf")
 
 
 def test_export_loads_offline_and_matches_sabiscale_forward(demo_cfg, zero3_checkpoint, tmp_path, monkeypatch):
@@ -79,9 +105,16 @@ def test_export_loads_offline_and_matches_sabiscale_forward(demo_cfg, zero3_chec
 
 
 def test_eval_command_reports_every_task_and_language(demo_cfg, zero3_checkpoint, tmp_path):
+    """...of a checkpoint, and the same numbers for its export (train.export_every)."""
     report_path = tmp_path / "report.json"
     proc = run_cli([BIN / "sabiscale", "eval", str(zero3_checkpoint), "--split", "val", "--generate", "3",
                     "--out", str(report_path)])
+    exported = tmp_path / "exported.json"
+    run_cli([BIN / "sabiscale", "eval", str(zero3_checkpoint / "hf"), "--split", "val", "--generate", "3",
+             "--out", str(exported)])
+    of_export = json.loads(exported.read_text())
+    assert of_export["teacher_forced"] == json.loads(report_path.read_text())["teacher_forced"]
+    assert of_export["generation"] == json.loads(report_path.read_text())["generation"]
     assert "bits/byte" in proc.stdout
     report = json.loads(report_path.read_text())
     tf = report["teacher_forced"]

@@ -12,20 +12,20 @@ from sabiscale.runtime import eval_device, setup_logging
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Held-out metrics of a checkpoint, per task and language, on records training never saw."""
+    """Held-out metrics of a checkpoint or an export, per task and language, on records training
+    never saw."""
     from sabiscale.config import build_config
     from sabiscale.evaluate.heldout import log_eval
     from sabiscale.evaluate.report import format_report
-    from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
 
     setup_logging(0)
     if args.harness:
         return eval_harness(args)
-    tag_dir = resolve_checkpoint(Path(args.checkpoint))
-    lm, tok, meta = load_trained_lm(tag_dir)
+    tag_dir, lm, tok, meta, fingerprints = load_for_eval(Path(args.checkpoint))
     lm = lm.to(eval_device())
     cfg = build_config(meta["config"], origin=str(tag_dir))  # the run's own tasks, languages, held-out split
-    fingerprints = training_fingerprints(cfg)
+    if fingerprints is None:
+        fingerprints = training_fingerprints(cfg)
     root, examples = eval_examples(cfg, args)
     report = {"checkpoint": str(tag_dir), "data": str(root or "data.files"), "split": args.split, "step": meta["step"],
               "examples_per_file": None if args.full else args.max_per_file,
@@ -40,6 +40,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if logged:
         print(f"logged to MLflow run {logged}")
     return 0
+
+
+def load_for_eval(path: Path):
+    """(directory, model, tokenizer, run facts, training fingerprints or None) of a checkpoint or
+    of an export (`sabiscale export`, `train.export_every`), which carries its fingerprints."""
+    from sabiscale.prep.fingerprint import FINGERPRINTS, Fingerprints
+    from sabiscale.publish.export import is_export, load_exported_lm
+    from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
+
+    if is_export(path):
+        lm, tok, meta = load_exported_lm(path)
+        fingerprints = Fingerprints.load(path) if (path / FINGERPRINTS).is_file() else None
+        return path, lm, tok, meta, fingerprints
+    tag_dir = resolve_checkpoint(path)
+    lm, tok, meta = load_trained_lm(tag_dir)
+    return tag_dir, lm, tok, meta, None
 
 
 def score_examples(lm, tok, cfg, examples: list, fingerprints, args: argparse.Namespace) -> dict:
@@ -143,18 +159,18 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Continue a prompt with a trained checkpoint (greedy, until the end-of-text token)."""
+    """Continue a prompt with a trained checkpoint or export (greedy, until the end-of-text token)."""
     from sabiscale.evaluate.heldout import generate_text
-    from sabiscale.train.checkpoint import load_trained_lm
 
-    lm, tok, _ = load_trained_lm(Path(args.checkpoint))
+    _, lm, tok, _, _ = load_for_eval(Path(args.checkpoint))
     print(generate_text(lm.to(eval_device()), tok, args.prompt, args.max_new_tokens))
     return 0
 
 
 def register(sub) -> None:
-    ev = sub.add_parser("eval", help="held-out metrics of a checkpoint (perplexity, bits/byte, chrF, BLEU, F1)")
-    ev.add_argument("checkpoint", help="checkpoints/step_XXXXXXXX (or checkpoints/, to take `latest`)")
+    ev = sub.add_parser("eval", help="held-out metrics of a checkpoint or export (perplexity, bits/byte, chrF, BLEU, F1)")
+    ev.add_argument("checkpoint", help="checkpoints/step_XXXXXXXX (or checkpoints/, to take `latest`), or a Hugging "
+                                       "Face export (`sabiscale export`, or checkpoints/step_XXXXXXXX/hf from train.export_every)")
     ev.add_argument("--data", default=None, help="JSONL root in the task layout, <task>/<lang>.jsonl (default: the run's data)")
     ev.add_argument("--split", choices=["dev", "val", "all"], default="dev",
                     help="dev: the held-out records (never in training); val: the run's validation split; all: everything")

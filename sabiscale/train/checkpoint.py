@@ -173,6 +173,9 @@ def resolve_checkpoint(path: Path) -> Path:
     """Accept a tag directory or a checkpoints/ directory (then take the newest complete one)."""
     path = Path(path)
     if (path / SIDECAR).is_file():
+        if (path / "config.json").is_file() and not (path / "tokenizer").is_dir():
+            raise MissingInput(f"{path} is a Hugging Face export, not a training checkpoint: `sabiscale eval` and "
+                               "`eval --harness` take it; to train on from it, give its checkpoint (train.init_from)")
         return path
     newest = latest_complete(path)
     if newest is not None:
@@ -202,16 +205,20 @@ def load_trained_lm(path: Path):
     lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
     state = consolidated_state_dict(tag_dir.parent, tag_dir.name)
     # the engine wrapped the LM in the loss objective: its keys carry an "lm." prefix
-    state = {k.removeprefix("lm."): v for k, v in state.items()}
+    fit_weights(lm, {k.removeprefix("lm."): v for k, v in state.items()}, cfg, tag_dir)
+    return lm.float().eval(), tok, meta
+
+
+def fit_weights(lm, state: dict, cfg: RunConfig, source: Path) -> None:
+    """Load `state` into `lm` whole, or say why the weights do not fit the recipe's model."""
     try:
         missing, unexpected = lm.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes differ: the sidecar's model config is not the one trained
-        raise CheckpointError(f"{tag_dir}: the weights do not fit the model described in its {SIDECAR} "
+        raise CheckpointError(f"{source}: the weights do not fit the model described in its {SIDECAR} "
                               f"({str(err).splitlines()[-1].strip()}); was the sidecar copied from another run?") from None
     missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise UserError(f"{tag_dir}: checkpoint does not fit the model in its config "
+        raise UserError(f"{source}: the weights do not fit the model in its config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     if cfg.model.tie_embeddings:
         lm.tie_weights()
-    return lm.float().eval(), tok, meta

@@ -102,6 +102,9 @@ def train_loop(run: Run) -> TrainResult:
             run.probe.record(step, engine.module, world.device)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not last:
             result.checkpoint = checkpoint(run, step)
+        if cfg.train.export_every and step % cfg.train.export_every == 0 and not last:
+            export(run, step, result)
+        run.exports.poll()
         run.hooks.after_step(StepRecord(step, t0, t1, micro, out.sums, out.local_targets, out.local_flops))
         if out.sums.stop_requests and not last:  # every rank sees the same reduced sums: all stop here
             stop_for_preemption(run, step, result)
@@ -109,11 +112,14 @@ def train_loop(run: Run) -> TrainResult:
     if run.start_step < cfg.train.max_steps:
         run_eval(run, cfg.train.max_steps, result)
         result.checkpoint = checkpoint(run, cfg.train.max_steps)
+        if cfg.train.export_every:
+            export(run, cfg.train.max_steps, result)
     else:
         log.info("%s already holds this run trained to step %d (train.max_steps): nothing to do. To train on, "
                  "raise train.max_steps (it continues from there); for another run, give it its own "
                  "output_dir=runs/<name> (it shares the prepared data)", cfg.checkpoint_dir, run.start_step)
         result.checkpoint = cfg.checkpoint_dir / step_tag(run.start_step)
+    run.exports.wait()
     tracker.finish()
     result.run_id, result.experiment_id = tracker.run_id, tracker.experiment_id  # created late if the store was down
     return result
@@ -224,6 +230,7 @@ def refresh_peak(run: Run) -> None:
 
 def checkpoint(run: Run, step: int) -> Path:
     cfg, world = run.cfg, run.world
+    run.exports.wait()  # this save may prune the checkpoint a running export reads
     client_state = {"tokens_seen": run.tokens_seen, "flops_seen": run.flops_seen, "loader": run.loader.state_dict(), "rng": rng_state(),
                     "token_window": run.stats.window(all_reduce_sum),
                     "world_size": world.world_size, "precision": run.precision, "config": config_to_dict(cfg),
@@ -237,6 +244,14 @@ def checkpoint(run: Run, step: int) -> Path:
         for png in loss_plots(run.history.series, cfg.output_dir / "plots"):
             run.tracker.log_artifact(png, "plots")
     return path
+
+
+def export(run: Run, step: int, result: TrainResult) -> None:
+    """train.export_every: a checkpoint of this step (unless one was just saved), exported beside
+    it by a child process of rank 0 while training goes on (train/exports.py)."""
+    if result.checkpoint != run.cfg.checkpoint_dir / step_tag(step):
+        result.checkpoint = checkpoint(run, step)
+    run.exports.start(result.checkpoint)
 
 
 def counts_as_nonfinite(skipped: bool, loss_finite: bool, precision: str) -> bool:

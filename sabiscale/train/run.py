@@ -27,6 +27,7 @@ from sabiscale.track.metrics import TokenStats, measure_matmul_peak
 from sabiscale.track.plots import PlotHistory
 from sabiscale.track.tracking import Tracker, make_tracker
 from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
+from sabiscale.train.exports import BackgroundExport
 from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, load_universal,
                                     model_construction, resolve_compile, resolve_precision)
 from sabiscale.train.inputs import check_inputs
@@ -63,6 +64,7 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)  # a stop signal (preemption) was received
     manifest_sha256: str = ""  # recorded in every checkpoint
     token_bytes: torch.Tensor | None = None  # (vocab,) UTF-8 bytes per token id, for the eval's bits per byte
+    exports: BackgroundExport | None = None  # train.export_every (does something on rank 0 only)
 
 
 def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
@@ -111,7 +113,9 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
                history=PlotHistory(cfg.output_dir / "plots" / "history.jsonl" if world.rank == 0 else None,
                                    resumed["step"] if resumed else 0),
                manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"),
-               token_bytes=torch.from_numpy(token_byte_lengths(load_tokenizer(cfg.tokenizer_path))).to(world.device))
+               token_bytes=torch.from_numpy(token_byte_lengths(load_tokenizer(cfg.tokenizer_path))).to(world.device),
+               exports=BackgroundExport(cfg.output_dir / "exports.log", tracker,
+                                        enabled=bool(cfg.train.export_every) and world.rank == 0))
 
 
 def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None) -> TokenLossObjective:
