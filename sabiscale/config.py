@@ -289,6 +289,19 @@ class TrainConfig(_Section):
     # Recompute each layer's activations in backward instead of keeping them: less memory for
     # ~1/3 more compute (transformers' non-reentrant gradient checkpointing).
     activation_checkpointing: bool = False
+    # A view inside the step (train/diagnostics.py). profile_steps "a:b": a torch profiler trace of
+    # steps a..b per rank in <output_dir>/profile/ (Perfetto, chrome://tracing) and in MLflow.
+    profile_steps: str | None = Field(None, pattern=r"^[1-9][0-9]*:[1-9][0-9]*$")
+    # A training step slower than watchdog_factor x the median step so far, and than
+    # watchdog_min_seconds, writes every thread's Python stack of the rank to <output_dir>/watchdog/
+    # and tags the run watchdog/slow_step: a hang is seen in seconds, not at the process-group
+    # timeout. 0 = off.
+    watchdog_factor: float = Field(20.0, ge=0)
+    watchdog_min_seconds: float = Field(60.0, gt=0)
+    # On CUDA, keep the allocator's recent history so an out-of-memory error leaves a snapshot in
+    # <output_dir>/oom/ (pytorch.org/memory_viz); costs a Python stack capture per allocation.
+    # Every device writes oom/rank<N>.json (peak memory, the step, the planner's estimate).
+    oom_snapshot: bool = True
     # Per-token losses of a fixed probe set (the first probe_batches validation micro-batches)
     # every N steps, for `sabiscale analyze` (0 = off).
     probe_every: int = Field(0, ge=0)
@@ -309,6 +322,15 @@ class TrainConfig(_Section):
     # Peak FLOP/s of one device, for train/mfu; None = measured at start with a matmul
     # (a small CPU server in fp32 measures about 1e11-2e11).
     peak_flops_per_s: float | None = Field(None, gt=0)
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _window_in_order(cls, value):
+        if value is not None:
+            first, last = (int(part) for part in value.split(":"))
+            if first > last:
+                raise ValueError(f"profile_steps {value!r}: the first step is after the last; write first:last, e.g. 10:12")
+        return value
 
     @field_validator("compile", mode="before")
     @classmethod

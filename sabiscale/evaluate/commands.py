@@ -46,7 +46,7 @@ def load_for_eval(path: Path):
     """(directory, model, tokenizer, run facts, training fingerprints or None) of a checkpoint or
     of an export (`sabiscale export`, `train.export_every`), which carries its fingerprints."""
     from sabiscale.prep.fingerprint import FINGERPRINTS, Fingerprints
-    from sabiscale.publish.export import is_export, load_exported_lm
+    from sabiscale.train.exports import is_export, load_exported_lm
     from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
 
     if is_export(path):

@@ -1,5 +1,5 @@
-"""`sabiscale export`: a checkpoint -> a Hugging Face model directory with its model card; and
-the way back, an export -> the model `sabiscale eval` scores."""
+"""`sabiscale export`: a checkpoint -> a Hugging Face model directory with its model card (the
+way back, for `sabiscale eval`, is train/exports.py::load_exported_lm)."""
 from __future__ import annotations
 
 import json
@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 
 from sabiscale.config import build_config
-from sabiscale.errors import AlreadyExists, UserError
+from sabiscale.errors import AlreadyExists
 from sabiscale.prep.corpus import SplitRule
 from sabiscale.prep.fingerprint import FINGERPRINTS
 from sabiscale.publish.card import write_publishing_files
-from sabiscale.train.checkpoint import SIDECAR, fit_weights, load_trained_lm, read_sidecar, resolve_checkpoint
-
-EXPORT_KIND = "sabiscale-export"  # in an export's sabiscale.json, which a checkpoint's sidecar never says
+from sabiscale.train.checkpoint import SIDECAR, load_trained_lm, resolve_checkpoint
+from sabiscale.train.exports import EXPORT_KIND
 
 
 @torch.no_grad()
@@ -57,36 +56,3 @@ def write_export(path: Path, out_dir: Path) -> None:
     facts["task_defs"] = {k: v.model_dump() for k, v in cfg.data.task_defs.items()}
     facts["config"] = meta["config"]  # the run's tasks, languages and data, for `sabiscale eval EXPORT`
     (out_dir / SIDECAR).write_text(json.dumps(facts, indent=2) + "\n")
-
-
-def is_export(path: Path) -> bool:
-    facts = Path(path) / SIDECAR
-    if not (facts.is_file() and (Path(path) / "config.json").is_file()):
-        return False
-    try:
-        return json.loads(facts.read_text(encoding="utf-8")).get("kind") == EXPORT_KIND
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-@torch.no_grad()
-def load_exported_lm(export_dir: Path):
-    """(the model as sabiscale builds it, with the export's weights; its tokenizer; its facts), so
-    `sabiscale eval` scores an export exactly as it scores the checkpoint it came from."""
-    from safetensors.torch import load_file
-
-    from sabiscale.model.build import build_model
-    from sabiscale.prep.tokenizer import load_tokenizer
-
-    export_dir = Path(export_dir)
-    if "config" not in json.loads((export_dir / SIDECAR).read_text(encoding="utf-8")):
-        raise UserError(f"{export_dir / SIDECAR} was written by an earlier sabiscale and does not carry the run's "
-                        "config; score this export with `sabiscale eval --harness`, or export the checkpoint again")
-    meta, cfg = read_sidecar(export_dir)
-    tok = load_tokenizer(export_dir / "tokenizer.json")
-    lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
-    state = {}
-    for shard in sorted(export_dir.glob("*.safetensors")):
-        state.update(load_file(str(shard)))
-    fit_weights(lm, state, cfg, export_dir)
-    return lm.float().eval(), tok, meta

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ class MLflowTracker:
         self._monitor = None
         self._down_since: float | None = None
         self._next_try = 0.0
+        # the step watchdog tags the run from its own thread (train/diagnostics.py)
+        self._lock = threading.RLock()
+        self._finished = False
         self.journal = open_journal(cfg, resuming)
         cfg = self._settle_store(cfg)
         self._start(cfg)
@@ -201,20 +205,24 @@ class MLflowTracker:
         last = self.journal.state.last_step
         fresh = {k: float(v) for k, v in metrics.items() if step > last.get(k, -1)}
         if fresh:
-            self.journal.add({"op": "metrics", "step": step, "time_ms": now_ms(), "metrics": fresh})
-            self._send()
+            self._record({"op": "metrics", "step": step, "time_ms": now_ms(), "metrics": fresh})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.journal.add({"op": "artifact", "path": str(Path(path).resolve()), "folder": folder})
-        self._send()
+        self._record({"op": "artifact", "path": str(Path(path).resolve()), "folder": folder})
 
     def log_json(self, data: dict, name: str) -> None:
-        self.journal.add({"op": "json", "data": data, "name": name})
-        self._send()
+        self._record({"op": "json", "data": data, "name": name})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.journal.add({"op": "tags", "tags": tags})
-        self._send()
+        self._record({"op": "tags", "tags": tags})
+
+    def _record(self, record: dict) -> None:
+        with self._lock:
+            if self._finished:  # a late tag from another thread: the run is closed
+                log.info("not recorded, the run is finished: %s", record)
+                return
+            self.journal.add(record)
+            self._send()
 
     def log_checkpoint(self, path: Path, upload: bool) -> None:
         self.set_tags({"checkpoint": str(path.resolve())})
@@ -222,6 +230,13 @@ class MLflowTracker:
             self.log_artifact(path, f"checkpoints/{path.name}")
 
     def finish(self, status: str = "FINISHED") -> None:
+        with self._lock:
+            self._finish(status)
+
+    def _finish(self, status: str) -> None:
+        if self._finished:
+            return
+        self._finished = True
         if self._monitor is not None:
             self._monitor.finish()
         self.journal.add({"op": "status", "status": status, "time_ms": now_ms()})

@@ -2,4 +2,5 @@
 it trains (run), the one training loop (loop) and its step (step), resume checks (resume),
 checkpoints (checkpoint), the Rho-1 reference model (reference), the device checks (device), the
 inputs check (inputs), preemption (preemption), the seam for test and benchmark instruments
-(hooks), the memory planner (plan), and the `train`, `demo`, `plan` commands (commands)."""
+(hooks), exports while training (exports), the profiler window, step watchdog and out-of-memory
+report (diagnostics), the memory planner (plan), and the `train`, `demo`, `plan` commands (commands)."""

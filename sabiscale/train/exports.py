@@ -10,6 +10,7 @@ export finish, so training never stalls by more than one export at a time.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -17,9 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from sabiscale.train.checkpoint import SIDECAR
+
 log = logging.getLogger("sabiscale.train")
 
 EXPORT_DIRNAME = "hf"  # inside the checkpoint's tag directory
+EXPORT_KIND = "sabiscale-export"  # in an export's sabiscale.json, which a checkpoint's sidecar never says
 
 
 def export_env() -> dict[str, str]:
@@ -83,3 +89,38 @@ class BackgroundExport:
             log.warning("the export of %s failed (exit %d; its output is in %s); the checkpoint is intact: "
                         "`sabiscale export %s %s` makes it again", self.target.parent, code, self.log_path,
                         self.target.parent, self.target)
+
+
+def is_export(path: Path) -> bool:
+    facts = Path(path) / SIDECAR
+    if not (facts.is_file() and (Path(path) / "config.json").is_file()):
+        return False
+    try:
+        return json.loads(facts.read_text(encoding="utf-8")).get("kind") == EXPORT_KIND
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+@torch.no_grad()
+def load_exported_lm(export_dir: Path):
+    """(the model as sabiscale builds it, with the export's weights; its tokenizer; its facts), so
+    `sabiscale eval` scores an export exactly as it scores the checkpoint it came from."""
+    from safetensors.torch import load_file
+
+    from sabiscale.errors import UserError
+    from sabiscale.model.build import build_model
+    from sabiscale.prep.tokenizer import load_tokenizer
+    from sabiscale.train.checkpoint import fit_weights, read_sidecar
+
+    export_dir = Path(export_dir)
+    if "config" not in json.loads((export_dir / SIDECAR).read_text(encoding="utf-8")):
+        raise UserError(f"{export_dir / SIDECAR} was written by an earlier sabiscale and does not carry the run's "
+                        "config; score this export with `sabiscale eval --harness`, or export the checkpoint again")
+    meta, cfg = read_sidecar(export_dir)
+    tok = load_tokenizer(export_dir / "tokenizer.json")
+    lm = build_model(cfg.model, len(tok), cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, cfg.seed)
+    state = {}
+    for shard in sorted(export_dir.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    fit_weights(lm, state, cfg, export_dir)
+    return lm.float().eval(), tok, meta

@@ -27,6 +27,7 @@ from sabiscale.track.metrics import (StepSums, TaskLanguageStats, TokenStats, me
                                      selection_metrics)
 from sabiscale.track.plots import loss_plots
 from sabiscale.train.checkpoint import rng_state, save_checkpoint, step_tag
+from sabiscale.train.diagnostics import is_out_of_memory, write_oom_report
 from sabiscale.train.engine import World, all_reduce_sum, barrier, engine_dtype
 from sabiscale.train.hooks import StepRecord, TrainHook
 from sabiscale.train.preemption import Preempted
@@ -56,8 +57,12 @@ def train(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> TrainRes
         except Preempted:
             raise  # already saved and marked KILLED
         except BaseException as err:  # the MLflow run tells why it died, then the error goes on
+            if is_out_of_memory(err):
+                write_oom_report(err, run.cfg, run.world, run.watchdog.step, len(run.token_bytes))
             mark_failed(run.tracker, err)
             raise
+        finally:
+            run.watchdog.close()
 
 
 def train_loop(run: Run) -> TrainResult:
@@ -72,6 +77,8 @@ def train_loop(run: Run) -> TrainResult:
     bar = progress_bar(cfg, world.rank, run.start_step)
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
         last = step == cfg.train.max_steps
+        run.watchdog.begin(step)
+        run.profile.begin(step)
         t0 = time.monotonic()
         with record_function("sabiscale/data"):
             micro = [next(run.loader).to(world.device) for _ in range(cfg.train.grad_accum_steps)]
@@ -81,6 +88,7 @@ def train_loop(run: Run) -> TrainResult:
         nonfinite_in_row = check_finite(skipped, out.sums, run.precision, step, micro, nonfinite_in_row,
                                         cfg.train.max_nonfinite_steps)
         t1 = time.monotonic()
+        run.watchdog.end(first_of_run=step == run.start_step + 1)
         if step == run.start_step + 1:
             report_first_step(run, t1 - t0)
         run.tokens_seen += sum(b.num_tokens for b in micro) * world.world_size
@@ -96,16 +104,9 @@ def train_loop(run: Run) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}",
                         mfu=f"{metrics['train/mfu']:.0%}")
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
-            run_eval(run, step, result)
-        if run.probe is not None and (step % cfg.train.probe_every == 0 or last):
-            run.probe.record(step, engine.module, world.device)
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not last:
-            result.checkpoint = checkpoint(run, step)
-        if cfg.train.export_every and step % cfg.train.export_every == 0 and not last:
-            export(run, step, result)
-        run.exports.poll()
+        evaluate_and_save(run, step, last, result)
         run.hooks.after_step(StepRecord(step, t0, t1, micro, out.sums, out.local_targets, out.local_flops))
+        run.profile.end(step)
         if out.sums.stop_requests and not last:  # every rank sees the same reduced sums: all stop here
             stop_for_preemption(run, step, result)
     bar.close()
@@ -123,6 +124,21 @@ def train_loop(run: Run) -> TrainResult:
     tracker.finish()
     result.run_id, result.experiment_id = tracker.run_id, tracker.experiment_id  # created late if the store was down
     return result
+
+
+def evaluate_and_save(run: Run, step: int, last: bool, result: TrainResult) -> None:
+    """What falls due after this step: eval, probe, checkpoint, export (the last step's eval,
+    checkpoint and export follow the loop)."""
+    train_cfg = run.cfg.train
+    if train_cfg.eval_every and step % train_cfg.eval_every == 0 and not last:
+        run_eval(run, step, result)
+    if run.probe is not None and (step % train_cfg.probe_every == 0 or last):
+        run.probe.record(step, run.engine.module, run.world.device)
+    if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and not last:
+        result.checkpoint = checkpoint(run, step)
+    if train_cfg.export_every and step % train_cfg.export_every == 0 and not last:
+        export(run, step, result)
+    run.exports.poll()
 
 
 def report_first_step(run: Run, seconds: float) -> None:

@@ -27,6 +27,7 @@ from sabiscale.track.metrics import TokenStats, measure_matmul_peak
 from sabiscale.track.plots import PlotHistory
 from sabiscale.track.tracking import Tracker, make_tracker
 from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
+from sabiscale.train.diagnostics import ProfileWindow, StepWatchdog, parse_window, start_memory_history
 from sabiscale.train.exports import BackgroundExport
 from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, load_universal,
                                     model_construction, resolve_compile, resolve_precision)
@@ -65,6 +66,8 @@ class Run:
     manifest_sha256: str = ""  # recorded in every checkpoint
     token_bytes: torch.Tensor | None = None  # (vocab,) UTF-8 bytes per token id, for the eval's bits per byte
     exports: BackgroundExport | None = None  # train.export_every (does something on rank 0 only)
+    watchdog: StepWatchdog | None = None      # train.watchdog_factor (a thread; off at 0)
+    profile: ProfileWindow | None = None      # train.profile_steps
 
 
 def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
@@ -82,6 +85,8 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     source = resume_source(cfg, resumed, world)
     if source is not None and source.name.endswith(UNIVERSAL_SUFFIX):
         ds_config = load_universal(ds_config)
+    if cfg.train.oom_snapshot:
+        start_memory_history(world.device)
     with model_construction(ds_config) as gathered:
         objective = build_objective(cfg, vocab, kind, gathered)
         if cfg.train.init_from is not None and resumed is None:
@@ -115,7 +120,10 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
                manifest_sha256=sha256_file(cfg.shards_dir / "manifest.json"),
                token_bytes=torch.from_numpy(token_byte_lengths(load_tokenizer(cfg.tokenizer_path))).to(world.device),
                exports=BackgroundExport(cfg.output_dir / "exports.log", tracker,
-                                        enabled=bool(cfg.train.export_every) and world.rank == 0))
+                                        enabled=bool(cfg.train.export_every) and world.rank == 0),
+               watchdog=StepWatchdog(cfg.train.watchdog_factor, cfg.train.watchdog_min_seconds, cfg.output_dir,
+                                     world.rank, tracker),
+               profile=ProfileWindow(parse_window(cfg.train.profile_steps), cfg.output_dir, world.rank, tracker))
 
 
 def build_objective(cfg: RunConfig, vocab: Vocab, kind: LossKind, gathered=None) -> TokenLossObjective:
