@@ -135,8 +135,11 @@ class DataConfig(_Section):
     # stable hash of their location: this share of them.
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     # "exact": drop training documents that repeat an earlier one (low-resource web text repeats a
-    # lot); "none": keep every copy.
-    dedup: Literal["exact", "none"] = "exact"
+    # lot); "near": also those whose estimated word-3-gram Jaccard similarity to an earlier one of
+    # the same task and language reaches near_dup_threshold (MinHash-LSH, prep/near_dup.py; the
+    # pairs are listed in shards/near_duplicates.jsonl); "none": keep every copy.
+    dedup: Literal["exact", "near", "none"] = "exact"
+    near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0)
     # JSONL files of evaluation records: training documents sharing a text or a 13-gram with any
     # of their string fields are dropped at prepare (counted in the manifest).
     decontaminate_against: list[Path] = []

@@ -338,3 +338,32 @@ def test_language_weights_are_checked_against_the_data_before_anything_is_writte
     with pytest.raises(ValueError, match=message):
         prepare(cfg)
     assert not cfg.tokenizer_path.exists() and not cfg.shards_dir.exists()
+
+
+def test_near_duplicates_are_found_counted_and_listed_per_language(shared_data, tmp_path):
+    """Real Yoruba sentences with planted copies: edited ones (a word added, case and punctuation
+    changed) are near-duplicates, an identical one is an exact duplicate, and the same sentence in
+    another language's file is kept (one index per task x language)."""
+    with (shared_data / "text/yor.jsonl").open(encoding="utf-8") as f:
+        originals = [r for r in map(json.loads, f) if len(r["text"].split()) >= 20][:60]
+    assert len(originals) == 60
+    edited = [{"text": r["text"].upper().replace(",", "") + " ni", "lang": "yor"} for r in originals[:4]]
+    records = [{"text": r["text"], "lang": "yor"} for r in originals] + edited + [{"text": originals[10]["text"], "lang": "yor"}]
+    yor = _write(tmp_path / "in" / "yor.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    ibo = _write(tmp_path / "in" / "ibo.jsonl", json.dumps({"text": originals[20]["text"] + " ni", "lang": "ibo"},
+                                                           ensure_ascii=False) + "\n")
+    files = [{"task": "text", "format": "jsonl", "path": str(p)} for p in (yor, ibo)]
+    cfg = _files_cfg(tmp_path, files, "data.dedup=near", "data.heldout_fraction=0.0", "data.languages=[yor,ibo]")
+    prepare(cfg)
+    manifest = read_manifest(cfg.shards_dir)
+    near = manifest["near_duplicates"]
+    # the 4 planted, and one the corpus holds itself: its lines 7 and 10 differ by one tone mark (di / dí)
+    assert near["removed"] == 5 and near["by_task_lang"] == {"text/yor": 5} and near["threshold"] == 0.8
+    assert manifest["dropped"] == {"duplicate": 1, "near_duplicate": 5}
+    pairs = [json.loads(line) for line in (cfg.shards_dir / near["list"]).read_text(encoding="utf-8").splitlines()]
+    # each pair is an original (line i) and its edited copy (line 61 + i), whichever of them came first into training
+    assert sorted(sorted(int(p[k].rsplit(":", 1)[1]) for k in ("kept", "dropped")) for p in pairs) == [
+        [1, 61], [2, 62], [3, 63], [4, 64], [7, 10]]
+    assert all(p["jaccard_estimate"] >= 0.8 for p in pairs)
+    assert manifest["splits"]["train"]["counts"]["by_task_lang"].get("text/ibo") or \
+        manifest["splits"]["val"]["counts"]["by_task_lang"].get("text/ibo")

@@ -32,6 +32,7 @@ from sabiscale.prep.corpus import SPLIT_RULE_VERSION, Corpus, SplitRule, load_co
 from sabiscale.prep.fingerprint import Fingerprints, document_hash, ngram_hashes, text_hashes, words
 from sabiscale.prep.demo_data import generate_demo_corpus
 from sabiscale.prep.mix import mix_documents
+from sabiscale.prep.near_dup import NearDuplicates
 from sabiscale.parallel import SERIAL, Workers
 from sabiscale.shards.pack import Document, PackStats, pack_documents
 from sabiscale.hashing import sha256_file
@@ -121,6 +122,7 @@ class Split:
     val: list[Example]
     heldout: list[Example]
     per_file: dict[str, Counter]  # input file -> records per split, and documents dropped per reason
+    near: NearDuplicates | None = None  # data.dedup=near: what it dropped for what
 
 
 def split_examples(cfg: RunConfig, corpus: Corpus) -> Split:
@@ -135,10 +137,11 @@ def split_examples(cfg: RunConfig, corpus: Corpus) -> Split:
     heldout = Fingerprints.of([e for e, _ in buckets["heldout"]], registry)
     against = against_fingerprints(cfg.data.decontaminate_against)
     seen: set[int] = set()
+    near = NearDuplicates(cfg.data.near_dup_threshold) if cfg.data.dedup == "near" else None
     kept: dict[str, list[Example]] = {"train": [], "val": []}
-    for split in ("train", "val"):
+    for split in ("train", "val"):  # train first: a validation document repeating a training one is dropped
         for example, where in buckets[split]:
-            reason = drop_reason(example, registry, heldout, against, seen, cfg.data.dedup == "exact")
+            reason = drop_reason(example, registry, heldout, against, seen, cfg.data.dedup != "none", near)
             if reason is None:
                 kept[split].append(example)
             else:
@@ -155,7 +158,7 @@ def split_examples(cfg: RunConfig, corpus: Corpus) -> Split:
                         "data.val_fraction (e.g. 0.02) and prepare again (nothing was written)")
     for line in lost:
         log.warning("%s", line)
-    return Split(train, val, [e for e, _ in buckets["heldout"]], per_file)
+    return Split(train, val, [e for e, _ in buckets["heldout"]], per_file, near)
 
 
 def dropped_totals(per_file: dict[str, Counter]) -> dict[str, int]:
@@ -166,10 +169,10 @@ def dropped_totals(per_file: dict[str, Counter]) -> dict[str, int]:
 
 
 def drop_reason(example: Example, registry, heldout: Fingerprints, against: Fingerprints | None, seen: set[int],
-                dedup: bool) -> str | None:
+                dedup: bool, near: NearDuplicates | None = None) -> str | None:
     """Why a train or validation document is dropped ("heldout_overlap": it repeats a held-out
-    document or text exactly; "decontaminated"; "duplicate"), or None to keep it; `seen` collects
-    the kept documents."""
+    document or text exactly; "decontaminated"; "duplicate"; "near_duplicate"), or None to keep
+    it; `seen` and `near` collect the kept documents."""
     if heldout.overlap(example, registry[example.task]) == "exact":
         return "heldout_overlap"
     if against is not None and against.overlap(example, registry[example.task]) is not None:
@@ -177,6 +180,8 @@ def drop_reason(example: Example, registry, heldout: Fingerprints, against: Fing
     key = document_hash(example)
     if dedup and key in seen:
         return "duplicate"
+    if near is not None and near.check(example):
+        return "near_duplicate"
     seen.add(key)
     return None
 
@@ -282,6 +287,14 @@ def write_skipped(shards_dir: Path, skipped: list[dict]) -> dict:
     return {"records": len(skipped), "by_task": by_task, "list": path.name}
 
 
+def write_near_pairs(shards_dir: Path, near: NearDuplicates) -> dict:
+    path = shards_dir / "near_duplicates.jsonl"
+    path.write_text("".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in near.pairs), encoding="utf-8")
+    log.info("near-duplicates: %d documents dropped (threshold %.2f, %.1f s); pairs in %s", len(near.pairs),
+             near.threshold, near.seconds, path)
+    return near.summary(path.name)
+
+
 def prepare(cfg: RunConfig) -> Prepared:
     if cfg.data.shards_dir is not None and (cfg.data.shards_dir / "manifest.json").is_file():
         raise AlreadyExists(f"data.shards_dir {cfg.data.shards_dir} already holds shards, which `prepare` would "
@@ -320,6 +333,8 @@ def prepare(cfg: RunConfig) -> Prepared:
              "fingerprints": Fingerprints.of(train, registry).save(cfg.shards_dir)}
     if mix_entry is not None:
         extra["mix"] = mix_entry
+    if parts.near is not None:
+        extra["near_duplicates"] = write_near_pairs(cfg.shards_dir, parts.near)
     if cfg.data.skip_bad:
         extra["skipped"] = write_skipped(cfg.shards_dir, corpus.skipped)
     manifest = write_manifest(cfg.shards_dir, tokenizer_hash(cfg.tokenizer_path), cfg.data.seq_len,
