@@ -78,3 +78,28 @@ def test_plan_command_prints_the_breakdown_and_the_largest_models():
     assert "optimizer: moments (fp32)" in out and "loss head: one chunk of logits" in out
     largest = [line for line in out.splitlines() if "M parameters (hidden" in line]
     assert len(largest) == 8  # every profile x optimizer
+
+
+@pytest.mark.integration
+def test_plan_ranks_measures_each_ranks_share_on_the_real_engine_build():
+    """`plan --ranks 8` builds the engine for ZeRO-1/2/3 as one rank of 8: the fp32 master weights
+    and moments are an eighth of the model's and equal the planner's; ZeRO-3 partitions the
+    parameters and ZeRO-1/2 do not; ZeRO-2's gradients are the planner's eighth, while ZeRO-1's
+    whole-model gradient term (held inside backward) exceeds what is left at rest."""
+    proc = run_cli([BIN / "sabiscale", "plan", str(ROOT / "launch/recipes/naija_small.yaml"), "--ranks", "8"])
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[1] == "8":
+            rows[(cells[0], cells[2])] = (float(cells[3]), float(cells[4]))
+    assert len(rows) == 12, proc.stdout
+    whole = rows[("zero2", "parameters")][0]
+    for profile in ("zero1", "zero2", "zero3_offload"):
+        for term, share in (("fp32 master weights", 1 / 8), ("optimizer moments", 2 / 8)):
+            measured, planned = rows[(profile, term)]
+            assert measured == pytest.approx(whole * share, rel=0.01) and measured == pytest.approx(planned, rel=0.01)
+    assert rows[("zero3_offload", "parameters")][0] == pytest.approx(whole / 8, rel=0.01)
+    assert rows[("zero1", "parameters")][0] == whole
+    assert rows[("zero2", "gradients")][0] == pytest.approx(rows[("zero2", "gradients")][1], rel=0.01)
+    assert rows[("zero1", "gradients")][1] == pytest.approx(whole)
+    assert rows[("zero1", "gradients")][0] == pytest.approx(whole / 8, rel=0.01)

@@ -116,6 +116,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"\nslurm: --nodes={args.nodes} --gpus-per-node={args.gpus_per_node} --cpus-per-task={cpus} --mem={mem}G")
     if args.largest:
         print_largest(cfg, vocab, gpu)
+    if args.ranks:
+        from sabiscale.train.rank_memory import format_rows, measure_ranks
+
+        print(f"\nmeasured on the real engine build, as one rank of {args.ranks} (torch's fake process group; "
+              "bytes held at rest after one step, fp32 on the CPU):")
+        print(format_rows(measure_ranks(cfg, args.ranks, vocab, PROJECT_ROOT / "ds_configs")))
     return 0 if best is not None else 1
 
 
@@ -174,6 +180,9 @@ def register(sub) -> None:
     plan.add_argument("--gpus-per-node", type=int, default=1)
     plan.add_argument("--nodes", type=int, default=1)
     plan.add_argument("--largest", action="store_true", help="also the largest model that fits, per profile")
+    plan.add_argument("--ranks", type=int, default=0, metavar="N",
+                      help="also build the engine as one rank of N for ZeRO-1/2/3 (no hardware needed) and print "
+                           "the measured per-rank parameter, gradient and optimizer bytes beside the planned ones")
     plan.add_argument("--slurm", action="store_true",
                       help="also the sbatch resources per node for the recommendation (launch/submit.sh uses them)")
     plan.set_defaults(func=cmd_plan)

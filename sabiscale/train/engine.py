@@ -109,6 +109,17 @@ def init_distributed(timeout_minutes: float = 60.0) -> World:
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
+def init_fake_world(ranks: int, rank: int = 0) -> World:
+    """This process as rank `rank` of `ranks` in torch's fake process group: collectives return at
+    once and move nothing, so the engine builds exactly the partitions that rank would hold
+    (`sabiscale plan --ranks N`; the values computed are meaningless, the sizes are not)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ranks)
+    deepspeed.init_distributed()  # adopts the initialized group
+    return World(rank, 0, ranks, torch.device("cpu"))
+
+
 def resolve_precision(requested: str, hidden_size: int) -> str:
     """auto: decided by the device and the model's width (train/device.py): bf16 on GPUs with
     native bf16 (compute capability 8.0 on), fp16 with loss scaling on older ones; on the CPU bf16
