@@ -50,6 +50,7 @@ def score_run(run: Path, loss_records: int, translations: int) -> dict:
     answer loss per task on up to `loss_records` per task and language, sentiment by rank
     classification on every clean record, translation chrF on `translations` per direction."""
     from sabiscale.evaluate.heldout import answer_nats, generation_metrics, label_tasks, rank_classification
+    from sabiscale.model.build import for_inference
     from sabiscale.runtime import eval_device
     from sabiscale.tasks import task_registry
     from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
@@ -62,7 +63,7 @@ def score_run(run: Path, loss_records: int, translations: int) -> dict:
     started = time.time()
     cfg, by_task, contamination = heldout_sets(run)
     lm, tok, meta = load_trained_lm(resolve_checkpoint(run / "checkpoints"))
-    lm = lm.to(eval_device()).eval()
+    lm = for_inference(lm, eval_device())
     sample = loss_sample(by_task, loss_records)
     stats = answer_nats(lm, tok, sample)
     answer_loss = {}

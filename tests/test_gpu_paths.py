@@ -311,3 +311,17 @@ def test_gpu_smoke_lists_every_row_a_first_gpu_user_needs():
                 "resume on the same number of ranks", "sabiscale train with MLflow on", "throughput of the smoke model",
                 "eval on the device", "export + generate"):
         assert f"| {row}" in out.stdout or row in out.stdout, row
+
+
+@pytest.mark.parametrize("device_type, bf16_supported, dtype", [
+    ("cpu", True, torch.float32),     # even with native bf16: short passes, fp32 scores
+    ("cuda", True, torch.bfloat16),   # A100, H100, L4, 4090: as training there
+    ("cuda", False, torch.float16),   # V100, T4: no native bf16
+])
+def test_eval_scoring_and_the_reference_run_in_the_devices_compute_dtype(device_type, bf16_supported, dtype):
+    from sabiscale.model.build import for_inference, inference_dtype
+
+    assert inference_dtype(device_type, bf16_supported) is dtype
+    module = torch.nn.Linear(4, 4).train()
+    ready = for_inference(module, torch.device("cpu"))
+    assert ready.weight.dtype is torch.float32 and not ready.training

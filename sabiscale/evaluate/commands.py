@@ -17,12 +17,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sabiscale.config import build_config
     from sabiscale.evaluate.heldout import log_eval
     from sabiscale.evaluate.report import format_report
+    from sabiscale.model.build import for_inference
 
     setup_logging(0)
     if args.harness:
         return eval_harness(args)
     tag_dir, lm, tok, meta, fingerprints = load_for_eval(Path(args.checkpoint))
-    lm = lm.to(eval_device())
+    lm = for_inference(lm, eval_device())
     cfg = build_config(meta["config"], origin=str(tag_dir))  # the run's own tasks, languages, held-out split
     if fingerprints is None:
         fingerprints = training_fingerprints(cfg)
@@ -161,9 +162,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a trained checkpoint or export (greedy, until the end-of-text token)."""
     from sabiscale.evaluate.heldout import generate_text
+    from sabiscale.model.build import for_inference
 
     _, lm, tok, _, _ = load_for_eval(Path(args.checkpoint))
-    print(generate_text(lm.to(eval_device()), tok, args.prompt, args.max_new_tokens))
+    print(generate_text(for_inference(lm, eval_device()), tok, args.prompt, args.max_new_tokens))
     return 0
 
 

@@ -85,6 +85,26 @@ def init_parameters(model: LlamaForCausalLM, seed: int, gathered=None) -> None:
                     param.fill_(1.0)  # RMSNorm scales
 
 
+def inference_dtype(device_type: str, bf16_supported: bool = False) -> torch.dtype:
+    """The dtype eval, scoring, the online reference and generation run in: a GPU's compute dtype
+    (bf16 where it has native bf16, fp16 before), as training there; fp32 on the CPU (bf16 there is
+    only faster for wide models, and these passes are short). Logits go through the loss in fp32
+    either way (loss/head.py)."""
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
+def for_inference(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` on `device` in its inference dtype, in eval mode; on CUDA, what stays fp32 (the
+    loss head's accumulations) may use TF32 tensor cores."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return module.to(device=device, dtype=inference_dtype(device.type, bf16)).eval()
+
+
 def numel(p: torch.Tensor) -> int:
     """Elements of a parameter, also once ZeRO-3 has partitioned it away (its data is then empty)."""
     return getattr(p, "ds_numel", p.numel())

@@ -12,6 +12,7 @@ import torch
 from sabiscale.data.batch import Batch
 from sabiscale.errors import UserError
 from sabiscale.loss.objective import TokenLossObjective
+from sabiscale.model.build import for_inference
 from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
 
 
@@ -22,7 +23,7 @@ class Reference:
         lm, tok, meta = load_trained_lm(checkpoint)
         self.tag_dir = resolve_checkpoint(checkpoint)
         self.meta = meta
-        self.objective = TokenLossObjective(lm, "masked", chunk_size, tok.pad_token_id).to(device).eval()
+        self.objective = for_inference(TokenLossObjective(lm, "masked", chunk_size, tok.pad_token_id), device)
         for p in self.objective.parameters():
             p.requires_grad_(False)
 
