@@ -325,3 +325,19 @@ def test_eval_scoring_and_the_reference_run_in_the_devices_compute_dtype(device_
     module = torch.nn.Linear(4, 4).train()
     ready = for_inference(module, torch.device("cpu"))
     assert ready.weight.dtype is torch.float32 and not ready.training
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_gradient_reduction_overlaps_backward_on_gpus_only(path):
+    """overlap_comm is "auto" in every profile: on by device for CUDA, off on the CPU; a value
+    written in the JSON stands."""
+    from sabiscale.train.engine import fill_device_defaults
+
+    cfg = load_config(None, [])
+    raw = json.loads(path.read_text())
+    assert raw["zero_optimization"]["overlap_comm"] == "auto"
+    for device, expected in (("cuda", True), ("cpu", False)):
+        filled = fill_device_defaults(fill_ds_config(raw, cfg, 1, "bf16", str(path)), device)
+        assert filled["zero_optimization"]["overlap_comm"] is expected
+    raw["zero_optimization"]["overlap_comm"] = False
+    assert fill_device_defaults(fill_ds_config(raw, cfg, 1, "bf16", str(path)), "cuda")["zero_optimization"]["overlap_comm"] is False

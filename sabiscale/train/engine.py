@@ -192,6 +192,17 @@ def fill_ds_config(raw: dict, cfg: RunConfig, world_size: int, precision: str, o
     return filled
 
 
+def fill_device_defaults(filled: dict, device_type: str) -> dict:
+    """"auto" keys whose best value depends on the device, not on the run config (an explicit
+    value in the JSON stands). overlap_comm: on GPUs, reduce gradient buckets on their own CUDA
+    stream while backward goes on (DeepSpeed's recommendation; its cost, extra bucket memory, is
+    within the planner's communication-bucket term); on the CPU there is no stream to overlap on."""
+    zero = filled.get("zero_optimization", {})
+    if zero.get("overlap_comm") == "auto":
+        zero["overlap_comm"] = device_type == "cuda"
+    return filled
+
+
 def load_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
     path = Path(cfg.engine.ds_config)
     if not path.is_file():
@@ -200,7 +211,8 @@ def load_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise EngineConfigError(f"{path}: not valid JSON: {err}") from None
-    filled = fill_ds_config(raw, cfg, world_size, precision, str(path))
+    filled = fill_device_defaults(fill_ds_config(raw, cfg, world_size, precision, str(path)),
+                                  get_accelerator().device_name())
     if cfg.optim.kind != "adamw":
         return client_optimizer_config(filled, cfg.optim.kind)
     return resolve_adam(filled, fused_adam_prebuilt(), get_accelerator().device_name())
