@@ -9,7 +9,7 @@ from sabiscale.train.hooks import StepRecorder, TrainHook
 from sabiscale.config import load_config
 from sabiscale.errors import UserError
 from sabiscale.train.device import cpu_bf16_unit
-from sabiscale.train.engine import EngineConfigError, fill_ds_config, resolve_precision
+from sabiscale.train.engine import EngineConfigError, fill_device_defaults, fill_ds_config, resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_profile_fills_from_the_run_config(path):
     cfg = load_config(None, ["train.micro_batch_size=3", "train.grad_accum_steps=2", "optim.lr=0.5"])
-    filled = fill_ds_config(json.loads(path.read_text()), cfg, world_size=4, precision="fp32", origin=str(path))
+    filled = fill_device_defaults(fill_ds_config(json.loads(path.read_text()), cfg, world_size=4, precision="fp32",
+                                                 origin=str(path)), "cpu")
     assert filled["train_micro_batch_size_per_gpu"] == 3
     assert filled["gradient_accumulation_steps"] == 2
     assert filled["train_batch_size"] == 24
@@ -225,3 +226,32 @@ def test_activation_checkpointing_recomputes_to_the_same_losses(demo_cfg, world,
     plain = _train_in_process(demo_cfg, world, tmp_path / "plain", {})
     recomputed = _train_in_process(demo_cfg, world, tmp_path / "ckpt", {"train.activation_checkpointing": True})
     assert recomputed.train_losses == pytest.approx(plain.train_losses, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.integration
+def test_zero1_bf16_keeps_one_optimizer_wrapper_whatever_the_accumulation(demo_cfg, world, tmp_path):
+    """An elastic resume keeps the global batch and changes accumulation with the ranks; under
+    ZeRO-1 + bf16 DeepSpeed picks its optimizer wrapper by the accumulation dtype, so that dtype
+    is pinned for the profile: BF16_Optimizer at 1 and at 2 accumulation steps, writing checkpoints
+    of the same layout (the same files, the same optimizer-state keys)."""
+    import torch
+
+    from sabiscale.train.loop import train_loop
+    from sabiscale.train.run import build_run
+
+    wrappers, layouts = [], []
+    for accumulation in (1, 2):
+        cfg = demo_cfg.model_copy(deep=True)
+        cfg.output_dir, cfg.tracking.enabled = fresh_run_dir(demo_cfg, tmp_path / f"accum{accumulation}"), False
+        cfg.engine.ds_config, cfg.engine.precision = ROOT / "ds_configs" / "zero1.json", "bf16"
+        cfg.train.max_steps, cfg.train.eval_batches, cfg.optim.warmup_steps = 2, 1, 1
+        cfg.train.grad_accum_steps = accumulation
+        run = build_run(cfg, world)
+        wrappers.append(type(run.engine.optimizer).__name__)
+        with run.stop:
+            checkpoint = train_loop(run).checkpoint
+        (states,) = checkpoint.glob("*optim_states.pt")
+        saved = torch.load(states, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        layouts.append((sorted(p.name for p in checkpoint.glob("*.pt")), sorted(saved)))
+    assert wrappers == ["BF16_Optimizer", "BF16_Optimizer"]
+    assert layouts[0] == layouts[1]

@@ -172,7 +172,14 @@ def fill_ds_config(raw: dict, cfg: RunConfig, world_size: int, precision: str, o
     """Fill "auto" and absent owned keys; collect every conflict and raise them together."""
     filled = copy.deepcopy(raw)
     problems = []
-    for dotted, value in _owned_values(cfg, world_size, precision).items():
+    owned = _owned_values(cfg, world_size, precision)
+    if precision == "bf16" and bf16_optimizer_profile(raw):
+        # DeepSpeed wraps ZeRO-1 + bf16 in its BF16_Optimizer exactly when gradients accumulate in
+        # fp32, and its checkpoints differ from the ZeRO optimizer's: were that tied to
+        # accumulation > 1, an elastic resume (global batch fixed, accumulation following the
+        # ranks) would change the wrapper under the checkpoint. One wrapper per profile instead.
+        owned["data_types.grad_accum_dtype"] = "fp32"
+    for dotted, value in owned.items():
         *parents, leaf = dotted.split(".")
         node = filled
         for part in parents:
@@ -190,6 +197,13 @@ def fill_ds_config(raw: dict, cfg: RunConfig, world_size: int, precision: str, o
     if problems:
         raise EngineConfigError(f"{origin}: values owned by the run config disagree:\n" + "\n".join(problems))
     return filled
+
+
+def bf16_optimizer_profile(raw: dict) -> bool:
+    """ZeRO-1 without offload: where DeepSpeed's BF16_Optimizer is (pinned) in charge under bf16."""
+    zero = raw.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    return int(zero.get("stage", 0)) == 1 and not offload
 
 
 def fill_device_defaults(filled: dict, device_type: str) -> dict:

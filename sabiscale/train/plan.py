@@ -118,6 +118,10 @@ def model_state_bytes(shape: ModelShape, z: dict, optimizer: str, ranks: int, dt
         device["parameters"] = b * p
     # gradients in the compute dtype
     grads = b * p if z["stage"] <= 1 else b * p / ranks
+    if z["stage"] == 1 and not z["offload_optimizer"] and b == 2:
+        # bf16 on ZeRO-1 runs DeepSpeed's BF16_Optimizer (pinned, train/engine.py), which
+        # accumulates the whole model's gradients in fp32 (fp16 on older GPUs holds 2 bytes: conservative there)
+        grads = 4 * p
     if z["offload_optimizer"]:
         device["gradient buckets"] = b * min(p, z["reduce_bucket"])
     else:
