@@ -143,8 +143,18 @@ class DataConfig(_Section):
     # JSONL files of evaluation records: training documents sharing a text or a 13-gram with any
     # of their string fields are dropped at prepare (counted in the manifest).
     decontaminate_against: list[Path] = []
-    # Training-time DataLoader processes per rank that read and decode shards (0 = in the training process).
-    loader_workers: int = Field(0, ge=0)
+    # Training-time DataLoader processes per rank that read and decode shards (0 = in the training
+    # process). auto: 2 on a GPU whose rank has cores to spare for them (the batches then come pinned and
+    # prefetched, copied to the GPU asynchronously), 0 on the CPU, where workers would take the
+    # cores the training itself computes on (train/device.py::choose_loader_workers).
+    loader_workers: int | Literal["auto"] = "auto"
+
+    @field_validator("loader_workers")
+    @classmethod
+    def _workers_not_negative(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("data.loader_workers is a number of processes (0 or more) or auto")
+        return value
     # Where `prepare` writes the prepared data (raw demo corpus, tokenizer, shards + manifest), once,
     # for every run of recipes that name it; each run keeps its own output_dir (checkpoints,
     # MLflow, plots). None: inside the run's output_dir.

@@ -341,3 +341,33 @@ def test_gradient_reduction_overlaps_backward_on_gpus_only(path):
         assert filled["zero_optimization"]["overlap_comm"] is expected
     raw["zero_optimization"]["overlap_comm"] = False
     assert fill_device_defaults(fill_ds_config(raw, cfg, 1, "bf16", str(path)), "cuda")["zero_optimization"]["overlap_comm"] is False
+
+
+@pytest.mark.parametrize("requested, device, cores, expected", [
+    ("auto", "cuda", 8, 2),   # a GPU rank with cores to spare: reading and decoding in 2 workers
+    ("auto", "cuda", 3, 0),   # too few cores per GPU: the training process reads
+    ("auto", "cpu", 64, 0),   # on the CPU the cores are the compute
+    (3, "cpu", 2, 3),         # a number is taken as given
+])
+def test_loader_workers_follow_the_device_and_its_cores(requested, device, cores, expected):
+    from sabiscale.train.device import choose_loader_workers
+
+    assert choose_loader_workers(requested, device, cores) == expected
+
+
+def test_batches_from_workers_are_pinned_on_cuda_and_copied_without_blocking(demo_cfg):
+    """The GPU path on paper: the training loader asks DataLoader to pin when it runs workers on
+    CUDA, the loop copies with non_blocking=True, and a Batch pins every tensor it holds."""
+    import inspect
+
+    from sabiscale.data.batch import Batch
+    from sabiscale.train import loop, run
+
+    source = inspect.getsource(run.data_streams)
+    assert "pin_memory=on_gpu and workers > 0" in source
+    assert ".to(world.device, non_blocking=True)" in inspect.getsource(loop.train_loop)
+    batch = Batch(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool), torch.arange(4)[None],
+                  torch.zeros(1, 4, dtype=torch.long), None, 0, ("k",), None)
+    seen = []
+    batch._map(lambda t: seen.append(t.shape) or t)
+    assert len(seen) == 4  # every tensor, the absent ones skipped

@@ -21,8 +21,16 @@ class Batch:
     # scored by `sabiscale score`, for the selective loss
     ref_loss: torch.Tensor | None = None
 
-    def to(self, device: torch.device) -> "Batch":
-        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """On `device`; `non_blocking` copies from pinned memory overlap the GPU's work."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (DataLoader(pin_memory=True) calls this in its pinning thread)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "Batch":
+        move = lambda t: fn(t) if t is not None else None  # noqa: E731
         return Batch(move(self.input_ids), move(self.loss_mask), move(self.position_ids),
                      move(self.task_ids), move(self.lang_ids), self.index, self.keys, move(self.ref_loss))
 

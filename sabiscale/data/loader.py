@@ -33,10 +33,11 @@ class ShardLoader(torch.utils.data.IterableDataset):
     DataLoader(batch_size=None) for workers."""
 
     def __init__(self, shards: list[dict], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True, num_workers: int = 0, start: int = 0) -> None:
+                 shuffle: bool = True, num_workers: int = 0, start: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         self.shards, self.vocab, self.batch_size, self.seed, self.shuffle = shards, vocab, batch_size, seed, shuffle
         self.rank, self.world_size, self.num_workers, self.start = rank, world_size, num_workers, start
+        self.pin_memory = pin_memory
         self.order = SampleOrder([s["sequences"] for s in shards], seed, shuffle)
         self.reader = ShardReader(shards)
 
@@ -75,7 +76,10 @@ class BatchStream:
         d = self.dataset
         if d.num_workers == 0:
             return iter(d)
-        return iter(torch.utils.data.DataLoader(d, batch_size=None, num_workers=d.num_workers, persistent_workers=True))
+        # on CUDA the workers' batches are pinned in DataLoader's own thread, so the copy to the GPU
+        # is asynchronous (the loop copies with non_blocking=True) and the next ones are prefetched
+        return iter(torch.utils.data.DataLoader(d, batch_size=None, num_workers=d.num_workers, persistent_workers=True,
+                                                pin_memory=d.pin_memory, prefetch_factor=2))
 
     def __iter__(self) -> "BatchStream":
         return self
@@ -116,6 +120,7 @@ def check_resumable(state: dict, batch_size: int, seed: int, shuffle: bool, shar
 
 
 def make_loader(shards: list[dict], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
-                shuffle: bool = True, num_workers: int = 0, start: int = 0) -> BatchStream:
+                shuffle: bool = True, num_workers: int = 0, start: int = 0, pin_memory: bool = False) -> BatchStream:
     """shards: a split's entries as `split_shards` gives them (path, sequences, bytes, index)."""
-    return BatchStream(ShardLoader(shards, vocab, batch_size, rank, world_size, seed, shuffle, num_workers, start))
+    return BatchStream(ShardLoader(shards, vocab, batch_size, rank, world_size, seed, shuffle, num_workers, start,
+                                   pin_memory))

@@ -112,7 +112,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{cfg.data.seq_len} tokens; {ranks} GPU(s) of {gpu / GiB:.1f} GiB\n")
     print(format_plans(plans, best, gpu, host))
     if args.slurm and best is not None:
-        cpus, mem = slurm_resources(best, args.gpus_per_node, cfg.data.loader_workers)
+        from sabiscale.train.device import choose_loader_workers
+
+        workers = choose_loader_workers(cfg.data.loader_workers, "cuda", 2 + 2)  # what auto gives a GPU rank with cores to spare
+        cpus, mem = slurm_resources(best, args.gpus_per_node, workers)
         print(f"\nslurm: --nodes={args.nodes} --gpus-per-node={args.gpus_per_node} --cpus-per-task={cpus} --mem={mem}G")
     if args.largest:
         print_largest(cfg, vocab, gpu)

@@ -63,6 +63,17 @@ def choose_compile(requested: str, device_type: str, capability: tuple[int, int]
     return device_type == "cuda" and capability is not None and tuple(capability) >= COMPILE_CAPABILITY
 
 
+AUTO_LOADER_WORKERS = 2
+
+
+def choose_loader_workers(requested: int | str, device_type: str, cores_per_rank: int) -> int:
+    """data.loader_workers=auto: reading and decoding off the training process where a GPU does
+    the compute and cores are to spare; on the CPU the cores are the compute."""
+    if requested != "auto":
+        return int(requested)
+    return AUTO_LOADER_WORKERS if device_type == "cuda" and cores_per_rank >= 2 + AUTO_LOADER_WORKERS else 0
+
+
 def resolve_adam(ds_config: dict, fused_adam_prebuilt: bool, device_type: str) -> dict:
     """The DeepSpeed JSON with its Adam decided. DeepSpeed turns "AdamW" without offload into its
     FusedAdam, JIT-compiled from CUDA source: that needs an nvcc matching torch's CUDA, which

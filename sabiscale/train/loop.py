@@ -81,7 +81,7 @@ def train_loop(run: Run) -> TrainResult:
         run.profile.begin(step)
         t0 = time.monotonic()
         with record_function("sabiscale/data"):
-            micro = [next(run.loader).to(world.device) for _ in range(cfg.train.grad_accum_steps)]
+            micro = [next(run.loader).to(world.device, non_blocking=True) for _ in range(cfg.train.grad_accum_steps)]
         skipped_before = engine.skipped_steps
         out = train_step(run, micro, step)
         skipped = engine.skipped_steps != skipped_before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sabiscale.track.tracking import Tracker, make_tracker
 from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
 from sabiscale.train.diagnostics import ProfileWindow, StepWatchdog, parse_window, start_memory_history
 from sabiscale.train.exports import BackgroundExport
+from sabiscale.train.device import choose_loader_workers
 from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, load_universal,
                                     model_construction, resolve_compile, resolve_precision)
 from sabiscale.train.inputs import check_inputs
@@ -199,6 +201,12 @@ def continue_from(resumed: dict, source: Path, engine, cfg: RunConfig) -> RunCon
     return cfg
 
 
+def cores_per_rank(on_gpu: bool) -> int:
+    """This process's cores over the ranks of its node (one per GPU there)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores // max(1, torch.cuda.device_count() if on_gpu else 1)
+
+
 def data_streams(cfg: RunConfig, world: World, manifest: dict, vocab: Vocab,
                  resumed: dict | None) -> tuple[BatchStream, list[Batch]]:
     """This rank's training stream (from the saved position when resuming: a seek, no replay) and
@@ -207,8 +215,10 @@ def data_streams(cfg: RunConfig, world: World, manifest: dict, vocab: Vocab,
     train_shards = split_shards(cfg.shards_dir, manifest, "train")
     if resumed is not None:
         check_resumable(resumed["loader"], micro_bs, cfg.seed, True, train_shards)
+    on_gpu = world.device.type == "cuda"
+    workers = choose_loader_workers(cfg.data.loader_workers, world.device.type, cores_per_rank(on_gpu))
     loader = make_loader(train_shards, vocab, micro_bs, world.rank, world.world_size, cfg.seed, True,
-                         cfg.data.loader_workers, start=resumed["loader"]["position"] if resumed else 0)
+                         workers, start=resumed["loader"]["position"] if resumed else 0, pin_memory=on_gpu and workers > 0)
     # one fixed global eval set, split over the ranks: the eval loss does not depend on their number
     val_loader = make_loader(split_shards(cfg.shards_dir, manifest, "val"), vocab, micro_bs, 0, 1, cfg.seed, False)
     val_batches = [next(val_loader) for _ in range(cfg.train.eval_batches)]
