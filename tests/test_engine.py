@@ -255,3 +255,48 @@ def test_zero1_bf16_keeps_one_optimizer_wrapper_whatever_the_accumulation(demo_c
         layouts.append((sorted(p.name for p in checkpoint.glob("*.pt")), sorted(saved)))
     assert wrappers == ["BF16_Optimizer", "BF16_Optimizer"]
     assert layouts[0] == layouts[1]
+
+
+class HostSyncs:
+    """Counts the operators that make the host wait for the device: a scalar read (.item(),
+    float(), int()), nonzero (its output size is data-dependent). On a GPU each is a stall."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.masked_select")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                if name.startswith(HostSyncs.SYNCING):
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("profile", ["zero2", "zero3_offload"])
+def test_host_syncs_per_step_do_not_grow_with_the_layers(demo_cfg, world, tmp_path, profile):
+    """One training step, counted by a dispatch mode: the same small number of host syncs for 2
+    and 4 decoder layers (none per layer), within a fixed bound."""
+    from sabiscale.train.run import build_run
+    from sabiscale.train.step import train_step
+
+    totals = {}
+    for layers in (2, 4):
+        cfg = demo_cfg.model_copy(deep=True)
+        cfg.output_dir, cfg.tracking.enabled = fresh_run_dir(demo_cfg, tmp_path / f"{profile}_{layers}"), False
+        cfg.engine.ds_config, cfg.model.num_layers = ROOT / "ds_configs" / f"{profile}.json", layers
+        cfg.train.max_steps, cfg.train.eval_batches, cfg.optim.warmup_steps = 5, 1, 1
+        run = build_run(cfg, world)
+        for step in (1, 2):  # past the first steps' one-time work
+            train_step(run, [next(run.loader) for _ in range(cfg.train.grad_accum_steps)], step)
+        syncs = HostSyncs()
+        with syncs.mode:
+            train_step(run, [next(run.loader) for _ in range(cfg.train.grad_accum_steps)], 3)
+        totals[layers] = syncs.counts
+    assert totals[2] == totals[4], totals
+    assert sum(totals[2].values()) <= 16, totals[2]

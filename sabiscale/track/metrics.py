@@ -54,7 +54,7 @@ class StepSums:
 
     def all_reduced(self, all_reduce) -> "StepSums":
         total = all_reduce(torch.stack([getattr(self, f.name) for f in fields(self)]))
-        return StepSums(*(float(v) for v in total))
+        return StepSums(*total.cpu().tolist())  # one copy to the host, not one sync per field
 
     def finite(self) -> bool:
         return all(math.isfinite(float(getattr(self, f.name))) for f in fields(self))
