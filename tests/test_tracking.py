@@ -178,11 +178,14 @@ def test_an_unreachable_store_never_stops_training(tmp_path, monkeypatch, caplog
     _stop_server(server)
     with caplog.at_level("WARNING", logger="sabiscale.tracking"):
         tracker.log_metrics({"train/loss": 2.0}, step=2)  # store down: kept
+        tracker.flush()  # what the sender thread does in the background, here in the test's own time
         tracker.log_metrics({"train/loss": 1.5}, step=3)
+        tracker.flush()
     assert sum("unreachable" in r.message for r in caplog.records) == 1
     server = _start_server(store, port)
     try:
         tracker.log_metrics({"train/loss": 1.0}, step=4)  # back: everything kept is sent
+        tracker.flush()
         history = _get(f"{base}/api/2.0/mlflow/metrics/get-history", {"run_id": tracker.run_id, "metric_key": "train/loss"})
         assert sorted((m["step"], m["value"]) for m in history["metrics"]) == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)]
     finally:
@@ -451,3 +454,27 @@ def test_export_register_creates_a_model_version_read_back_over_rest(demo_cfg, m
     assert version["run_id"] == run["info"]["run_id"]
     files = _get(f"{api}/artifacts/list", {"run_id": version["run_id"], "path": "model/step_00000004"})["files"]
     assert {"model/step_00000004/README.md", "model/step_00000004/model.safetensors"} <= {f["path"] for f in files}
+
+
+def test_a_slow_store_never_stalls_a_step(tmp_path):
+    """Every call to the store takes a second (a real sqlite store behind a client that sleeps
+    first): logging ten steps still returns at once, since records go to the journal and a thread
+    sends them; at the end every metric is in the store, in order."""
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "tracking.system_metrics=false",
+                             "tracking.experiment=slow"])
+    tracker = MLflowTracker(cfg)
+    real_log_batch = tracker._client.log_batch
+
+    def slow_log_batch(*args, **kwargs):
+        time.sleep(1.0)
+        return real_log_batch(*args, **kwargs)
+
+    tracker._client.log_batch = slow_log_batch
+    started = time.monotonic()
+    for step in range(1, 11):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
+    logging_seconds = time.monotonic() - started
+    tracker.finish()
+    assert logging_seconds < 0.5, f"ten log calls took {logging_seconds:.2f} s against a store that sleeps 1 s per call"
+    history = MlflowClient(tracking_uri=tracker.uri).get_metric_history(tracker.run_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, 1.0 / s) for s in range(1, 11)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,9 @@ class Journal:
         self._file = None
         self._since_snapshot = 0
         self._head: str | None = None
+        # training appends while the tracker's sender thread marks records sent: a snapshot must
+        # never fall between a record's write and its note in the state
+        self._lock = threading.RLock()
 
     def _write(self, entry: dict) -> None:
         if self._file is None:
@@ -175,31 +179,38 @@ class Journal:
         self._file.flush()  # a kill -9 loses at most the line being written
 
     def add(self, record: dict) -> None:
-        self.state.pending.append(record)
-        self.state.count += 1
-        self.state.note(record)
-        self._write(record)
-        self._since_snapshot += 1
+        with self._lock:
+            self.state.pending.append(record)
+            self.state.count += 1
+            self.state.note(record)
+            self._write(record)
+            self._since_snapshot += 1
 
     def pending(self) -> int:
         return self.state.count - self.state.sent
 
     def mark_sent(self, upto: int) -> None:
         """Records [0, upto) reached the store: they leave memory; the journal keeps them."""
-        del self.state.pending[:upto - self.state.sent]
-        self.state.sent = upto
-        self._write({"op": "sent", "upto": upto})
-        if self._since_snapshot >= self.SNAPSHOT_EVERY and not self.pending():
-            self.save_snapshot()
+        with self._lock:
+            del self.state.pending[:upto - self.state.sent]
+            self.state.sent = upto
+            self._write({"op": "sent", "upto": upto})
+            if self._since_snapshot >= self.SNAPSHOT_EVERY and not self.pending():
+                self.save_snapshot()
 
     def set_run(self, run_id: str, experiment_id: str, uri: str) -> None:
-        self.state.run_id, self.state.experiment_id, self.state.run_uri = run_id, experiment_id, uri
-        self._write({"op": "run", "run_id": run_id, "experiment_id": experiment_id, "uri": uri})
+        with self._lock:
+            self.state.run_id, self.state.experiment_id, self.state.run_uri = run_id, experiment_id, uri
+            self._write({"op": "run", "run_id": run_id, "experiment_id": experiment_id, "uri": uri})
 
     def save_snapshot(self) -> None:
         """The state up to the journal's current end, for a resume to start reading there. Only
         with nothing pending: every record before the offset is then delivered and never needed
         in memory again. Written whole or not at all (a kill leaves the previous one)."""
+        with self._lock:
+            self._save_snapshot()
+
+    def _save_snapshot(self) -> None:
         if self._file is None or self.pending():
             return
         self._file.flush()
@@ -215,10 +226,11 @@ class Journal:
         self._since_snapshot = 0
 
     def close(self) -> None:
-        if self._file is not None:
-            self.save_snapshot()
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._save_snapshot()
+                self._file.close()
+                self._file = None
 
 
 # MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it holds

@@ -103,13 +103,19 @@ class MLflowTracker:
         self._monitor = None
         self._down_since: float | None = None
         self._next_try = 0.0
-        # the step watchdog tags the run from its own thread (train/diagnostics.py)
+        # Records reach the journal (a local file) on the step; a sender thread takes them to the
+        # store, so a slow or unreachable store never stalls training. `_lock` serialises sending;
+        # the journal has its own lock for appends.
         self._lock = threading.RLock()
         self._finished = False
+        self._wake = threading.Event()
+        self._stopping = False
         self.journal = open_journal(cfg, resuming)
         cfg = self._settle_store(cfg)
         self._start(cfg)
-        self._send()
+        self._send()  # the run is created before training starts, when the store answers
+        self._sender = threading.Thread(target=self._send_in_background, name="sabiscale-tracking", daemon=True)
+        self._sender.start()
 
     @property
     def run_id(self) -> str | None:
@@ -172,6 +178,19 @@ class MLflowTracker:
             self._down_since = time.monotonic()
         self._next_try = time.monotonic() + self.retry_seconds
 
+    def _send_in_background(self) -> None:
+        while not self._stopping:
+            self._wake.wait(timeout=1.0)  # new records wake it; the timeout paces retries to a down store
+            self._wake.clear()
+            if not self._stopping:
+                with self._lock:
+                    self._send()
+
+    def flush(self) -> None:
+        """Send what is pending now, in this thread (what the sender thread would do next)."""
+        with self._lock:
+            self._send()
+
     def _send(self, force: bool = False) -> None:
         if not self.journal.pending() or (not force and time.monotonic() < self._next_try):
             return
@@ -217,12 +236,11 @@ class MLflowTracker:
         self._record({"op": "tags", "tags": tags})
 
     def _record(self, record: dict) -> None:
-        with self._lock:
-            if self._finished:  # a late tag from another thread: the run is closed
-                log.info("not recorded, the run is finished: %s", record)
-                return
-            self.journal.add(record)
-            self._send()
+        if self._finished:  # a late tag from another thread: the run is closed
+            log.info("not recorded, the run is finished: %s", record)
+            return
+        self.journal.add(record)
+        self._wake.set()
 
     def log_checkpoint(self, path: Path, upload: bool) -> None:
         self.set_tags({"checkpoint": str(path.resolve())})
@@ -230,6 +248,9 @@ class MLflowTracker:
             self.log_artifact(path, f"checkpoints/{path.name}")
 
     def finish(self, status: str = "FINISHED") -> None:
+        self._stopping = True
+        self._wake.set()
+        self._sender.join()
         with self._lock:
             self._finish(status)
 
