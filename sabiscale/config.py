@@ -353,8 +353,11 @@ class TrainConfig(_Section):
 
 
 class EngineConfig(_Section):
-    # A DeepSpeed JSON; keys sabiscale owns are "auto" there and filled from this config.
-    ds_config: Path = Path("ds_configs/zero2_offload.json")
+    # A DeepSpeed JSON; keys sabiscale owns are "auto" there and filled from this config. auto:
+    # on a GPU the cheapest profile `sabiscale plan` finds to fit its memory for this model,
+    # optimizer and activation checkpointing (zero1 for the recipes' models on one 24 GB GPU);
+    # on the CPU zero2_offload, which these CPUs were measured with; a resumed run keeps its own.
+    ds_config: Literal["auto"] | Path = "auto"
     # auto: bf16 on GPUs with native bf16 (compute capability 8.0 on), fp16 with loss scaling on
     # older GPUs; on the CPU bf16 where it has native bf16 and the model is wide enough for bf16 to
     # be measured faster there (128 with AVX512-BF16, 256 with AMX), fp32 otherwise.
@@ -577,7 +580,7 @@ def resolve_paths(cfg: RunConfig, environ: dict) -> RunConfig:
     """What the edge (the CLI, a benchmark, a notebook) fills in before a config travels down:
     shipped resources (ds_configs/...) found from the project root when not under the working
     directory, and the tracking store from MLFLOW_TRACKING_URI when the recipe names none."""
-    if not cfg.engine.ds_config.is_absolute() and not cfg.engine.ds_config.exists():
+    if cfg.engine.ds_config != "auto" and not cfg.engine.ds_config.is_absolute() and not cfg.engine.ds_config.exists():
         candidate = PROJECT_ROOT / cfg.engine.ds_config
         if candidate.exists():
             cfg.engine.ds_config = candidate

@@ -32,7 +32,8 @@ def tiny_overrides(out: Path) -> list[str]:
 def demo_cfg(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     cfg = load_config(ROOT / "launch/recipes/demo.yaml", tiny_overrides(out))
-    cfg.engine.ds_config = ROOT / cfg.engine.ds_config
+    if cfg.engine.ds_config != "auto":
+        cfg.engine.ds_config = ROOT / cfg.engine.ds_config
     prepare(cfg)
     return cfg
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_shipped_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert cfg.name
-    assert (ROOT / cfg.engine.ds_config).is_file()
+    assert cfg.engine.ds_config == "auto" or (ROOT / cfg.engine.ds_config).is_file()
 
 
 def test_overrides_are_typed_and_nested():

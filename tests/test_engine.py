@@ -214,6 +214,7 @@ def test_paged_eight_bit_with_optimizer_offload_is_refused_with_the_reason(demo_
     from sabiscale.train.engine import load_ds_config
 
     cfg = demo_cfg.model_copy(deep=True)
+    cfg.engine.ds_config = ROOT / "ds_configs" / "zero2_offload.json"
     cfg.optim.kind = "paged_adamw8bit"
     with pytest.raises(EngineConfigError, match="nothing to page; use optim.kind=adamw8bit"):
         load_ds_config(cfg, 1, "fp32")

@@ -36,7 +36,6 @@ def demo_curve(out: Path, world) -> tuple[list[float], dict[str, dict[str, float
     from sabiscale.train.loop import train
 
     cfg = load_config(ROOT / "launch/recipes/demo.yaml", golden_overrides(out))
-    cfg.engine.ds_config = ROOT / cfg.engine.ds_config
     prepare(cfg)
     result = train(cfg, world)
     return result.train_losses, {str(step): {k: m[k] for k in EVAL_KEYS} for step, m in result.eval_metrics.items()}

@@ -37,7 +37,6 @@ def prepared(shared_data, tmp_path_factory):
     cfg = load_config(ROOT / "launch/recipes/shared_data.yaml", tiny_overrides(out) + [
         f"data.jsonl_root={root}", "data.dir=null", "data.tasks=[sentiment, translation]", "data.languages=[yor]",
         "data.val_fraction=0.1", "train.max_steps=3", "train.eval_batches=1", "tracking.enabled=false"])
-    cfg.engine.ds_config = ROOT / cfg.engine.ds_config
     prepare(cfg)
     return cfg, root, dev + test
 

@@ -103,3 +103,25 @@ def test_plan_ranks_measures_each_ranks_share_on_the_real_engine_build():
     assert rows[("zero2", "gradients")][0] == pytest.approx(rows[("zero2", "gradients")][1], rel=0.01)
     assert rows[("zero1", "gradients")][1] == pytest.approx(whole)
     assert rows[("zero1", "gradients")][0] == pytest.approx(whole / 8, rel=0.01)
+
+
+@pytest.mark.parametrize("gpu, hidden, layers, expected", [
+    ("24GiB", 256, 4, "zero1"),      # the recipes' model on a 24 GB GPU
+    ("80GiB", 256, 4, "zero1"),
+    ("24GiB", 2048, 24, "zero2_offload"),  # ~1.3B parameters: ZeRO-1 and 2 do not fit 24 GB; the optimizer goes to the host
+    ("80GiB", 2048, 24, "zero1"),
+])
+def test_auto_profile_is_the_plans_recommendation(gpu, hidden, layers, expected):
+    """engine.ds_config=auto on a GPU takes what `sabiscale plan` recommends for the same model,
+    optimizer and checkpointing; the CPU keeps zero2_offload."""
+    from sabiscale.train.plan import choose_profile
+
+    cfg = load_config(ROOT / "launch/recipes/shared_data.yaml", [f"model.hidden_size={hidden}", f"model.num_layers={layers}",
+                                                                 f"model.num_heads={hidden // 64}",
+                                                                 f"model.intermediate_size={hidden * 8 // 3 // 64 * 64}"])
+    chosen, why = choose_profile(cfg, 16384, "cuda", parse_size(gpu), 1, 1, DS)
+    plans, best = plan_all(cfg, 16384, parse_size(gpu), None, 1, 1, DS)
+    assert chosen.stem == expected and "fits" in why
+    same_settings = [p for p in plans if p.optimizer == "adamw" and not p.activation_checkpointing]
+    assert chosen.stem == next(p.profile for p in same_settings if p.device_total <= parse_size(gpu))
+    assert choose_profile(cfg, 16384, "cpu", 0, 1, 1, DS)[0].stem == "zero2_offload"

@@ -218,6 +218,8 @@ def fill_device_defaults(filled: dict, device_type: str) -> dict:
 
 
 def load_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
+    if cfg.engine.ds_config == "auto":  # build_run resolves it (train/run.py::resolve_profile) before the engine
+        raise EngineConfigError("engine.ds_config=auto has not been resolved to a profile yet (train/run.py::resolve_profile)")
     path = Path(cfg.engine.ds_config)
     if not path.is_file():
         raise EngineConfigError(f"engine.ds_config {path} does not exist (profiles live in ds_configs/)")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sabiscale.config import RunConfig
+from sabiscale.errors import UserError
 
 GiB = 2**30
 
@@ -279,3 +280,26 @@ def slurm_resources(plan: Plan, gpus_per_node: int, loader_workers: int) -> tupl
                              + (OFFLOAD_ADAM_CORES_PER_RANK if plan.offload_optimizer else 0))
     memory = plan.host_peak + RANK_HOST_OVERHEAD * gpus_per_node
     return cores, int(-(-memory // GiB))
+
+
+CPU_PROFILE = "zero2_offload"  # what the CPU benchmarks and the golden curve run
+
+
+def choose_profile(cfg: RunConfig, vocab: int, device_type: str, gpu_bytes: float, ranks: int, gpus_per_node: int,
+                   ds_dir: Path) -> tuple[Path, str]:
+    """engine.ds_config=auto: (the profile's JSON, why), the cheapest that `sabiscale plan` finds
+    to fit one GPU for the recipe's model, optimizer and activation checkpointing."""
+    if device_type != "cuda":
+        return ds_dir / f"{CPU_PROFILE}.json", "the CPU runs the profile its benchmarks were measured with"
+    optimizer = cfg.optim.kind.removeprefix("paged_")
+    plans, _ = plan_all(cfg, vocab, gpu_bytes, None, ranks, gpus_per_node, ds_dir)
+    mine = [p for p in plans if p.optimizer == optimizer and p.activation_checkpointing == cfg.train.activation_checkpointing]
+    for plan in mine:
+        if plan.device_total <= gpu_bytes:
+            return ds_dir / f"{plan.profile}.json", (f"the cheapest profile that fits: {plan.device_total / GiB:.1f} of "
+                                                     f"{gpu_bytes / GiB:.1f} GiB per GPU (sabiscale plan)")
+    smallest = min(mine, key=lambda p: p.device_total)
+    raise UserError(f"engine.ds_config=auto: no DeepSpeed profile fits this model on a {gpu_bytes / GiB:.1f} GiB GPU "
+                    f"with optim.kind={cfg.optim.kind} and train.activation_checkpointing="
+                    f"{str(cfg.train.activation_checkpointing).lower()} (the smallest, {smallest.profile}, needs "
+                    f"{smallest.device_total / GiB:.1f} GiB); `sabiscale plan RECIPE` shows which settings fit")

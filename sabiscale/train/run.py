@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from sabiscale.config import RunConfig, resolve_batch, resolve_warmup
+from sabiscale.config import PROJECT_ROOT, RunConfig, resolve_batch, resolve_warmup
 from sabiscale.data.batch import Batch, Vocab
 from sabiscale.data.loader import BatchStream, check_resumable, make_loader
 from sabiscale.shards.format import split_shards
@@ -31,6 +31,7 @@ from sabiscale.train.checkpoint import UNIVERSAL_SUFFIX, restore_rng, step_tag
 from sabiscale.train.diagnostics import ProfileWindow, StepWatchdog, parse_window, start_memory_history
 from sabiscale.train.exports import BackgroundExport
 from sabiscale.train.device import choose_loader_workers
+from sabiscale.train.plan import choose_profile
 from sabiscale.train.engine import (World, engine_dtype, initialize, load_ds_config, load_universal,
                                     model_construction, resolve_compile, resolve_precision)
 from sabiscale.train.inputs import check_inputs
@@ -81,6 +82,7 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     vocab = Vocab.from_manifest(manifest)
     kind = make_loss_kind(cfg.loss)
     resumed = find_resume_point(cfg, world, manifest)
+    cfg = resolve_profile(cfg, world, resumed)
     precision = precision_to_resume(cfg.engine.precision, resolve_precision(cfg.engine.precision, cfg.model.hidden_size),
                                     resumed)
     ds_config = load_ds_config(cfg, world.world_size, precision)
@@ -198,6 +200,26 @@ def continue_from(resumed: dict, source: Path, engine, cfg: RunConfig) -> RunCon
         cfg = cfg.model_copy(deep=True)
         cfg.tracking.run_id = resumed["mlflow_run_id"]
     log.info("resuming from %s at step %d", cfg.checkpoint_dir / step_tag(resumed["step"]), resumed["step"])
+    return cfg
+
+
+def resolve_profile(cfg: RunConfig, world: World, resumed: dict | None) -> RunConfig:
+    """engine.ds_config=auto made a path: a resumed run's own profile (its checkpoint's layout),
+    else the one the planner picks for this device (train/plan.py::choose_profile); logged."""
+    if cfg.engine.ds_config != "auto":
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    recorded = (resumed or {}).get("config", {}).get("engine", {}).get("ds_config")
+    if recorded not in (None, "auto"):
+        cfg.engine.ds_config, why = Path(recorded), "the profile the run was started with (its checkpoints' layout)"
+    else:
+        on_gpu = world.device.type == "cuda"
+        gpu_bytes = torch.cuda.get_device_properties(world.device).total_memory if on_gpu else 0.0
+        vocab = len(load_tokenizer(cfg.tokenizer_path)) if on_gpu else 0
+        cfg.engine.ds_config, why = choose_profile(cfg, vocab, world.device.type, gpu_bytes, world.world_size,
+                                                   max(1, torch.cuda.device_count()) if on_gpu else 1,
+                                                   PROJECT_ROOT / "ds_configs")
+    log.info("engine.ds_config=auto: %s (%s)", cfg.engine.ds_config.name, why)
     return cfg
 
 
