@@ -25,6 +25,9 @@ if [[ -z "${GPUS_PER_NODE:-}" ]]; then
   fi
 fi
 [[ $# -ge 1 ]] || { echo "usage: launch/node.sh RECIPE [key=value ...]" >&2; exit 2; }
+# Each rank's math threads: this node's cores shared by its ranks (torch would otherwise start
+# one thread per core in every rank, and the ranks would fight over the cores)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / GPUS_PER_NODE > 0 ? $(nproc) / GPUS_PER_NODE : 1 ))}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${SABISCALE_PYTHON:-$here/../.venv/bin/python}"
 [[ -x "$python" ]] || python=python3
@@ -39,7 +42,8 @@ print(base64.urlsafe_b64encode(json.dumps({f"node{i}": ids for i in range(nodes)
   "$NNODES" "$GPUS_PER_NODE" "${CUDA_VISIBLE_DEVICES:-}")
 
 echo "sabiscale node $NODE_RANK/$NNODES on ${SLURMD_NODENAME:-$(hostname)}: $GPUS_PER_NODE rank(s)" \
-     "(devices ${CUDA_VISIBLE_DEVICES:-0..$((GPUS_PER_NODE - 1))}), master $MASTER_ADDR:$MASTER_PORT"
+     "(devices ${CUDA_VISIBLE_DEVICES:-0..$((GPUS_PER_NODE - 1))}), master $MASTER_ADDR:$MASTER_PORT," \
+     "$OMP_NUM_THREADS thread(s) per rank"
 [[ -z "${SABISCALE_DRY_RUN:-}" ]] || { echo "world_info=$world_info"; exit 0; }
 # Slurm's --signal=USR1 reaches every process of the step: the launcher must survive it (its
 # default action is to die) while the ranks, which handle it, save a checkpoint and exit

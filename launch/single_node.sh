@@ -11,6 +11,8 @@ if [[ -z "$gpus" ]]; then
   gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
   [[ "$gpus" -gt 0 ]] || gpus=1
 fi
+# each rank's math threads: the machine's cores shared by the ranks (see launch/node.sh)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / gpus > 0 ? $(nproc) / gpus : 1 ))}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 deepspeed="$here/../.venv/bin/deepspeed"; [[ -x "$deepspeed" ]] || deepspeed=deepspeed
 exec "$deepspeed" --num_gpus "$gpus" --master_port "${MASTER_PORT:-29500}" --module sabiscale train "$recipe" "$@"

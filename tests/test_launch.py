@@ -230,6 +230,8 @@ def test_node_launcher_keeps_the_gpus_slurm_gave_the_job():
     info = next(line.split("=", 1)[1] for line in out.stdout.splitlines() if line.startswith("world_info="))
     assert json.loads(base64.urlsafe_b64decode(info)) == {"node0": [5, 7]}
     assert "2 rank(s) (devices 5,7)" in out.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2) if "OMP_NUM_THREADS" not in os.environ else int(os.environ["OMP_NUM_THREADS"])
+    assert f"{threads} thread(s) per rank" in out.stdout  # the node's cores shared by its 2 ranks
 
 
 def test_submit_derives_cores_and_memory_from_the_profile():
