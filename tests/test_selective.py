@@ -243,7 +243,6 @@ def test_selective_needs_scored_shards_or_an_online_reference(demo_cfg, referenc
         "loss.kind=selective", f"loss.ratio={RATIO}", "loss.reference=online",
         f"loss.reference_checkpoint={reference_run}", "train.max_steps=3", "optim.warmup_steps=1",
         "train.eval_batches=1", "train.log_every=3", f"tracking.uri={store}", "tracking.system_metrics=false"])
-    online.engine.ds_config = ROOT / online.engine.ds_config
     train(online, world)
     fraction, metrics = _selection_history(store)
     assert sorted(fraction) == [1, 2, 3] and all(v == pytest.approx(RATIO, abs=0.01) for v in fraction.values())
