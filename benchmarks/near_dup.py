@@ -58,6 +58,7 @@ def main() -> None:
         if parts.near is not None:
             row["near"] = parts.near.summary("")
             row["sample_pairs"] = parts.near.pairs[:: max(1, len(parts.near.pairs) // 8)][:8]
+            row["all_pairs"] = parts.near.pairs
         rows.append(row)
         print(mode, threshold, f"{seconds:.1f} s", row["dropped"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -91,6 +92,9 @@ def render(result: dict) -> str:
         lines += ["", f"## Threshold {row['threshold']}: near-duplicates per task x language\n",
                   "| task/lang | dropped |", "|---|---:|"]
         lines += [f"| {key} | {n:,} |" for key, n in row["near"]["by_task_lang"].items()]
+        conflicts = sum(p["answers_differ"] for p in row["all_pairs"] if p["task"] in ("sentiment", "ner"))
+        lines += ["", f"Label tasks (sentiment, NER): {conflicts} of the pairs carry different labels for near-identical "
+                  "text (label noise in the source; dedup keeps the first)."]
         lines += ["", "A sample of pairs (kept, then dropped; estimated Jaccard):\n"]
         for pair in row.get("sample_pairs", []):
             lines += [f"- {pair['task']}/{pair['lang']}, {pair['jaccard_estimate']:.2f}: "

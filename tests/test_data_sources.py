@@ -359,6 +359,7 @@ def test_near_duplicates_are_found_counted_and_listed_per_language(shared_data, 
     near = manifest["near_duplicates"]
     # the 4 planted, and one the corpus holds itself: its lines 7 and 10 differ by one tone mark (di / dí)
     assert near["removed"] == 5 and near["by_task_lang"] == {"text/yor": 5} and near["threshold"] == 0.8
+    assert near["answers_differ"] == 5  # plain text: the text is the answer, and each copy differs a little
     assert manifest["dropped"] == {"duplicate": 1, "near_duplicate": 5}
     pairs = [json.loads(line) for line in (cfg.shards_dir / near["list"]).read_text(encoding="utf-8").splitlines()]
     # each pair is an original (line i) and its edited copy (line 61 + i), whichever of them came first into training

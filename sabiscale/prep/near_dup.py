@@ -34,7 +34,7 @@ class NearDuplicates:
     threshold: float
     indexes: dict = field(default_factory=dict)       # (task, lang) -> MinHashLSH of kept documents
     signatures: dict = field(default_factory=dict)    # key -> LeanMinHash of a kept document
-    sources: dict = field(default_factory=dict)       # key -> (source, text head) of a kept document
+    sources: dict = field(default_factory=dict)       # key -> (source, text head, answer) of a kept document
     pairs: list[dict] = field(default_factory=list)   # what was dropped for what, with the estimate
     seconds: float = 0.0                              # spent here, for the manifest (its cost at prepare)
 
@@ -63,15 +63,18 @@ class NearDuplicates:
             if similarity >= self.threshold and (best is None or similarity > best[1]):
                 best = (key, similarity)
         if best is not None:
-            kept_source, kept_text = self.sources[best[0]]
+            kept_source, kept_text, kept_answer = self.sources[best[0]]
+            # near-copies that teach different answers (a tweet labelled positive and negative) are
+            # label noise in the source: counted, since dedup silently keeps the first answer
             self.pairs.append({"task": example.task, "lang": example.lang, "jaccard_estimate": round(best[1], 3),
                                "dropped": example.source, "kept": kept_source,
+                               "answers_differ": " ".join(words(example.answer)) != kept_answer,
                                "dropped_text": head(example), "kept_text": kept_text})
             return True
         key = len(self.signatures)
         index.insert(key, signature)
         self.signatures[key] = signature
-        self.sources[key] = (example.source, head(example))
+        self.sources[key] = (example.source, head(example), " ".join(words(example.answer)))
         return False
 
 
@@ -81,7 +84,8 @@ class NearDuplicates:
             key = f"{pair['task']}/{pair['lang']}"
             by_task_lang[key] = by_task_lang.get(key, 0) + 1
         return {"method": f"MinHash-LSH, word {SHINGLE_WORDS}-gram shingles, {NUM_PERM} permutations, per task x language",
-                "threshold": self.threshold, "removed": len(self.pairs), "by_task_lang": dict(sorted(by_task_lang.items())),
+                "threshold": self.threshold, "removed": len(self.pairs),
+                "answers_differ": sum(pair["answers_differ"] for pair in self.pairs), "by_task_lang": dict(sorted(by_task_lang.items())),
                 "documents_indexed": len(self.signatures), "seconds": round(self.seconds, 2), "list": list_name}
 
 
