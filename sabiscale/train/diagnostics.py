@@ -78,7 +78,6 @@ class StepWatchdog:
         self.step: int | None = None
         self.began: float | None = None
         self.fired_for: int | None = None
-        self.dumps: list[Path] = []
         self.stopped = threading.Event()
         self.thread = None
         if factor > 0:
@@ -125,7 +124,6 @@ class StepWatchdog:
                       f"({self.factor:g} x the median step {median:.2f} s, at least {self.min_seconds:g} s)\n\n")
             out.flush()
             faulthandler.dump_traceback(file=out, all_threads=True)
-        self.dumps.append(path)
         log.warning("step %d has taken %.1f s, over %.1f s (%g x the median step): every thread's Python stack "
                     "is in %s", step, elapsed, bound, self.factor, path)
         if self.rank == 0:  # the tracker is locked against the training thread (track/tracking.py)

@@ -45,7 +45,6 @@ class BackgroundExport:
         self.process: subprocess.Popen | None = None
         self.target: Path | None = None
         self.started = 0.0
-        self.done: list[Path] = []
 
     def start(self, tag_dir: Path) -> None:
         if not self.enabled:
@@ -53,7 +52,6 @@ class BackgroundExport:
         self.wait()
         self.target = tag_dir / EXPORT_DIRNAME
         if self.target.exists():  # this step was exported before an interruption
-            self.done.append(self.target)
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a", encoding="utf-8") as out:
@@ -81,7 +79,6 @@ class BackgroundExport:
     def _finished(self) -> None:
         code, self.process = self.process.returncode, None
         if code == 0:
-            self.done.append(self.target)
             log.info("exported %s in %.1f s (Hugging Face directory; `sabiscale eval %s` scores it)",
                      self.target, time.monotonic() - self.started, self.target)
             self.tracker.set_tags({"export/last": str(self.target)})
