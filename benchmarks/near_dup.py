@@ -56,9 +56,10 @@ def main() -> None:
         row = {"mode": mode, "threshold": threshold, "split_seconds": seconds, "train": len(parts.train),
                "val": len(parts.val), "dropped": dropped_totals(parts.per_file)}
         if parts.near is not None:
+            pairs = [relative_sources(pair, Path(args.data)) for pair in parts.near.pairs]
             row["near"] = parts.near.summary("")
-            row["sample_pairs"] = parts.near.pairs[:: max(1, len(parts.near.pairs) // 8)][:8]
-            row["all_pairs"] = parts.near.pairs
+            row["sample_pairs"] = pairs[:: max(1, len(pairs) // 8)][:8]
+            row["all_pairs"] = pairs
         rows.append(row)
         print(mode, threshold, f"{seconds:.1f} s", row["dropped"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -70,6 +71,18 @@ def main() -> None:
     (RESULTS / "near_dup.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (RESULTS / "near_dup.md").write_text(render(result), encoding="utf-8")
     print(render(result))
+
+
+def relative_sources(pair: dict, data_root: Path) -> dict:
+    """Record locations relative to the data root ("translation/eng-ibo.jsonl:908"): the results
+    file names no directory of the machine it ran on."""
+    def rel(source: str) -> str:
+        path, _, line = source.rpartition(":")
+        try:
+            return f"{Path(path).resolve().relative_to(data_root.resolve())}:{line}"
+        except ValueError:
+            return f"{Path(path).name}:{line}"
+    return {**pair, "dropped": rel(pair["dropped"]), "kept": rel(pair["kept"])}
 
 
 def render(result: dict) -> str:
