@@ -105,9 +105,10 @@ def render(result: dict) -> str:
         lines += ["", f"## Threshold {row['threshold']}: near-duplicates per task x language\n",
                   "| task/lang | dropped |", "|---|---:|"]
         lines += [f"| {key} | {n:,} |" for key, n in row["near"]["by_task_lang"].items()]
-        conflicts = sum(p["answers_differ"] for p in row["all_pairs"] if p["task"] in ("sentiment", "ner"))
-        lines += ["", f"Label tasks (sentiment, NER): {conflicts} of the pairs carry different labels for near-identical "
-                  "text (label noise in the source; dedup keeps the first)."]
+        conflicts = [f"{task} {sum(p['answers_differ'] for p in pairs)} of {len(pairs)}"
+                     for task in ("sentiment", "ner") if (pairs := [p for p in row["all_pairs"] if p["task"] == task])]
+        lines += ["", "Pairs whose labels differ for near-identical text (label noise in the source; dedup keeps the "
+                  f"first): {', '.join(conflicts) or 'none'}."]
         lines += ["", "A sample of pairs (kept, then dropped; estimated Jaccard):\n"]
         for pair in row.get("sample_pairs", []):
             lines += [f"- {pair['task']}/{pair['lang']}, {pair['jaccard_estimate']:.2f}: "
