@@ -26,7 +26,7 @@ import torch
 # term -> the planner's keys that hold it (device or host; offload only moves it)
 PLANNED = {
     "parameters": ("parameters",),
-    "gradients": ("gradients", "gradient buckets"),
+    "gradients": ("gradients",),  # under optimizer offload: the fp32 gradient partition (planned_terms)
     "fp32 master weights": ("optimizer: fp32 master weights",),
     "optimizer moments": ("optimizer: moments (fp32)", "optimizer: moments (8-bit)"),
 }
