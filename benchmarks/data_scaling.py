@@ -2,7 +2,9 @@
 simulated ranks, and time to the first batch after resuming at 1%, 50% and 99% of an epoch, for
 sabiscale's indexed loader and for the previous design (every rank reads every sample of every
 shard in a seeded shard order through a shuffle buffer, and keeps only its own micro-batches;
-resuming reads from the start of the stream up to the saved position), on >= 1 GB of shards.
+resuming reads from the start of the stream up to the saved position), on >= 1 GB of shards; and
+the indexed loader again under a two-phase data.mix.schedule (data/schedule.py: the shards taken
+as four sources, the mix switching at half an epoch), whose samples come from every source.
 
     .venv/bin/python benchmarks/data_scaling.py          # ~10 minutes; writes benchmarks/results/data_scaling.{json,md}
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
 import time
 from itertools import count, islice
 from pathlib import Path
@@ -62,13 +65,35 @@ def generate(target_bytes: float) -> dict:
     return read_manifest(SHARDS)
 
 
-def indexed_stream(manifest: dict, rank: int, ranks: int, start: int = 0):
+def indexed_stream(manifest: dict, rank: int, ranks: int, start: int = 0, plan=None):
     from sabiscale.data.batch import Vocab
     from sabiscale.data.loader import make_loader
     from sabiscale.shards.format import split_shards
 
     return make_loader(split_shards(SHARDS, manifest, "train"), Vocab.from_manifest(manifest), MICRO_BATCH, rank,
-                       ranks, SEED, True, 0, start)
+                       ranks, SEED, True, 0, start, plan=plan)
+
+
+SOURCES = ("text/yor", "text/hau", "translation/yor", "translation/hau")
+
+
+def scheduled_plan(manifest: dict):
+    """The shards dealt round-robin to four sources, and two phases: text x3 for the first half
+    epoch, translation x3 after (one rank, one accumulation step: a step is one micro-batch)."""
+    from sabiscale.config import MixConfig
+    from sabiscale.data.schedule import plan_schedule
+
+    split = manifest["splits"]["train"]
+    sources = {name: {"shards": [], "sequences": 0, "tokens": 0} for name in SOURCES}
+    for i, shard in enumerate(split["shards"]):
+        source = sources[SOURCES[i % len(SOURCES)]]
+        source["shards"].append(shard["name"])
+        source["sequences"] += shard["sequences"]
+        source["tokens"] += shard["sequences"] * SEQ_LEN
+    half = sum(s["sequences"] for s in split["shards"]) // 2 // MICRO_BATCH
+    mix = MixConfig(schedule=[{"start_step": 0, "task_weights": {"text": 3}},
+                              {"start_step": half, "task_weights": {"translation": 3}}])
+    return plan_schedule(mix, {**split, "sources": sources}, MICRO_BATCH, "benchmark shards")
 
 
 def previous_stream(manifest: dict, rank: int, ranks: int, start: int = 0):
@@ -128,20 +153,26 @@ def main() -> int:
     corpus = sum(s["bytes"] for s in shards)
     largest = max(s["bytes"] for s in shards)
     consumed = json.loads((ROOT / "benchmarks/results/data_throughput.json").read_text())["training_tokens_per_s_per_rank"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
     result = {"command": ".venv/bin/python benchmarks/data_scaling.py", "date": time.strftime("%Y-%m-%d"),
-              "corpus_bytes": corpus, "shards": len(shards), "largest_shard_bytes": largest,
-              "training_tokens_per_s_per_rank": consumed, "indexed": {}, "previous": {}}
+              "commit": commit, "cpu": cpu, "corpus_bytes": corpus, "shards": len(shards), "largest_shard_bytes": largest,
+              "training_tokens_per_s_per_rank": consumed, "indexed": {}, "scheduled": {}, "previous": {}}
+    plan = scheduled_plan(manifest)
+    scheduled = lambda m, r, n, s=0: indexed_stream(m, r, n, s, plan)  # noqa: E731
     for ranks in RANKS:
         measured = sorted({0, ranks // 2, ranks - 1})
         result["indexed"][ranks] = [measure_share(indexed_stream, manifest, r, ranks) for r in measured]
-        print(ranks, result["indexed"][ranks], flush=True)
+        result["scheduled"][ranks] = [measure_share(scheduled, manifest, r, ranks) for r in measured]
+        print(ranks, result["indexed"][ranks], result["scheduled"][ranks], flush=True)
     for ranks in args.previous_ranks:
         result["previous"][ranks] = [measure_share(previous_stream, manifest, 0, ranks)]
         print("previous", ranks, result["previous"][ranks], flush=True)
     result["resume_seconds"] = {
         name: {f: statistics.median(resume_latency(make, manifest, f) for _ in range(3 if name == "indexed" else 1))
                for f in (0.01, 0.5, 0.99)}
-        for name, make in (("indexed", lambda m, r, n, s: indexed_stream(m, r, n, s)),
+        for name, make in (("indexed", lambda m, r, n, s: indexed_stream(m, r, n, s)), ("scheduled", scheduled),
                            ("previous", lambda m, r, n, s: previous_stream(m, r, n, s)))}
     (ROOT / "benchmarks/results/data_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     (ROOT / "benchmarks/results/data_scaling.md").write_text(report(result))
@@ -152,12 +183,13 @@ def main() -> int:
 def report(r: dict) -> str:
     corpus, largest = r["corpus_bytes"], r["largest_shard_bytes"]
     lines = ["# Data path scaling: bytes and throughput per rank, resume latency", "",
-             f"Command: `{r['command']}`  ", f"Date: {r['date']}, 2-core CPU; corpus {corpus / 2**30:.2f} GiB in "
+             f"Command: `{r['command']}`  ", f"Date: {r['date']}, at commit {r.get('commit', '?')}, 2 cores of "
+             f"{r.get('cpu', 'a CPU')}; corpus {corpus / 2**30:.2f} GiB in "
              f"{r['shards']} shards (largest {largest / 2**20:.1f} MiB), micro-batch {MICRO_BATCH} x {SEQ_LEN}.", "",
              "| loader | ranks | rank | bytes read | corpus / ranks | ratio | bar: <= 1.25 x share + one shard | tokens/s | x training |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for name in ("indexed", "previous"):
-        for ranks, rows in r[name].items():
+    for name in ("indexed", "scheduled", "previous"):
+        for ranks, rows in r.get(name, {}).items():
             share = corpus / int(ranks)
             for row in rows:
                 ok = row["bytes"] <= 1.25 * share + largest
@@ -173,7 +205,10 @@ def report(r: dict) -> str:
     lines += ["", f"Training consumes {r['training_tokens_per_s_per_rank']:,.0f} tokens/s per rank here "
               "(benchmarks/results/data_throughput.json); 'x training' is the loader's margin over it. The previous "
               "design reads the whole corpus on every rank whatever the number of ranks (its bytes per rank do not "
-              "fall with more ranks), and its resume replays the stream."]
+              "fall with more ranks), and its resume replays the stream. 'scheduled' is the indexed loader drawing a "
+              "two-phase data.mix.schedule over four sources (text x3 for the first half epoch, translation x3 "
+              "after); a rank's share of an epoch then repeats some sequences and skips others, so its bytes are "
+              "its share of samples, not of distinct shard bytes."]
     return "\n".join(lines) + "\n"
 
 

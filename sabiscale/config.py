@@ -49,27 +49,17 @@ class FileSource(_Section):
         return self
 
 
-class MixConfig(_Section):
-    """How much of each language and task the training shards hold, in tokens.
-
-    Language shares follow temperature sampling, q_l proportional to (n_l / N)^(1/temperature)
+class MixWeights(_Section):
+    """Language shares follow temperature sampling, q_l proportional to (n_l / N)^(1/temperature)
     times language_weights[l] (XLM-R and mT5 style: temperature > 1 lifts small languages; 1 keeps
-    the natural shares). Inside a language, tasks keep their natural token shares times
-    task_weights[t]. The total stays the corpus's token count; groups are up-sampled by repeating
-    documents and down-sampled by a seeded choice of whole documents. The validation split is
-    never resampled. The manifest reports natural, target and realized tokens per task/language.
-    """
+    the natural shares). Inside a language, tasks keep their natural shares times task_weights[t]."""
 
     temperature: float = Field(1.0, gt=0)
     task_weights: dict[str, float] = {}
     language_weights: dict[str, float] = {}
-    # What the shares are counted in. tokens: what the model sees, but a language the tokenizer
-    # splits badly looks bigger than it is and is sampled down; bytes (UTF-8) or words of the raw
-    # text: the same text weighs the same whatever the tokenizer does with it.
-    unit: Literal["tokens", "bytes", "words"] = "tokens"
 
     @model_validator(mode="after")
-    def _non_negative(self) -> "MixConfig":
+    def _non_negative(self) -> "MixWeights":
         bad = {k: v for k, v in {**self.task_weights, **self.language_weights}.items() if v < 0}
         if bad:
             raise ValueError(f"mixing weights must be >= 0, got {bad}")
@@ -78,6 +68,49 @@ class MixConfig(_Section):
     def is_natural(self) -> bool:
         return self.temperature == 1.0 and all(w == 1.0 for w in (*self.task_weights.values(),
                                                                    *self.language_weights.values()))
+
+
+class MixPhase(MixWeights):
+    """One phase of data.mix.schedule: from optimizer step `start_step` on, the loader draws each
+    (task, language) source by these weights (data/schedule.py)."""
+
+    start_step: int = Field(ge=0)
+
+
+class MixConfig(MixWeights):
+    """How much of each language and task training sees (the weights: MixWeights).
+
+    Without a schedule the mix is fixed when `prepare` writes the shards: groups are up-sampled by
+    repeating documents and down-sampled by a seeded choice of whole documents, the total staying
+    the corpus's size, and the manifest reports natural, target and realized amounts per
+    task/language. With `schedule`, `prepare` writes the shards per source (task x language) at
+    their natural sizes and the loader draws the mix at train time, phase by phase; changing the
+    schedule needs no new `prepare`. The validation split is never resampled.
+    """
+
+    # What the shares are counted in. tokens: what the model sees, but a language the tokenizer
+    # splits badly looks bigger than it is and is sampled down; bytes (UTF-8) or words of the raw
+    # text: the same text weighs the same whatever the tokenizer does with it.
+    unit: Literal["tokens", "bytes", "words"] = "tokens"
+    # Phases by optimizer step, e.g. more plain text first and more tasks later; the first starts at 0.
+    schedule: list[MixPhase] = []
+
+    @model_validator(mode="after")
+    def _schedule_in_order(self) -> "MixConfig":
+        if not self.schedule:
+            return self
+        starts = [phase.start_step for phase in self.schedule]
+        if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"data.mix.schedule: phases must start at step 0 and then at increasing steps, got "
+                             f"start_step {starts}")
+        if not self.is_natural():
+            raise ValueError("data.mix.schedule is set, and so are data.mix.temperature/task_weights/language_weights: "
+                             "with a schedule the weights belong to its phases; move them into the first phase")
+        return self
+
+    def weights_named(self) -> list[MixWeights]:
+        """Every set of weights the recipe gives (the top level and each phase)."""
+        return [self, *self.schedule]
 
 
 def check_language_weights(weights: dict[str, float], languages: set[str], known_from: str) -> None:
@@ -182,14 +215,15 @@ class DataConfig(_Section):
         if self.val_fraction + self.heldout_fraction >= 1:
             raise ValueError(f"data.val_fraction ({self.val_fraction}) + data.heldout_fraction "
                              f"({self.heldout_fraction}) must leave records to train on (sum < 1)")
-        unused = set(self.mix.task_weights) - set(self.tasks)
+        unused = {t for weights in self.mix.weights_named() for t in weights.task_weights} - set(self.tasks)
         if unused:
-            raise ValueError(f"data.mix.task_weights names tasks not in data.tasks: {sorted(unused)}")
+            raise ValueError(f"data.mix task_weights name tasks not in data.tasks: {sorted(unused)}")
         if self.val_fraction == 0:
             raise ValueError("data.val_fraction is 0, but training evaluates on the validation split (its loss "
                              "curve, the probe tokens): give a share above 0, e.g. 0.02")
         if self.languages is not None:  # the data's own languages are checked at prepare, before anything is written
-            check_language_weights(self.mix.language_weights, set(self.languages), "data.languages")
+            for weights in self.mix.weights_named():
+                check_language_weights(weights.language_weights, set(self.languages), "data.languages")
         return self
 
 

@@ -1,2 +1,2 @@
 """Stage 3, the loader: WebDataset shards -> batches for one rank (loader), the sample order
-(order) and the batch layout (batch)."""
+(order), the mix drawn by a schedule of phases (schedule) and the batch layout (batch)."""

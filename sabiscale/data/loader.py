@@ -8,6 +8,8 @@ only the bytes of its own samples: every shard has an index of where each sample
 (shards/format.py), so a sample is one seek and one read. A position in the stream is a global
 micro-batch number, so resuming seeks straight to it (no replay) on any number of ranks and
 workers. Epochs chain without a seam; the stream is infinite and the loop decides how many steps.
+With data.mix.schedule the k-th sample comes from a ScheduledOrder (data/schedule.py) instead: the
+same promises, the phase being a function of the position.
 
 Shards are local files (or any mounted file system every rank sees): reading by offset needs
 seekable files.
@@ -22,6 +24,7 @@ import torch
 
 from sabiscale.data.batch import Batch, Vocab, collate
 from sabiscale.data.order import SampleOrder
+from sabiscale.data.schedule import MixPlan, ScheduledOrder
 from sabiscale.errors import UserError
 from sabiscale.shards.format import ShardReader, decode_sample, split_shards
 
@@ -33,12 +36,14 @@ class ShardLoader(torch.utils.data.IterableDataset):
     DataLoader(batch_size=None) for workers."""
 
     def __init__(self, shards: list[dict], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True, num_workers: int = 0, start: int = 0, pin_memory: bool = False) -> None:
+                 shuffle: bool = True, num_workers: int = 0, start: int = 0, pin_memory: bool = False,
+                 plan: MixPlan | None = None) -> None:
         super().__init__()
         self.shards, self.vocab, self.batch_size, self.seed, self.shuffle = shards, vocab, batch_size, seed, shuffle
         self.rank, self.world_size, self.num_workers, self.start = rank, world_size, num_workers, start
-        self.pin_memory = pin_memory
-        self.order = SampleOrder([s["sequences"] for s in shards], seed, shuffle)
+        self.pin_memory, self.plan = pin_memory, plan
+        sequences = [s["sequences"] for s in shards]
+        self.order = ScheduledOrder(plan, sequences, seed) if plan is not None else SampleOrder(sequences, seed, shuffle)
         self.reader = ShardReader(shards)
 
     def _owns(self, batch_index: int, worker: int) -> bool:
@@ -97,22 +102,31 @@ class BatchStream:
 
     def state_dict(self) -> dict:
         d = self.dataset
-        return {"position": self.position, **stream_definition(d.batch_size, d.seed, d.shuffle, d.shards)}
+        return {"position": self.position, **stream_definition(d.batch_size, d.seed, d.shuffle, d.shards, d.plan)}
 
 
-def stream_definition(batch_size: int, seed: int, shuffle: bool, shards: list[dict]) -> dict:
-    return {"batch_size": batch_size, "seed": seed, "order": ORDER_VERSION if shuffle else "unshuffled",
-            "urls": [Path(s["path"]).name for s in shards]}
+def stream_definition(batch_size: int, seed: int, shuffle: bool, shards: list[dict], plan: MixPlan | None = None) -> dict:
+    definition = {"batch_size": batch_size, "seed": seed, "order": ORDER_VERSION if shuffle else "unshuffled",
+                  "urls": [Path(s["path"]).name for s in shards]}
+    if plan is not None:  # absent without a schedule, so checkpoints of unscheduled runs keep resuming
+        definition["mix_schedule"] = plan.definition()
+    return definition
 
 
-def check_resumable(state: dict, batch_size: int, seed: int, shuffle: bool, shards: list[dict]) -> None:
+def check_resumable(state: dict, batch_size: int, seed: int, shuffle: bool, shards: list[dict],
+                    plan: MixPlan | None = None) -> None:
     """The saved position only means the same samples under the same stream definition."""
-    now = stream_definition(batch_size, seed, shuffle, shards)
-    changed = [k for k in now if state.get(k) != now[k]]
+    now = stream_definition(batch_size, seed, shuffle, shards, plan)
+    changed = [k for k in [*now, *({"mix_schedule"} & state.keys() - now.keys())] if state.get(k) != now.get(k)]
     if "order" in changed and "order" not in state:
         raise UserError("cannot resume the data stream exactly: the checkpoint's position refers to the sample order "
                         "of an earlier sabiscale (a shuffle buffer over every shard); finish that run with the "
                         "version that started it, or start a new run (train.resume=never with a new output_dir)")
+    if "mix_schedule" in changed:
+        raise UserError("cannot resume the data stream exactly: data.mix.schedule (or the global batch size its steps "
+                        "are counted in) changed since the checkpoint, so the phases would draw other samples: "
+                        f"restore the schedule it was saved with (phases {(state.get('mix_schedule') or {}).get('phases')} "
+                        "as [start sample, draws per source per block]), or start a new run in a new output_dir")
     if changed:
         raise UserError(f"cannot resume the data stream exactly: {', '.join(changed)} changed since the checkpoint "
                         f"(was {[state.get(k) for k in changed]}, now {[now[k] for k in changed]}); "
@@ -120,7 +134,9 @@ def check_resumable(state: dict, batch_size: int, seed: int, shuffle: bool, shar
 
 
 def make_loader(shards: list[dict], vocab: Vocab, batch_size: int, rank: int, world_size: int, seed: int,
-                shuffle: bool = True, num_workers: int = 0, start: int = 0, pin_memory: bool = False) -> BatchStream:
-    """shards: a split's entries as `split_shards` gives them (path, sequences, bytes, index)."""
+                shuffle: bool = True, num_workers: int = 0, start: int = 0, pin_memory: bool = False,
+                plan: MixPlan | None = None) -> BatchStream:
+    """shards: a split's entries as `split_shards` gives them (path, sequences, bytes, index); plan:
+    the scheduled mix over them (data/schedule.py), or None for the shards' own mix."""
     return BatchStream(ShardLoader(shards, vocab, batch_size, rank, world_size, seed, shuffle, num_workers, start,
-                                   pin_memory))
+                                   pin_memory, plan))

@@ -18,10 +18,11 @@ import numpy as np
 
 
 class SampleOrder:
-    def __init__(self, counts: list[int], seed: int, shuffle: bool = True) -> None:
+    def __init__(self, counts: list[int], seed: int | tuple[int, ...], shuffle: bool = True) -> None:
         self.counts = list(counts)
         self.total = sum(self.counts)
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = list(seed) if isinstance(seed, tuple) else [seed]  # a tuple: one stream of several (data/schedule.py)
+        self.shuffle = shuffle
         if self.total == 0:
             raise ValueError("no samples to read")
 
@@ -38,10 +39,10 @@ class SampleOrder:
         """This epoch's shard order and where each of them starts in the epoch."""
         order = list(range(len(self.counts)))
         if self.shuffle:
-            order = [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))]
+            order = [int(i) for i in np.random.default_rng([*self.seed, epoch]).permutation(len(self.counts))]
         starts = np.concatenate([[0], np.cumsum([self.counts[i] for i in order])[:-1]]).tolist()
         return order, starts
 
     @lru_cache(maxsize=64)
     def _within(self, epoch: int, shard: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, shard, 1]).permutation(self.counts[shard])
+        return np.random.default_rng([*self.seed, epoch, shard, 1]).permutation(self.counts[shard])

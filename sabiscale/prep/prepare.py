@@ -63,6 +63,10 @@ _RUNTIME_DATA_KEYS = ("loader_workers", "prepare_workers", "dir", "shards_dir")
 def prepared_settings(cfg: RunConfig) -> dict:
     """What decides the prepared data: recorded in the manifest, compared when data.dir is reused."""
     data = {k: v for k, v in cfg.model_dump(mode="json")["data"].items() if k not in _RUNTIME_DATA_KEYS}
+    mix = data.pop("mix")
+    mix.pop("schedule")
+    # with a schedule the shards hold each source at its natural size, whatever the phases' weights
+    data["mix"] = "by_source" if cfg.data.mix.schedule else mix
     return {"data": data, "tokenizer": cfg.tokenizer.model_dump(mode="json"), "seed": cfg.seed}
 
 
@@ -295,6 +299,30 @@ def write_near_pairs(shards_dir: Path, near: NearDuplicates) -> dict:
     return near.summary(path.name)
 
 
+def write_by_source(docs: list[Document], cfg: RunConfig, pad_id: int, workers: Workers) -> dict:
+    """The training split as shards per source (task x language) at natural size, for a mix drawn
+    at load time (data.mix.schedule); its entry lists each source's shards and its size in every
+    mix unit, from which the loader turns a phase's weights into draws."""
+    groups: dict[str, list[Document]] = defaultdict(list)
+    for doc in docs:
+        groups[f"{doc.task}/{doc.lang}"].append(doc)
+    shards, sources, counts = [], {}, []
+    for key, group in sorted(groups.items()):
+        stats = PackStats()
+        packed = list(pack_documents(group, cfg.data.seq_len, pad_id, stats))
+        written = write_split(packed, cfg.shards_dir, "train-" + key.replace("/", "-"), cfg.data.sequences_per_shard,
+                              stats, workers)
+        shards += written["shards"]
+        counts.append(written["counts"])
+        sources[key] = {"shards": [s["name"] for s in written["shards"]], "sequences": stats.sequences,
+                        "documents": len(group), "tokens": sum(len(d.ids) for d in group),
+                        "bytes": sum(d.text_bytes for d in group), "words": sum(d.text_words for d in group)}
+    total = {name: sum(c[name] for c in counts) for name in ("sequences", "tokens", "padding", "split_documents",
+                                                            "supervised_tokens")}
+    total["by_task_lang"] = dict(sorted(kv for c in counts for kv in c["by_task_lang"].items()))
+    return {"shards": shards, "counts": total, "sources": sources}
+
+
 def prepare(cfg: RunConfig) -> Prepared:
     if cfg.data.shards_dir is not None and (cfg.data.shards_dir / "manifest.json").is_file():
         raise AlreadyExists(f"data.shards_dir {cfg.data.shards_dir} already holds shards, which `prepare` would "
@@ -309,7 +337,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         corpus = read_corpus(cfg, root, workers)
         parts = split_examples(cfg, corpus)
         train, val = parts.train, parts.val
-        check_language_weights(cfg.data.mix.language_weights, {e.lang for e in train}, "the data")
+        for weights in cfg.data.mix.weights_named():
+            check_language_weights(weights.language_weights, {e.lang for e in train}, "the data")
         log.info("%d train / %d validation examples (%d held out) from %d files (%.0f s); tokenizer next", len(train),
                  len(val), len(parts.heldout), len(corpus.files), time.monotonic() - started)
         tok = _tokenizer(cfg, train, corpus.specials)
@@ -321,6 +350,9 @@ def prepare(cfg: RunConfig) -> Prepared:
         splits = {}
         for split, docs in (("train", train_docs), ("val", encode(tok, val))):
             random.Random(cfg.seed).shuffle(docs)  # mix tasks and languages within and across sequences
+            if split == "train" and cfg.data.mix.schedule:
+                splits[split] = write_by_source(docs, cfg, tok.pad_token_id, workers)
+                continue
             stats = PackStats()
             packed = list(pack_documents(docs, cfg.data.seq_len, tok.pad_token_id, stats))
             splits[split] = write_split(packed, cfg.shards_dir, split, cfg.data.sequences_per_shard, stats, workers)

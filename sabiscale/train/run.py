@@ -3,7 +3,7 @@ engine, the resume point loaded, the data streams, the tracker, the probe and th
 from __future__ import annotations
 
 import dataclasses
-
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,6 +15,7 @@ import torch
 from sabiscale.config import PROJECT_ROOT, RunConfig, resolve_batch, resolve_warmup
 from sabiscale.data.batch import Batch, Vocab
 from sabiscale.data.loader import BatchStream, check_resumable, make_loader
+from sabiscale.data.schedule import MixPlan, plan_schedule, realised_mix
 from sabiscale.shards.format import split_shards
 from sabiscale.errors import UserError
 from sabiscale.hashing import sha256_file
@@ -103,6 +104,7 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     tracker = make_tracker(cfg, world.rank, resuming=resumed is not None)
     tracker.log_json(ds_config, "config/deepspeed.json")
     tracker.log_json(manifest, "data/manifest.json")
+    log_realised_mix(cfg, loader, tracker, world.rank)
     lm = engine.module.lm
     parameters = count_parameters(lm)
     tracker.log_metrics({"model/parameters": parameters}, step=0)
@@ -235,16 +237,45 @@ def data_streams(cfg: RunConfig, world: World, manifest: dict, vocab: Vocab,
     its validation micro-batches. Every shard is checked against the manifest before the first read."""
     micro_bs = cfg.train.micro_batch_size
     train_shards = split_shards(cfg.shards_dir, manifest, "train")
+    plan = mix_plan(cfg, world, manifest)
     if resumed is not None:
-        check_resumable(resumed["loader"], micro_bs, cfg.seed, True, train_shards)
+        check_resumable(resumed["loader"], micro_bs, cfg.seed, True, train_shards, plan)
     on_gpu = world.device.type == "cuda"
     workers = choose_loader_workers(cfg.data.loader_workers, world.device.type, cores_per_rank(on_gpu))
     loader = make_loader(train_shards, vocab, micro_bs, world.rank, world.world_size, cfg.seed, True,
-                         workers, start=resumed["loader"]["position"] if resumed else 0, pin_memory=on_gpu and workers > 0)
+                         workers, start=resumed["loader"]["position"] if resumed else 0, pin_memory=on_gpu and workers > 0,
+                         plan=plan)
     # one fixed global eval set, split over the ranks: the eval loss does not depend on their number
     val_loader = make_loader(split_shards(cfg.shards_dir, manifest, "val"), vocab, micro_bs, 0, 1, cfg.seed, False)
     val_batches = [next(val_loader) for _ in range(cfg.train.eval_batches)]
     return loader, eval_share(val_batches, world.rank, world.world_size)
+
+
+def mix_plan(cfg: RunConfig, world: World, manifest: dict) -> MixPlan | None:
+    """data.mix.schedule over the manifest's sources; phases start at optimizer steps, so at
+    step x (sequences per step over all ranks) samples of the global stream."""
+    if not cfg.data.mix.schedule:
+        return None
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world.world_size
+    return plan_schedule(cfg.data.mix, manifest["splits"]["train"], per_step, str(cfg.shards_dir / "manifest.json"))
+
+
+def log_realised_mix(cfg: RunConfig, loader: BatchStream, tracker, rank: int) -> None:
+    """The realised mix of each phase up to the last step: in the run directory, in MLflow (as a
+    JSON artifact, and a metric per source at each phase's first step, so the chart steps with it)."""
+    plan = loader.dataset.plan
+    if plan is None or rank != 0:
+        return
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * loader.dataset.world_size
+    report = realised_mix(plan, loader.dataset.order, cfg.train.max_steps * per_step)
+    (cfg.output_dir / "mix_schedule.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tracker.log_json({"phases": report}, "data/mix_schedule.json")
+    for phase in report:
+        tracker.log_metrics({f"mix/{name}": entry["realised_share"] for name, entry in phase["sources"].items()},
+                            step=phase["start_step"])
+        log.info("data mix phase %d from step %d (%s shares): %s", phase["phase"], phase["start_step"], phase["unit"],
+                 ", ".join(f"{name} {e['realised_share']:.3f} (target {e['target_share']:.3f})"
+                           for name, e in phase["sources"].items()))
 
 
 def eval_share(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
