@@ -6,7 +6,7 @@ pass/fail table. Run it on the GPU machine (or in CI there):
     deepspeed --num_gpus 2 benchmarks/gpu_smoke.py           # the same under 2 ranks (rank 0 prints the table)
 
 Rows: the device and the decisions taken for it (precision from compute capability, Adam
-implementation, flash-attention); every DeepSpeed profile x optimizer for a few steps (loss finite
+implementation, the packed-attention kernel); every DeepSpeed profile x optimizer for a few steps (loss finite
 and falling, no CUDA compilation needed); what a first user hits next: gradient accumulation,
 activation checkpointing, fp16 with loss scaling, a resume on the same number of ranks, the real
 `sabiscale train` path with MLflow on; packed attention against the block-diagonal masked
@@ -74,7 +74,7 @@ class Table:
 
 
 def device_row(world) -> str:
-    from sabiscale.model.attention import flash_applies
+    from sabiscale.model.attention import varlen_kernel
     from sabiscale.train.device import fused_adam_prebuilt
     from sabiscale.train.engine import resolve_precision
 
@@ -82,15 +82,11 @@ def device_row(world) -> str:
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     precision = resolve_precision("auto", HIDDEN)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    try:
-        import flash_attn  # noqa: F401
-        flash = "installed"
-    except Exception as err:  # noqa: BLE001
-        flash = f"not importable ({type(err).__name__})"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    kernel = varlen_kernel(device, dtype)
     return (f"{name}, capability {capability}, torch {torch.__version__} (CUDA {torch.version.cuda}); precision "
-            f"{precision}; FusedAdam prebuilt: {fused_adam_prebuilt()}; flash-attn {flash}, used for packed "
-            f"batches: {flash_applies(device.type, dtype, capability)}")
+            f"{precision}; FusedAdam prebuilt: {fused_adam_prebuilt()}; packed attention: "
+            f"{kernel.name if kernel else 'sdpa per length bucket'}")
 
 
 HIDDEN = 64  # the smoke's tiny model
@@ -223,7 +219,7 @@ def attention_row(device: torch.device, dtype: torch.dtype):
     def check():
         import torch.nn.functional as F
 
-        from sabiscale.model.attention import packed_attention_forward
+        from sabiscale.model.attention import packed_attention_forward, varlen_kernel
 
         torch.manual_seed(0)
         rows = [[1, 5, 17, 3, 38], [64], [30, 30, 1, 1, 2], [7] * 9 + [1]]
@@ -237,7 +233,8 @@ def attention_row(device: torch.device, dtype: torch.dtype):
                                              scale=32 ** -0.5).transpose(1, 2)
         error = float((ours.float() - ref).abs().max())
         assert error < (2e-2 if dtype != torch.float32 else 1e-4), f"max error {error}"
-        return f"{dtype}, max abs error {error:.2e}"
+        kernel = varlen_kernel(device, dtype)
+        return f"{dtype}, {kernel.name if kernel else 'sdpa per length bucket'}, max abs error {error:.2e}"
     return check
 
 

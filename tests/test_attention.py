@@ -96,11 +96,18 @@ def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_
     return out
 
 
+def _torch_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn's contract on the CPU: a window of (-1, 0) is causal."""
+    assert tuple(window_size) == (-1, 0) and enable_gqa == (k.shape[1] != q.shape[1])
+    return _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+
+
+@pytest.mark.parametrize("kernel", ["flash-attn", "torch varlen_attn"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_flash_varlen_metadata_of_a_multi_row_batch_is_its_documents(kv_heads):
+def test_varlen_metadata_of_a_multi_row_batch_is_its_documents(kv_heads, kernel):
     """transformers' own flash path treats a (B > 1, T) batch as B plain causal rows and mixes the
-    documents; sabiscale hands flash's varlen kernel the documents themselves."""
-    from sabiscale.model.attention import flash_document_attention, varlen_metadata
+    documents; sabiscale hands a varlen kernel (flash-attn's, or torch's own) the documents themselves."""
+    from sabiscale.model.attention import VarlenKernel, VarlenPlan, varlen_document_attention, varlen_metadata
 
     rows = [[1, 5, 17, 3, 38], [64], [30, 30, 1, 1, 2], [7] * 9 + [1]]
     pos = _packed_positions(rows)
@@ -110,20 +117,48 @@ def test_flash_varlen_metadata_of_a_multi_row_batch_is_its_documents(kv_heads):
     assert longest == 64
     torch.manual_seed(1)
     q, k, v = torch.randn(4, 4, 64, 16), torch.randn(4, kv_heads, 64, 16), torch.randn(4, kv_heads, 64, 16)
-    ours = flash_document_attention(_varlen_reference, q, k, v, pos, 16 ** -0.5)
+    stand_in = _varlen_reference if kernel == "flash-attn" else _torch_varlen_reference
+    ours = varlen_document_attention(VarlenPlan(VarlenKernel(kernel, stand_in), cu, longest), q, k, v, 16 ** -0.5)
     torch.testing.assert_close(ours, _dense(q, k, v, pos), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device,dtype,capability,expected", [
     ("cuda", torch.bfloat16, (8, 0), True), ("cuda", torch.float16, (9, 0), True),
     ("cuda", torch.float32, (8, 0), False),   # eval and scoring load fp32 models: sdpa
-    ("cuda", torch.float16, (7, 5), False),   # T4: flash-attention 2 needs sm80
+    ("cuda", torch.float16, (7, 5), False),   # T4: the flash kernels need sm80
     ("cpu", torch.bfloat16, None, False), ("cpu", torch.float32, None, False)])
-def test_the_flash_kernel_is_chosen_per_call(device, dtype, capability, expected):
-    from sabiscale.model.attention import flash_applies, flash_varlen_kernel
+def test_the_varlen_kernel_is_chosen_per_device_and_dtype(device, dtype, capability, expected):
+    from sabiscale.model.attention import flash_applies, installed_varlen_kernel, varlen_kernel
 
     assert flash_applies(device, dtype, capability) is expected
-    assert flash_varlen_kernel(torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16)) is None  # CPU tensor
+    assert varlen_kernel(torch.device("cpu"), torch.bfloat16) is None  # the CPU buckets for sdpa
+    try:
+        import flash_attn  # noqa: F401
+        want = "flash-attn"
+    except ImportError:  # this torch (2.13) brings its own varlen kernel: no flash-attn wheel needed
+        want = "torch varlen_attn"
+    assert installed_varlen_kernel().name == want
+
+
+def test_the_varlen_metadata_is_made_once_per_micro_batch_not_per_layer(demo_cfg, parts, monkeypatch):
+    """With a varlen kernel (here a CPU stand-in with its contract) a 4-layer model computes the
+    documents' cu_seqlens once per forward, and its hidden states equal sdpa's."""
+    from sabiscale.model import attention
+    from sabiscale.model.build import hidden_at
+
+    tok, batch, _ = parts
+    cfg = demo_cfg.model.model_copy(update={"num_layers": 4})
+    lm = build_model(cfg, len(tok), demo_cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, 0)
+    needed = torch.ones_like(batch.loss_mask)
+    expected = hidden_at(lm, batch.input_ids, batch.position_ids, needed)
+    made = []
+    real_metadata = attention.varlen_metadata
+    monkeypatch.setattr(attention, "varlen_metadata", lambda pos: made.append(1) or real_metadata(pos))
+    monkeypatch.setattr(attention, "varlen_kernel",
+                        lambda device, dtype: attention.VarlenKernel("torch varlen_attn", _torch_varlen_reference))
+    ours = hidden_at(lm, batch.input_ids, batch.position_ids, needed)
+    assert len(made) == 1
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_the_model_never_asks_transformers_for_flash_attention(demo_cfg):

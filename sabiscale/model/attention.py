@@ -3,9 +3,11 @@
 sdpa with a block-diagonal mask (transformers' default for packed sequences) scores every query
 against all T keys of its row and then masks most of them away: with ~60-token documents in
 512-token rows, >85% of that work is thrown away, and on a CPU it is a large share of the step.
-flash-attention's varlen kernel avoids it: where it can run the call (flash-attn installed, a
-CUDA GPU of sm80 on, fp16/bf16; decided per call) it gets the documents' `cu_seqlens` from the
-restarting position_ids (varlen_metadata). Everywhere else this does the same with plain sdpa:
+A varlen kernel avoids it: on a CUDA GPU of sm80 on, in fp16/bf16, flash-attn's
+flash_attn_varlen_func where it is installed, else torch's own varlen_attn (torch.nn.attention.varlen,
+the same flash kernels inside torch). It takes the documents' `cu_seqlens`, made from the
+restarting position_ids once per micro-batch (document_plan) and shared by every layer.
+Everywhere else (CPU, fp32, older GPUs) this does the same with plain sdpa:
 
 1. document spans come from the restarting `position_ids` (a document starts at position 0);
 2. documents are sorted by length and grouped into buckets; each bucket is padded to its longest
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -144,63 +147,103 @@ def document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def varlen_metadata(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens, max_seqlen) of the documents of a packed (B, T) batch, for flash-attention's
-    varlen kernel over the flattened B*T tokens: int32 document boundaries (D + 1 of them) and the
-    longest document. Every row starts a document, so none spans two rows."""
+    """(cu_seqlens, max_seqlen) of the documents of a packed (B, T) batch, for a varlen kernel over
+    the flattened B*T tokens: int32 document boundaries (D + 1 of them) and the longest document.
+    Every row starts a document, so none spans two rows."""
     starts, lengths = document_spans(position_ids)
     ends = torch.tensor([position_ids.numel()], dtype=starts.dtype, device=starts.device)
     return torch.cat([starts, ends]).to(torch.int32), int(lengths.max())
 
 
 def flash_applies(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> bool:
-    """flash-attention 2 runs on CUDA GPUs from sm80 on, in fp16 or bf16 only."""
+    """The flash varlen kernels (flash-attn 2's and torch's) run on CUDA GPUs from sm80 on, in fp16
+    or bf16 only."""
     return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and capability is not None
             and tuple(capability) >= (8, 0))
 
 
-_flash: dict = {}
+@dataclass(frozen=True)
+class VarlenKernel:
+    """A varlen attention kernel behind one call: (T, H, D) q and (T, H_kv, D) k, v of the flattened
+    batch, causal inside each document of cu_seqlens -> (T, H, D)."""
+    name: str
+    fn: object
+
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float | None) -> torch.Tensor:
+        if self.name == "flash-attn":
+            return self.fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale,
+                           causal=True)
+        # torch's varlen_attn has no causal flag: a window of (-1, 0) is causal attention
+        return self.fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
+                       enable_gqa=k.shape[1] != q.shape[1])
 
 
-def flash_varlen_kernel(query: torch.Tensor):
-    """flash_attn_varlen_func when it can run this call, else None (chosen per call from dtype,
-    device and compute capability; a missing or broken flash-attn wheel falls back to sdpa with
-    one log line)."""
-    capability = torch.cuda.get_device_capability(query.device) if query.device.type == "cuda" else None
-    if not flash_applies(query.device.type, query.dtype, capability):
+@lru_cache(maxsize=1)
+def installed_varlen_kernel() -> VarlenKernel | None:
+    """flash-attn's varlen kernel where it is installed and loads, else torch's varlen_attn where
+    this torch has it, else None (one log line says which)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+        return VarlenKernel("flash-attn", flash_attn_varlen_func)
+    except Exception as err:  # noqa: BLE001 - any broken install falls back the same way
+        reason = f"{type(err).__name__}: {err}"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        log.info("flash-attn is not usable (%s) and this torch has no varlen_attn: packed attention runs sdpa "
+                 "per length bucket", reason)
         return None
-    if "kernel" not in _flash:
-        try:
-            from flash_attn import flash_attn_varlen_func
-            _flash["kernel"] = flash_attn_varlen_func
-        except Exception as err:  # noqa: BLE001 - any broken install falls back the same way
-            log.info("flash-attn is not usable here (%s: %s); packed attention runs sdpa per document",
-                     type(err).__name__, err)
-            _flash["kernel"] = None
-    return _flash["kernel"]
+    log.info("flash-attn is not usable (%s): packed attention runs torch's varlen_attn", reason)
+    return VarlenKernel("torch varlen_attn", varlen_attn)
 
 
-def flash_document_attention(kernel, query, key, value, position_ids, scaling) -> torch.Tensor:
-    """Causal attention inside each document with flash's varlen kernel: (B, H, T, D) -> (B, T, H, D)."""
+def varlen_kernel(device: torch.device, dtype: torch.dtype) -> VarlenKernel | None:
+    """The varlen kernel for this device and compute dtype, or None: sdpa per length bucket."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return installed_varlen_kernel() if flash_applies(device.type, dtype, capability) else None
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    kernel: VarlenKernel
+    cu_seqlens: torch.Tensor  # (D + 1,) int32
+    max_seqlen: int
+
+
+def document_plan(position_ids: torch.Tensor, dtype: torch.dtype) -> VarlenPlan | BucketPlan:
+    """How every layer of one micro-batch attends inside its documents, made once for all layers:
+    a varlen kernel's cu_seqlens where one runs, else the sdpa length buckets."""
+    kernel = varlen_kernel(position_ids.device, dtype)
+    if kernel is not None:
+        return VarlenPlan(kernel, *varlen_metadata(position_ids))
+    return bucket_plan(position_ids)
+
+
+def varlen_document_attention(plan: VarlenPlan, query, key, value, scaling) -> torch.Tensor:
+    """Causal attention inside each document with a varlen kernel: (B, H, T, D) -> (B, T, H, D)."""
     batch, heads, length, dim = query.shape
-    cu_seqlens, max_seqlen = varlen_metadata(position_ids.expand(batch, -1))
     flat = lambda x: x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)  # noqa: E731
-    out = kernel(flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                 dropout_p=0.0, softmax_scale=scaling, causal=True)
+    out = plan.kernel(flat(query), flat(key), flat(value), plan.cu_seqlens, plan.max_seqlen, scaling)
     return out.view(batch, length, heads, dim)
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, packed_documents: bool = False, position_ids=None,
-                             document_plan: BucketPlan | None = None, **kwargs):
-    """transformers attention interface: per-document attention for packed batches (flash's varlen
-    kernel where it runs, else sdpa per length bucket), plain sdpa otherwise."""
+                             document_plan: VarlenPlan | BucketPlan | None = None, **kwargs):
+    """transformers attention interface: per-document attention for packed batches (a varlen
+    kernel where one runs, else sdpa per length bucket), plain sdpa otherwise. `document_plan`:
+    the micro-batch's document_plan, made once for all layers (else made here)."""
     if packed_documents and position_ids is not None and query.shape[2] == key.shape[2] and not dropout:
-        kernel = flash_varlen_kernel(query)
-        if kernel is not None:
-            return flash_document_attention(kernel, query, key, value, position_ids, scaling), None
-        return document_attention(query, key, value, position_ids, scaling, document_plan), None
+        plan = document_plan if document_plan is not None else document_plan_of(position_ids, query)
+        if isinstance(plan, VarlenPlan):
+            return varlen_document_attention(plan, query, key, value, scaling), None
+        return document_attention(query, key, value, position_ids, scaling, plan), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   position_ids=position_ids, **kwargs)
+
+
+def document_plan_of(position_ids: torch.Tensor, query: torch.Tensor) -> VarlenPlan | BucketPlan:
+    return document_plan(position_ids.expand(query.shape[0], -1), query.dtype)
 
 
 AttentionInterface.register(NAME, packed_attention_forward)

@@ -139,8 +139,8 @@ def hidden_at(lm: LlamaForCausalLM, input_ids: torch.Tensor, position_ids: torch
         return full[needed]
     x = body.embed_tokens(input_ids)
     rope = body.rotary_emb(x, position_ids=position_ids)
-    # sabiscale's attention buckets documents the same way in every layer: plan it once
-    plan = attention.bucket_plan(position_ids) if impl == attention.NAME else None
+    # every layer attends inside the same documents: the varlen metadata or the sdpa buckets, once
+    plan = attention.document_plan(position_ids, x.dtype) if impl == attention.NAME else None
     packed = {"position_ids": position_ids, "packed_documents": True, "document_plan": plan}
     *layers, last = body.layers
     if kernels is None or not layer_ops.fusable(last):
