@@ -65,6 +65,36 @@ def softmax_in_place(logits: torch.Tensor, normalize: bool = True) -> tuple[torc
     return exp, lse
 
 
+def exp_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp(logits - row max) written over `logits`, log-sum-exp, row sums): the softmax before
+    its division, which logits_gradient folds into its one scaling pass."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(row_max).exp_()
+    total = exp.sum(dim=-1)
+    return exp, row_max.squeeze(1) + total.log(), total
+
+
+def logits_gradient(block: torch.Tensor, total: torch.Tensor | None, targets: torch.Tensor,
+                    token_weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d logits = (softmax - one_hot(target)) x token weight, in `dtype`, from `block` =
+    exp(logits - max) with row sums `total` (or softmax rows when `total` is None), in place.
+    Written as (block - one_hot x total) x (weight / total): the division, the token weight and
+    the cast to the compute dtype are one pass over the (chunk, V) block instead of three."""
+    rows = torch.arange(len(targets), device=targets.device)
+    block[rows, targets] -= total if total is not None else 1.0
+    if total is None and token_weights is None:
+        scale = None
+    elif total is None:
+        scale = token_weights
+    else:
+        scale = total.reciprocal() if token_weights is None else token_weights / total
+    if dtype == block.dtype:
+        return block.mul_(scale[:, None]) if scale is not None else block
+    if scale is None:
+        return block.to(dtype)
+    return torch.mul(block, scale[:, None], out=torch.empty(block.shape, dtype=dtype, device=block.device))
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Weighted sum of cross-entropy(hidden @ weight.T, targets), chunk by chunk.
 
@@ -88,23 +118,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             if known is not None:
-                probs = known[0]
+                block, total = known[0], None  # softmax rows: already normalized
                 losses.copy_(known[1])
             else:
                 logits = logits_block(h, weight, workspace)  # (chunk, V)
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 if lse_known is None:
-                    probs, lse = softmax_in_place(logits, normalize=needs_grad)
+                    block, lse, total = exp_in_place(logits)
                 else:
-                    lse = lse_known[start:start + chunk]
-                    probs = logits.sub_(lse[:, None]).exp_() if needs_grad else None
+                    lse, total = lse_known[start:start + chunk], None
+                    block = logits.sub_(lse[:, None]).exp_() if needs_grad else None
                 losses[start:start + chunk] = lse - target_logit
             if needs_grad:
-                d_logits = probs
-                d_logits[torch.arange(len(t), device=t.device), t] -= 1
-                if token_weights is not None:
-                    d_logits.mul_(token_weights[start:start + chunk, None])
-                d_logits = d_logits.to(weight.dtype)
+                w = token_weights[start:start + chunk] if token_weights is not None else None
+                d_logits = logits_gradient(block, total, t, w, weight.dtype)
                 grad_hidden[start:start + chunk] = d_logits @ weight
                 if weight.dtype == torch.float32:
                     grad_weight.addmm_(d_logits.T, h.float())
