@@ -8,6 +8,15 @@ with the gradients computed on the spot (FusedLinearCrossEntropy), so at most (c
 are alive at once and no B x T x V tensor exists. The head is called as a module, so under ZeRO-3
 DeepSpeed gathers its weight as for any forward. With reference losses (the selective kind) the
 head first ranks the candidates by excess loss and trains the top share only.
+
+Liger-Kernel's fused linear cross-entropy (Triton, GPUs only) is not used, by design: this head
+must return every token's loss (per task x language statistics, the selective ranking, the
+loss trajectories) and weigh each token (loss.prompt_weight, loss.task_weights). Liger gives
+per-token losses only with reduction="none", whose backward runs its forward again (a fourth
+GEMM over the vocabulary where this head runs three), and it reads its token count to the host
+(`.item()`) on every call, which the host-sync test holds training steps free of. What it would
+save, its one-kernel softmax and gradient, this head approaches by folding the division and the
+token weight into one pass (logits_gradient; benchmarks/results/head_passes.md).
 """
 from __future__ import annotations
 
