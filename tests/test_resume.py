@@ -303,3 +303,32 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(demo_cfg, world, 
     other.model.intermediate_size = 96
     with pytest.raises(UserError, match=r"other dimensions than this recipe's \(model.intermediate_size"):
         train(other, world)
+
+
+def test_init_from_under_zero3_reads_one_parameter_at_a_time(demo_cfg, world, tmp_path, monkeypatch):
+    """A ZeRO-3 run warm-started from a ZeRO-3 checkpoint: the weights arrive (its step-0
+    validation loss is the source's last), read lazily one parameter at a time from DeepSpeed's
+    memory-mapped partitions, never as a whole fp32 state dict."""
+    from deepspeed.utils import zero_to_fp32
+
+    from sabiscale.train.loop import train
+
+    source = demo_cfg.model_copy(deep=True)
+    source.output_dir = fresh_run_dir(demo_cfg, tmp_path / "source")
+    source.engine.ds_config = ROOT / "ds_configs" / "zero3_offload.json"
+    source.tracking.enabled = False
+    source.train.max_steps, source.optim.warmup_steps, source.train.eval_batches = 2, 1, 2
+    trained = train(source, world)
+    made: list[int] = []
+    contiguous = zero_to_fp32.GatheredTensor.contiguous
+    monkeypatch.setattr(zero_to_fp32.GatheredTensor, "contiguous", lambda self: made.append(self.shape.numel())
+                        or contiguous(self))
+    monkeypatch.setattr(zero_to_fp32, "to_torch_tensor", lambda *a, **k: pytest.fail("the whole state dict was built"))
+    warm = source.model_copy(deep=True)
+    warm.output_dir = fresh_run_dir(demo_cfg, tmp_path / "warm")
+    warm.train.init_from, warm.train.max_steps = trained.checkpoint.parent, 1
+    continued = train(warm, world)
+    assert continued.eval_answer_loss[0] == pytest.approx(trained.eval_answer_loss[2], rel=1e-6)
+    from sabiscale.model.build import build_model
+    shapes = [p.numel() for p in build_model(demo_cfg.model, 600, demo_cfg.data.seq_len, 0, 1, 0).parameters()]
+    assert sorted(made) == sorted(shapes)  # each parameter made once, alone

@@ -345,3 +345,12 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+
+
+def lazy_state_dict(checkpoint_dir: Path, tag: str) -> dict:
+    """The same, lazily: for a ZeRO-3 checkpoint each value is a DeepSpeed GatheredTensor over
+    memory-mapped partition files that becomes a tensor by `.contiguous()`, one at a time
+    (ZeRO-1/2 checkpoints hold one flat fp32 vector, merged whole). The same trust as above."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)

@@ -116,10 +116,13 @@ def universal_checkpoint(tag_dir: Path, world: World) -> Path:
 
 
 @torch.no_grad()
-def warm_start(lm, cfg: RunConfig, manifest: dict, gathered=None) -> dict:
-    """Copy the weights of `train.init_from` into a freshly built model (every rank; under ZeRO-3
-    one gathered parameter at a time). Returns that checkpoint's sidecar."""
-    from sabiscale.train.engine import consolidated_state_dict
+def warm_start(lm, cfg: RunConfig, manifest: dict, gathered=None, rank: int = 0) -> dict:
+    """Copy the weights of `train.init_from` into a freshly built model. The checkpoint is read
+    lazily, one parameter at a time (DeepSpeed's lazy fp32 state dict over memory-mapped
+    partition files; a ZeRO-1/2 checkpoint's flat fp32 vector is merged whole by DeepSpeed). Under
+    ZeRO-3 only rank 0 reads: each parameter is gathered with rank 0 as its modifier, so what rank
+    0 copies in is what every rank's partition holds afterwards. Returns that checkpoint's sidecar."""
+    from sabiscale.train.engine import lazy_state_dict
 
     tag_dir = resolve_checkpoint(Path(cfg.train.init_from))
     meta, saved_cfg = read_sidecar(tag_dir)
@@ -132,11 +135,13 @@ def warm_start(lm, cfg: RunConfig, manifest: dict, gathered=None) -> dict:
     if changed:
         raise UserError(f"train.init_from {tag_dir} holds a model with other dimensions than this recipe's "
                         f"({', '.join(changed)}); set the recipe's model to the checkpoint's")
-    state = {k.removeprefix("lm."): v for k, v in consolidated_state_dict(tag_dir.parent, tag_dir.name).items()}
+    reads = gathered is None or rank == 0
+    state = {k.removeprefix("lm."): v for k, v in lazy_state_dict(tag_dir.parent, tag_dir.name).items()} if reads else {}
     for name, param in lm.named_parameters():
         with gathered(param) if gathered is not None else contextlib.nullcontext():
-            if param.numel():
-                param.copy_(state[name].to(param.dtype))
+            if reads and param.numel():
+                value = state.pop(name)
+                param.copy_((value if torch.is_tensor(value) else value.contiguous()).to(param.dtype))
     log.info("weights from %s (step %d): continual pre-training starts at step 0", tag_dir, meta["step"])
     return meta
 

@@ -95,7 +95,7 @@ def build_run(cfg: RunConfig, world: World, hooks: list[TrainHook] = ()) -> Run:
     with model_construction(ds_config) as gathered:
         objective = build_objective(cfg, vocab, kind, gathered)
         if cfg.train.init_from is not None and resumed is None:
-            warm_start(objective.lm, cfg, manifest, gathered)
+            warm_start(objective.lm, cfg, manifest, gathered, world.rank)
     engine = initialize(objective, ds_config, cfg.optim)
     if resumed is not None:
         cfg = continue_from(resumed, source, engine, cfg)
