@@ -125,3 +125,52 @@ def test_auto_profile_is_the_plans_recommendation(gpu, hidden, layers, expected)
     same_settings = [p for p in plans if p.optimizer == "adamw" and not p.activation_checkpointing]
     assert chosen.stem == next(p.profile for p in same_settings if p.device_total <= parse_size(gpu))
     assert choose_profile(cfg, 16384, "cpu", 0, 1, 1, DS)[0].stem == "zero2_offload"
+
+
+def test_zero3_working_set_follows_deepspeeds_release_rules(recipe):
+    """ZeRO-3 keeps a parameter gathered when its next use (its backward) is within
+    stage3_max_reuse_distance: at DeepSpeed's default (1e9) a 235M model stays whole on the device;
+    with reuse 0 one layer plus a prefetch bucket, and no prefetch at max_live 0."""
+    shape = ModelShape.from_config(recipe, 16384)
+    profile = load_profile("zero3_offload", DS)
+
+    def gathered(**zero) -> float:
+        ds = {**profile, "zero_optimization": {**profile["zero_optimization"], **zero}}
+        return plan_profile(recipe, shape, "zero3_offload", ds, "adamw", False, 1, 1).device["parameters (gathered working set)"]
+
+    assert gathered() == 2 * shape.params
+    assert gathered(stage3_max_reuse_distance=0) == 2 * (shape.largest_layer + 5e7)
+    assert gathered(stage3_max_reuse_distance=0, stage3_max_live_parameters=0) == 2 * shape.largest_layer
+    assert gathered(stage3_max_reuse_distance=2e8) == 2 * min(shape.params, 1e8 + shape.largest_layer + 5e7)
+
+
+def test_the_fused_layers_weight_copies_are_what_backward_keeps(demo_cfg, parts):
+    """The planner's fused-projection term equals the concatenated weights autograd saves in a real
+    forward of the fused layers; no attention mask is counted (none is built)."""
+    import torch
+
+    from sabiscale.model import layer as layer_ops
+    from sabiscale.model.build import build_model, hidden_at
+
+    tok, batch, _ = parts
+    lm = build_model(demo_cfg.model, len(tok), demo_cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, 0)
+    params = {p.data_ptr() for p in lm.parameters()}
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        hidden_at(lm, batch.input_ids, batch.position_ids, batch.loss_mask, layer_ops.EAGER)
+    m = demo_cfg.model
+    weight_shapes = {(m.hidden_size + 2 * m.hidden_size, m.hidden_size), (2 * m.intermediate_size, m.hidden_size)}
+    copies = {t.data_ptr(): t for t in saved  # linear saves the weight or its transposed view
+              if {tuple(t.shape), tuple(t.shape[::-1])} & weight_shapes and t.data_ptr() not in params}
+    shape = ModelShape.from_config(demo_cfg, len(tok))
+    plan = plan_profile(demo_cfg, shape, "zero2", load_profile("zero2", DS), "adamw", False, 1, 1, on_gpu=False)
+    assert plan.host["fused projections: concatenated weights kept for backward"] == sum(
+        4 * t.numel() for t in copies.values())
+    assert not any("mask" in term for term in plan.host)
+    zero3 = plan_profile(demo_cfg, shape, "zero3_offload", load_profile("zero3_offload", DS), "adamw", False, 1, 1)
+    assert not any("fused" in term for term in zero3.device)  # ZeRO-3 runs the unfused modules

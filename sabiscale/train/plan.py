@@ -13,6 +13,9 @@ optimizer (DeepSpeed AdamW or bitsandbytes 8-bit AdamW), per device (one GPU of 
 - activations saved for backward, per layer and token, from the Llama layer's actual saved
   tensors (norm inputs and outputs, q/k/v, attention output, the SwiGLU MLP's four I-sized
   tensors), or only each layer's input with activation checkpointing plus one layer recomputed;
+- the fused layers' concatenated q/k/v and gate/up weights, kept for backward (below ZeRO-3);
+- under ZeRO-3, the parameters gathered at the peak: the whole model while twice its size is within
+  stage3_max_reuse_distance (DeepSpeed's default 1e9), plus prefetching up to stage3_max_live_parameters;
 - the fused loss head's buffers (fp32 weight gradient, one chunk of logits, hidden-state grads);
 - what DeepSpeed's estimators leave out: under ZeRO-1/2 optimizer offload a compute-dtype
   staging copy of the parameters on the host and a largest-parameter gradient buffer each side;
@@ -100,7 +103,22 @@ def zero_settings(ds_config: dict) -> dict:
             "offload_param": zero.get("offload_param", {}).get("device", "none") not in ("none", None),
             "reduce_bucket": float(zero.get("reduce_bucket_size", 5e8)),
             "allgather_bucket": float(zero.get("allgather_bucket_size", 5e8)),
-            "prefetch_bucket": float(zero.get("stage3_prefetch_bucket_size", 5e7))}
+            "prefetch_bucket": float(zero.get("stage3_prefetch_bucket_size", 5e7)),
+            # DeepSpeed's defaults: prefetching stops at max_live gathered elements, and a gathered
+            # parameter used again within max_reuse elements of the trace is kept gathered
+            "max_live": float(zero.get("stage3_max_live_parameters", 1e9)),
+            "max_reuse": float(zero.get("stage3_max_reuse_distance", 1e9))}
+
+
+def zero3_gathered(shape: "ModelShape", z: dict) -> float:
+    """Elements ZeRO-3 holds gathered on a device at the peak. A parameter's next use after its
+    forward is its backward, about twice the parameters of the layers above it away in the trace;
+    within stage3_max_reuse_distance it is not released, so below max_reuse / 2 parameters the
+    whole model stays gathered from the last forward layer to its backward (DeepSpeed's
+    estimators count one layer). Prefetching adds at most a bucket, and only below max_live."""
+    kept = shape.params if 2 * shape.params <= z["max_reuse"] else min(shape.params, z["max_reuse"] / 2 + shape.largest_layer)
+    prefetch = min(z["prefetch_bucket"], max(0.0, z["max_live"] - kept))
+    return min(shape.params, max(kept, shape.largest_layer) + prefetch)
 
 
 def model_state_bytes(shape: ModelShape, z: dict, optimizer: str, ranks: int, dtype_bytes: int,
@@ -112,7 +130,7 @@ def model_state_bytes(shape: ModelShape, z: dict, optimizer: str, ranks: int, dt
     host: dict[str, float] = {}
     # parameters
     if z["stage"] >= 3:
-        gathered = b * min(p, shape.largest_layer + z["prefetch_bucket"])  # working set gathered for compute
+        gathered = b * zero3_gathered(shape, z)  # working set gathered for compute
         (host if z["offload_param"] else device)["parameters"] = b * p / ranks
         device["parameters (gathered working set)"] = gathered
     else:
@@ -152,8 +170,11 @@ def model_state_bytes(shape: ModelShape, z: dict, optimizer: str, ranks: int, dt
 
 
 def activation_bytes(shape: ModelShape, tokens: int, supervised: int, seq_len: int, micro_batch: int,
-                     dtype_bytes: int, checkpointing: bool, chunk: int) -> dict:
-    """Bytes held for backward during one micro-batch, and the loss head's buffers."""
+                     dtype_bytes: int, checkpointing: bool, chunk: int, fused: bool = True) -> dict:
+    """Bytes held for backward during one micro-batch, and the loss head's buffers. `fused`: the
+    layers run fused (model/layer.py, train.fused_projections below ZeRO-3), whose q/k/v and
+    gate/up weights are concatenated copies that each layer's matmul keeps for backward. No
+    attention mask is counted: packed attention never builds one (model/attention.py)."""
     b, h = dtype_bytes, shape.hidden
     # saved per token by one decoder layer: norm input, normalized and output (x2 norms), q/k/v,
     # attention output, SwiGLU gate/up/act/product
@@ -167,7 +188,9 @@ def activation_bytes(shape: ModelShape, tokens: int, supervised: int, seq_len: i
     else:
         out["activations"] = shape.layers * per_layer
     out["activation gradients (backward working set)"] = per_layer
-    out["attention mask (packed, block-diagonal)"] = micro_batch * seq_len * seq_len * b
+    if fused:
+        copies = h * (h + 2 * shape.kv_hidden) + 2 * h * shape.intermediate
+        out["fused projections: concatenated weights kept for backward"] = (1 if checkpointing else shape.layers) * copies * b
     out["embeddings and final norm"] = 4 * h * b * tokens
     out["loss head: fp32 weight gradient"] = 4 * shape.vocab * h
     out["loss head: one chunk of logits"] = min(chunk, supervised) * shape.vocab * (4 + 4 + b)
@@ -183,7 +206,7 @@ def plan_profile(cfg: RunConfig, shape: ModelShape, profile: str, ds_config: dic
                                      optimizer_on_host=z["offload_optimizer"] or not on_gpu)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     device.update(activation_bytes(shape, tokens, tokens, cfg.data.seq_len, cfg.train.micro_batch_size, dtype_bytes,
-                                   checkpointing, cfg.loss.chunk_size))
+                                   checkpointing, cfg.loss.chunk_size, fused=cfg.train.fused_projections and z["stage"] < 3))
     plan = Plan(profile, optimizer, checkpointing, offload_optimizer=z["offload_optimizer"])
     plan.build_host = 4 * (shape.largest_layer if z["stage"] >= 3 else shape.params) * gpus_per_node
     # the host holds what each of its GPUs offloads
