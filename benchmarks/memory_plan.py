@@ -94,6 +94,9 @@ def main() -> None:
         size, optimizer = args.role.split(":")
         print(json.dumps(measure(size, optimizer)))
         return
+    from sabiscale.prep.prepare import prepare
+
+    prepare(bench._config())  # the standard workload's shards and 16k tokenizer (reused when already there)
     rows = []
     for size in args.sizes:
         for optimizer in args.optimizers:
