@@ -8,10 +8,11 @@ pass/fail table. Run it on the GPU machine (or in CI there):
 Rows: the device and the decisions taken for it (precision from compute capability, Adam
 implementation, the packed-attention kernel); every DeepSpeed profile x optimizer for a few steps (loss finite
 and falling, no CUDA compilation needed); what a first user hits next: gradient accumulation,
-activation checkpointing, fp16 with loss scaling, a resume on the same number of ranks, the real
-`sabiscale train` path with MLflow on; packed attention against the block-diagonal masked
+activation checkpointing, fp16 with loss scaling, a resume on the same and on another number of
+ranks, the real `sabiscale train` path with MLflow on; packed attention against the block-diagonal masked
 reference in the compute dtype; held-out eval on the device; export and generation in plain
-transformers; throughput (tokens/s, MFU against the GPU's data-sheet peak) of the smoke model.
+transformers; throughput (tokens/s, MFU against the GPU's data-sheet peak) of the smoke model and
+of SabiYarn-size layers (hidden 768, 12 layers, 16 x 1024 tokens per micro-batch).
 Every rank works in one directory (rank 0 makes it and prepares the data once) and the ranks
 pass each row together. `--dry-run` lists the rows. The table is printed and written to --out
 (markdown). Exit status 1 if a row failed.
@@ -119,14 +120,20 @@ def prepared_demo(out: Path):
     return cfg
 
 
+RECIPE = ROOT / "launch/recipes/demo.yaml"
+
+
+def demo_overrides(out: Path) -> list[str]:
+    return [f"output_dir={out}", "data.demo_examples_per_task=150", "data.seq_len=128", "data.sequences_per_shard=32",
+            "tokenizer.vocab_size=600", f"model.hidden_size={HIDDEN}", "model.num_layers=2", "model.num_heads=2",
+            "model.intermediate_size=128", "train.micro_batch_size=4", "train.max_steps=6",
+            "optim.warmup_steps=1", "train.eval_batches=1", "tracking.enabled=false"]
+
+
 def prepared_demo_config(out: Path):
     from sabiscale.config import load_config, resolve_paths
 
-    overrides = [f"output_dir={out}", "data.demo_examples_per_task=150", "data.seq_len=128", "data.sequences_per_shard=32",
-                 "tokenizer.vocab_size=600", f"model.hidden_size={HIDDEN}", "model.num_layers=2", "model.num_heads=2",
-                 "model.intermediate_size=128", "train.micro_batch_size=4", "train.max_steps=6",
-                 "optim.warmup_steps=1", "train.eval_batches=1", "tracking.enabled=false"]
-    return resolve_paths(load_config(ROOT / "launch/recipes/demo.yaml", overrides), {})
+    return resolve_paths(load_config(RECIPE, demo_overrides(out)), {})
 
 
 def run_dir(base, world, where: Path):
@@ -176,6 +183,53 @@ def resume_row(base, world, where: Path):
     return check
 
 
+def elastic_ranks(world) -> int | None:
+    """The other number of ranks a resume is tried on: 1 from a launch of several, else 2 where
+    two devices (or CPU ranks) are there; None where there are not."""
+    if world is None:
+        return 1
+    if world.world_size > 1:
+        return 1
+    return 2 if world.device.type == "cpu" or torch.cuda.device_count() >= 2 else None
+
+
+def elastic_resume_row(base, world, where: Path):
+    """Train 6 steps on this launch's ranks, then continue to 8 on another number of ranks (a
+    `sabiscale train` child, through DeepSpeed's universal checkpoint); rank 0 runs the child
+    while the others wait at the row's barrier."""
+    import os
+    import subprocess
+
+    from sabiscale.train.engine import free_port
+    from sabiscale.train.loop import train
+
+    def check():
+        cfg = run_dir(base, world, where)
+        cfg.engine.ds_config = ROOT / "ds_configs" / "zero2.json"
+        train(cfg, world)
+        if world.rank != 0:
+            return ""
+        ranks = elastic_ranks(world)
+        args = ["train", str(RECIPE), *demo_overrides(where), "train.max_steps=8", f"engine.ds_config={cfg.engine.ds_config}"]
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                            "CROSS_RANK", "CROSS_SIZE")}
+        if ranks == 1:
+            if world.device.type == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.current_device())
+            command = [sys.executable, "-m", "sabiscale", *args]
+        else:
+            command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                       str(free_port()), "--module", "sabiscale", *args]
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"the resume on {ranks} rank(s) failed: {output[-600:]}"
+        assert "universal checkpoint" in output, "the resume did not go through DeepSpeed's universal checkpoint"
+        assert (where / "checkpoints" / "step_00000008").is_dir(), "no checkpoint of step 8"
+        return f"{world.world_size} rank(s) to step 6, then {ranks} to step 8 (universal checkpoint)"
+    return check
+
+
 def tracked_train_row(base, world, where: Path):
     """The `sabiscale train` path with MLflow on (a store in the run directory)."""
     from sabiscale.train.loop import train
@@ -212,6 +266,46 @@ def throughput_row(base, world, where: Path, steps: int = 30):
         peak = spec_peak(name, resolve_precision("auto", HIDDEN))
         mfu = f", MFU {flops / seconds / (peak * world.world_size):.1%} of the {name} data-sheet peak" if peak else ""
         return f"{tokens / seconds:,.0f} tokens/s{mfu} (tiny model: launch-bound, not a throughput figure)"
+    return check
+
+
+# SabiYarn-size layers (hidden 768, 12 layers, 12 heads; ~85M parameters without the embeddings)
+SABIYARN_SIZE = ["model.hidden_size=768", "model.num_layers=12", "model.num_heads=12", "model.intermediate_size=2048"]
+
+
+def sabiyarn_size_row(world, where: Path):
+    """Tokens/s and MFU of SabiYarn-size layers at 1024 tokens x 16 sequences per micro-batch, 30
+    steps (the first 5 not timed), ZeRO-1, the data prepared in the row's directory. On a CPU
+    (--cpu) 3 steps of 1 x 128: it checks the row, it measures nothing."""
+    from sabiscale.config import load_config, resolve_paths
+    from sabiscale.prep.prepare import prepare
+    from sabiscale.track.flops import spec_peak
+    from sabiscale.train.engine import resolve_precision
+    from sabiscale.train.hooks import StepRecorder
+    from sabiscale.train.loop import train
+
+    def check():
+        on_gpu = world.device.type == "cuda"
+        steps, micro, seq, layers = (30, 16, 1024, 12) if on_gpu else (3, 1, 128, 1)
+        overrides = [f"output_dir={where}", "data.demo_examples_per_task=150", f"data.seq_len={seq}",
+                     "tokenizer.vocab_size=2048", *SABIYARN_SIZE, f"model.num_layers={layers}", f"train.micro_batch_size={micro}",
+                     f"train.max_steps={steps}", "train.eval_every=0", "train.eval_batches=1", "train.checkpoint_every=0",
+                     "optim.warmup_steps=1", "tracking.enabled=false", "engine.ds_config=ds_configs/zero1.json"]
+        cfg = resolve_paths(load_config(RECIPE, overrides), {})
+        if world.rank == 0:
+            prepare(cfg)
+        lock_step(world)
+        recorder = StepRecorder()
+        train(cfg, world, [recorder])
+        timed = recorder.records[min(5, steps - 1):]
+        seconds = sum(r.end - r.start for r in timed)
+        tokens = sum(b.num_tokens for r in timed for b in r.micro) * world.world_size
+        flops = sum(r.local_flops[0] for r in timed) * world.world_size
+        name = torch.cuda.get_device_name(world.device) if on_gpu else "CPU"
+        peak = spec_peak(name, resolve_precision("auto", 768))
+        mfu = f", MFU {flops / seconds / (peak * world.world_size):.1%} of the {name} data-sheet peak" if peak else ""
+        note = "" if on_gpu else " (CPU: checks the row only)"
+        return f"{tokens / seconds:,.0f} tokens/s{mfu}, micro-batch {micro} x {seq}{note}"
     return check
 
 
@@ -290,8 +384,12 @@ def add_rows(table: Table, base, world, args, gpu_only: str | None, tmp: Path | 
               lambda: train_row(base, world, "zero2", "adamw", where("fp16"), engine__precision="fp16"),
               gpu_only or (None if world is None or world.device.type == "cuda" else "fp16 needs a CUDA GPU")),
              ("resume on the same number of ranks", lambda: resume_row(base, world, where("resume")), gpu_only),
+             ("resume on another number of ranks", lambda: elastic_resume_row(base, world, where("elastic")),
+              gpu_only or (None if elastic_ranks(world) else "one GPU: a 1-rank checkpoint needs 2 devices to resume on 2")),
              ("sabiscale train with MLflow on", lambda: tracked_train_row(base, world, where("tracked")), gpu_only),
-             ("throughput of the smoke model", lambda: throughput_row(base, world, where("speed")), gpu_only))
+             ("throughput of the smoke model", lambda: throughput_row(base, world, where("speed")), gpu_only),
+             ("throughput of SabiYarn-size layers (hidden 768 x 12)", lambda: sabiyarn_size_row(world, where("sabiyarn")),
+              gpu_only))
     for name, make, skip in extra:
         table.run(name, make() if skip is None and not table.dry_run else None, skip)
     if world is None or world.rank == 0:  # rank 0's rows: no barrier between them

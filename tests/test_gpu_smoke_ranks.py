@@ -20,7 +20,8 @@ def test_gpu_smoke_on_two_ranks_passes_every_row_it_runs(tmp_path):
     table = out.read_text()
     assert "FAIL" not in table
     for row in ("train zero2 + adamw", "train zero2 + adamw, gradient accumulation 2",
-                "resume on the same number of ranks", "sabiscale train with MLflow on", "eval on the device",
+                "resume on the same number of ranks", "resume on another number of ranks", "sabiscale train with MLflow on",
+                "throughput of SabiYarn-size layers (hidden 768 x 12)", "eval on the device",
                 "export + generate (transformers)"):
         assert f"| {row} | PASS |" in table, row
 
