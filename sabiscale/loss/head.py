@@ -48,7 +48,7 @@ def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         logits = logits_block(hidden[start:start + chunk], weight, workspace)
         t = targets[start:start + chunk]
         target_logit = logits.gather(1, t[:, None]).squeeze(1)
-        lse[start:start + chunk] = softmax_in_place(logits, normalize=False)[1]
+        lse[start:start + chunk] = exp_in_place(logits)[1]
         losses[start:start + chunk] = lse[start:start + chunk] - target_logit
     return losses, lse
 
@@ -60,23 +60,11 @@ def logits_block(hidden: torch.Tensor, weight: torch.Tensor, workspace: torch.Te
     return torch.mm(hidden, weight.T, out=workspace[:hidden.shape[0]])
 
 
-def softmax_in_place(logits: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax written over `logits`, log-sum-exp per row). torch.logsumexp allocates a
-    temporary as large as the logits and costs about as much as the head's matmul on a CPU; this
-    reuses the block in place (max, subtract, exp, sum) at under half the cost. Without
-    `normalize` the block is left as exp(logits - max) (enough for the log-sum-exp)."""
-    row_max = logits.amax(dim=-1, keepdim=True)
-    exp = logits.sub_(row_max).exp_()
-    total = exp.sum(dim=-1, keepdim=True)
-    lse = (row_max + total.log()).squeeze(1)
-    if normalize:
-        exp.div_(total)
-    return exp, lse
-
-
 def exp_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(exp(logits - row max) written over `logits`, log-sum-exp, row sums): the softmax before
-    its division, which logits_gradient folds into its one scaling pass."""
+    its division, which logits_gradient folds into its one scaling pass. torch.logsumexp would
+    allocate a temporary as large as the logits and cost about as much as the head's matmul on a
+    CPU; this reuses the block in place."""
     row_max = logits.amax(dim=-1, keepdim=True)
     exp = logits.sub_(row_max).exp_()
     total = exp.sum(dim=-1)
@@ -112,7 +100,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     d hidden, d weight), with no recomputation. The upstream gradient is a scalar, so backward only
     scales what forward stored. Returns (weighted sum, per-token losses); the latter is detached.
     A ranking pass (selective loss) may hand over what it computed: `lse_known`, each row's
-    log-sum-exp, or `known` = (softmax rows, losses) of all rows when they fit in one block, which
+    log-sum-exp, or `known` = (exp(logits - max) rows, losses, row sums) of all rows when they fit in one block, which
     skips the logits matmul and the softmax altogether.
     """
 
@@ -127,8 +115,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             if known is not None:
-                block, total = known[0], None  # softmax rows: already normalized
-                losses.copy_(known[1])
+                block, losses_known, total = known  # exp(logits - max) rows and their sums
+                losses.copy_(losses_known)
             else:
                 logits = logits_block(h, weight, workspace)  # (chunk, V)
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
@@ -136,7 +124,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     block, lse, total = exp_in_place(logits)
                 else:
                     lse, total = lse_known[start:start + chunk], None
-                    block = logits.sub_(lse[:, None]).exp_() if needs_grad else None
+                    block = logits.sub_(lse[:, None]).exp_() if needs_grad else None  # softmax rows
                 losses[start:start + chunk] = lse - target_logit
             if needs_grad:
                 w = token_weights[start:start + chunk] if token_weights is not None else None
@@ -197,12 +185,13 @@ class SupervisedHead(torch.nn.Linear):
             with torch.no_grad():
                 logits = logits_block(hidden.detach(), self.weight.detach(), workspace)
                 target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-                probs, lse = softmax_in_place(logits)
+                block, lse, total = exp_in_place(logits)
                 current = lse - target_logit
                 excess = current - reference
                 keep = top_excess(excess, ratio)
-                known = (probs[keep], current[keep])
-                del logits, probs
+                # unnormalized, as the masked path has them: at ratio 1 the gradient is the masked one bit for bit
+                known = (block[keep], current[keep], total[keep])
+                del logits, block
             return (*FusedLinearCrossEntropy.apply(hidden[keep], self.weight, targets[keep],
                                                    weights[keep] if weights is not None else None, chunk, None, known,
                                                    None, grad),
