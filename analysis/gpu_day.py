@@ -15,7 +15,7 @@ the same command continues where a stopped one was.
     .venv/bin/python -m sabiscale_analysis.gpu_day                     # on a GPU machine
     .venv/bin/python -m sabiscale_analysis.gpu_day --dry-run --out /tmp/gpu_day   # CPU: tiny, minutes
 
---dry-run runs every stage with a tiny model on the embedded demo corpus and 2 seeds (CPU): the
+--dry-run runs every stage with a tiny model on the embedded demo corpus and 1 seed (CPU): the
 pipeline is tested, nothing is decided. Writes <out>/results/{gpu_day,rho1_continued_gpu}.md.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def scales(out: Path, dry_run: bool) -> tuple[Scale, int, int]:
     command = f".venv/bin/python -m sabiscale_analysis.gpu_day{' --dry-run' if dry_run else ''} --out {out}"
     if dry_run:
         return Scale(recipe=recipe, work=out / "rho1", data_dir=out / "data", overrides=DRY, base_steps=4,
-                     reference_steps=3, steps=3, seeds=[1, 2], loss_records=20, translations=2, probe_every=1,
+                     reference_steps=3, steps=3, seeds=[1], loss_records=20, translations=2, probe_every=1,
                      results=out / "results", name="rho1_continued_gpu", require_better_reference=False, command=command), 3, 20
     return Scale(recipe=recipe, work=out / "rho1", data_dir=out / "data", overrides=GPU, base_steps=2000,
                  reference_steps=400, steps=800, seeds=[1, 2, 3, 4, 5], loss_records=400, translations=200,

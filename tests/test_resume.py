@@ -138,7 +138,7 @@ def test_two_ranks_killed_and_resumed(demo_cfg, reference, tmp_path):
 
 @pytest.mark.parametrize("profile", ["zero2_offload", "zero3_offload"])
 def test_elastic_resume_on_another_number_of_ranks_continues_the_curve(demo_cfg, reference, tmp_path, profile):
-    """2 ranks -> 1 and 1 -> 2 ranks, through DeepSpeed's universal checkpoint (converted once,
+    """2 ranks -> 1 and 1 -> 2 ranks (ZeRO-3: 2 -> 1), through DeepSpeed's universal checkpoint (converted once,
     beside the checkpoint): the losses after the resume are the uninterrupted run's, and no sample
     is repeated or skipped. The global batch stays 8 sequences (accumulation follows the ranks)."""
     common = ["train.global_batch_size=8", f"engine.ds_config={ROOT / 'ds_configs' / profile}.json"]
@@ -149,7 +149,8 @@ def test_elastic_resume_on_another_number_of_ranks_continues_the_curve(demo_cfg,
         _train(ref, common)
         ref_metrics = _metrics(ref)[0]
         ref_losses, ref_samples = ref_metrics["train/loss"], _samples(ref)
-    for first, then in ((2, 1), (1, 2)):
+    # both directions on the default profile; ZeRO-3 (whose universal conversion is its own code) one way
+    for first, then in ((2, 1), (1, 2)) if profile == "zero2_offload" else ((2, 1),):
         out = fresh_run_dir(demo_cfg, tmp_path / f"{first}to{then}")
         _train(out, common, launcher=first if first > 1 else None, fault="between_steps:4")
         proc = _train(out, common, launcher=then if then > 1 else None)
