@@ -154,8 +154,9 @@ def main() -> int:
     largest = max(s["bytes"] for s in shards)
     consumed = json.loads((ROOT / "benchmarks/results/data_throughput.json").read_text())["training_tokens_per_s_per_rank"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    from step_throughput import cpu_description
+
+    cpu = cpu_description()
     result = {"command": ".venv/bin/python benchmarks/data_scaling.py", "date": time.strftime("%Y-%m-%d"),
               "commit": commit, "cpu": cpu, "corpus_bytes": corpus, "shards": len(shards), "largest_shard_bytes": largest,
               "training_tokens_per_s_per_rank": consumed, "indexed": {}, "scheduled": {}, "previous": {}}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,10 @@ from pathlib import Path
 
 import torch
 
+from step_throughput import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def cpu_name() -> str:
-    return next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                 .stdout.splitlines() if line.startswith("Model name")), platform.processor())
 
 
 def git(*args: str) -> str:
@@ -90,7 +86,7 @@ def main() -> None:
             print(row, flush=True)
     commit = git("rev-parse", "--short", "HEAD").strip()
     command = f".venv/bin/python benchmarks/head_passes.py --baseline {args.baseline}"
-    result = {"command": command, "commit": commit, "baseline": args.baseline, "cpu": cpu_name(),
+    result = {"command": command, "commit": commit, "baseline": args.baseline, "cpu": cpu_description(),
               "threads": torch.get_num_threads(), "shape": vars(args), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "head_passes.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -117,7 +117,7 @@ def check_resumable(state: dict, batch_size: int, seed: int, shuffle: bool, shar
                     plan: MixPlan | None = None) -> None:
     """The saved position only means the same samples under the same stream definition."""
     now = stream_definition(batch_size, seed, shuffle, shards, plan)
-    changed = [k for k in [*now, *({"mix_schedule"} & state.keys() - now.keys())] if state.get(k) != now.get(k)]
+    changed = [k for k in dict.fromkeys([*now, "mix_schedule"]) if state.get(k) != now.get(k)]  # a schedule removed too
     if "order" in changed and "order" not in state:
         raise UserError("cannot resume the data stream exactly: the checkpoint's position refers to the sample order "
                         "of an earlier sabiscale (a shuffle buffer over every shard); finish that run with the "

@@ -47,14 +47,12 @@ class MixPlan:
     units_per_sequence: tuple[float, ...]
     unit: str
     phases: tuple[Phase, ...]
+    samples_per_step: int  # over all ranks: phases start at start_step x this
 
     def definition(self) -> dict:
         """Part of the stream definition a checkpoint's position refers to."""
         return {"version": SCHEDULE_VERSION, "block": BLOCK, "sources": list(self.sources),
                 "phases": [[p.start_sample, list(p.counts)] for p in self.phases]}
-
-    def phase_at(self, sample: int) -> int:
-        return bisect.bisect_right([p.start_sample for p in self.phases], sample) - 1
 
 
 def plan_schedule(mix: MixConfig, train_split: dict, samples_per_step: int, where: str) -> MixPlan:
@@ -85,7 +83,7 @@ def plan_schedule(mix: MixConfig, train_split: dict, samples_per_step: int, wher
         phases.append(Phase(weights.start_step, weights.start_step * samples_per_step,
                             apportion([d / sum(draws) for d in draws], BLOCK), tuple(target)))
     return MixPlan(tuple(names), tuple(tuple(position[n] for n in sources[key]["shards"]) for key in names),
-                   tuple(per_sequence), mix.unit, tuple(phases))
+                   tuple(per_sequence), mix.unit, tuple(phases), samples_per_step)
 
 
 def source_targets(natural: dict[tuple[str, str], float], weights: MixWeights, names: list[str]) -> list[float]:

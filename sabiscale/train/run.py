@@ -266,8 +266,7 @@ def log_realised_mix(cfg: RunConfig, loader: BatchStream, tracker, rank: int) ->
     plan = loader.dataset.plan
     if plan is None or rank != 0:
         return
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * loader.dataset.world_size
-    report = realised_mix(plan, loader.dataset.order, cfg.train.max_steps * per_step)
+    report = realised_mix(plan, loader.dataset.order, cfg.train.max_steps * plan.samples_per_step)
     (cfg.output_dir / "mix_schedule.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     tracker.log_json({"phases": report}, "data/mix_schedule.json")
     for phase in report:
