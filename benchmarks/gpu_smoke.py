@@ -240,7 +240,8 @@ def tracked_train_row(base, world, where: Path):
         cfg.tracking.enabled = True
         result = train(cfg, world)
         assert world.rank != 0 or result.run_id, "no MLflow run was created"
-        return f"MLflow run {result.run_id} in {result.tracking_uri}"
+        # the store's scheme only: its path is this machine's temporary directory
+        return f"MLflow run {result.run_id} in the run directory's {result.tracking_uri.split(':', 1)[0]} store"
     return check
 
 
