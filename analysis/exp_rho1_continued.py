@@ -14,7 +14,8 @@ target data. Here, on naija_small and the real mix of ../shared/data:
    says so and stops short of a verdict);
 4. the whole mix scored by the reference (`sabiscale score`);
 5. per seed, the base continued on the scored mix for `--steps`: all tokens (the masked loss) vs
-   selective (top 60% of answer tokens by excess loss), the same data order and steps;
+   selective (the top 60% of answer tokens by excess loss) vs sampled (60% drawn with odds
+   exp(excess / T), loss.selection=sample: the stochastic variant), the same data order and steps;
 6. held-out scores of every continued run (analysis/heldout_scores.py), the paired decision rule,
    and the token trajectories of the continued all-token run (the window Rho-1 measured in), next
    to Rho-1's 51/26/11/12 (L->L, H->L, H->H, L->H).
@@ -55,6 +56,7 @@ class Scale:
     steps: int = 400
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     ratio: float = 0.6
+    temperature: float = 1.0  # of the sampled arm, in nats of excess loss
     loss_records: int = 200
     translations: int = 100
     probe_every: int = 20
@@ -66,8 +68,11 @@ class Scale:
 
 
 def arms(scale: Scale) -> dict[str, list[str]]:
+    selective = ["loss.kind=selective", f"loss.ratio={scale.ratio}"]
     return {"all tokens": ["loss.kind=masked"],
-            f"selective {scale.ratio:g}": ["loss.kind=selective", f"loss.ratio={scale.ratio}"]}
+            f"selective {scale.ratio:g}": selective,
+            f"sampled {scale.ratio:g} T={scale.temperature:g}": [*selective, "loss.selection=sample",
+                                                               f"loss.temperature={scale.temperature}"]}
 
 
 def common(scale: Scale, run: Path, steps: int) -> list[str]:
@@ -192,11 +197,13 @@ def write_results(scale: Scale, rendered_by: str) -> None:
         lines.append(f"| {arm} | " + " | ".join(f"{got[s]:.4f}" if s in got else "-" for s in scale.seeds)
                      + f" | {mean:.4f} +- {sd:.4f} |")
     lines.append("")
-    selective, baseline = names[1], names[0]
-    if len(set(values[selective]) & set(values[baseline])) >= 2:
-        lines.append("**Verdict:** " + decide(paired(values[selective], values[baseline], True), RULE, (selective, baseline)))
-    else:
-        lines.append("**Verdict:** not yet two paired seeds.")
+    baseline = names[0]
+    for selective in names[1:]:
+        if len(set(values[selective]) & set(values[baseline])) >= 2:
+            verdict = decide(paired(values[selective], values[baseline], True), RULE, (selective, baseline))
+        else:
+            verdict = "not yet two paired seeds."
+        lines.append(f"**Verdict ({selective} vs {baseline}):** {verdict}\n")
     lines += ["", *cost_lines(scale, quality, table), "", *trajectory_lines(scale)]
     scale.results.mkdir(parents=True, exist_ok=True)
     (scale.results / f"{scale.name}.json").write_text(json.dumps({"quality": quality, "runs": {

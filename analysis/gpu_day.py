@@ -3,7 +3,7 @@
 1. Masked vs all tokens (exp_prompt_weight's question): `loss.prompt_weight` 0 vs 1, and 0
    trained for the FLOPs 1 used, over 5 paired seeds.
 2. Rho-1 in its own regime (exp_rho1_continued): a base, a reference on the target tasks, the base
-   continued on the scored mix, all tokens vs selective 0.6, over 5 paired seeds.
+   continued on the scored mix, all tokens vs selective 0.6 vs sampled 0.6 (T=1), over 5 paired seeds.
 
 A ~125M-parameter Llama (hidden 768, 12 layers, 12 heads; SabiYarn's size), 1024-token sequences,
 ZeRO-1 in bf16 (what engine.precision=auto picks on a bf16 GPU), the real mix of ../shared/data

@@ -267,6 +267,13 @@ class LossConfig(_Section):
     # or "online" (a frozen reference model on the same device scores every micro-batch).
     reference: Literal["shards", "online"] = "shards"
     reference_checkpoint: Path | None = None  # for reference=online: a sabiscale checkpoint
+    # selective kind: which `ratio` share of the answer tokens trains. top: those with the highest
+    # excess loss (Rho-1). sample: drawn without replacement with probability proportional to
+    # exp(excess / temperature) (Gumbel top-k), so tokens just below the cut still train now and
+    # then; the draw is seeded by the run's seed and the micro-batch's place in the data stream,
+    # so any number of ranks, and a resume, draw the same tokens.
+    selection: Literal["top", "sample"] = "top"
+    temperature: float = Field(1.0, gt=0)  # nats of excess loss per e-fold of the odds (sample only)
     # Per-task multipliers of each token's loss (default 1). A weight of 0 drops the task's tokens
     # from the loss and from the head's compute; the loss is divided by the count of weighted tokens.
     task_weights: dict[str, float] = {}
@@ -285,6 +292,9 @@ class LossConfig(_Section):
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss.kind {self.kind!r} is not one of {sorted(LOSS_KINDS)}")
         problems = LOSS_KINDS[self.kind].problems(self)
+        if self.selection != "top" and not LOSS_KINDS[self.kind].selects:
+            problems.append(f"loss.selection={self.selection} applies to a kind that selects (selective), "
+                            f"not loss.kind={self.kind}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

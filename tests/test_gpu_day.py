@@ -29,7 +29,7 @@ def test_the_gpu_day_dry_run_runs_every_stage_and_writes_both_pages(tmp_path):
     assert flops["masked_flops"]["step"] > flops["masked"]["step"]
     assert abs(flops["masked_flops"]["flops_seen"] - flops["all"]["flops_seen"]) <= per_step
     rho1 = (out / "results" / "rho1_continued_gpu.md").read_text()
-    assert "Reference quality on the target tasks" in rho1 and "selective 0.6" in rho1
+    assert "Reference quality on the target tasks" in rho1 and "selective 0.6" in rho1 and "sampled 0.6 T=1" in rho1
     assert "Token trajectories over the continued run" in rho1 and "Rho-1 (TinyLlama" in rho1
     assert (out / "rho1" / "scored_mix" / "manifest.json").is_file()
     again = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)

@@ -89,6 +89,62 @@ def test_selective_trains_exactly_the_top_excess_tokens(demo_cfg, parts, chunk):
         assert (g_sel[name] - g_masked[name]).norm() <= 1e-5 * g_masked[name].norm(), name
 
 
+def test_sampled_selection_draws_with_odds_exp_excess_over_temperature():
+    """Gumbel top-k: with k = 1 the chosen token is a draw from softmax(excess / T); the draw is a
+    function of the seed alone, and a cold temperature is the top selection."""
+    from sabiscale.loss.kinds import draw_seed, gumbel_noise
+
+    excess, temperature = torch.tensor([0.0, 0.5, 1.0, 2.0]), 0.7
+    draws = 4000
+    chosen = torch.stack([top_excess(excess + temperature * gumbel_noise(4, draw_seed(3, i), torch.device("cpu")),
+                                     0.25) for i in range(draws)])
+    assert (chosen.sum(1) == 1).all()
+    expected = torch.softmax(excess / temperature, 0)
+    observed = chosen.float().mean(0)
+    sigma = (expected * (1 - expected) / draws).sqrt()
+    assert ((observed - expected).abs() < 4 * sigma).all(), (observed, expected)
+    assert torch.equal(gumbel_noise(9, draw_seed(3, 5), torch.device("cpu")),
+                       gumbel_noise(9, draw_seed(3, 5), torch.device("cpu")))
+    assert draw_seed(3, 5) != draw_seed(3, 6) and draw_seed(3, 5) != draw_seed(4, 5)
+
+
+def test_sampled_selection_in_the_objective(demo_cfg, parts):
+    """The same micro-batch seed draws the same tokens, another seed others, always the ratio's
+    count; at a near-zero temperature the draw is the top selection."""
+    from sabiscale.config import LossConfig
+    from sabiscale.loss.kinds import make_loss_kind
+
+    tok, batch, _ = parts
+    lm = build_model(demo_cfg.model, len(tok), demo_cfg.data.seq_len, tok.pad_token_id, tok.eos_token_id, 0)
+
+    def selection(temperature, seed):
+        kind = make_loss_kind(LossConfig(kind="selective", ratio=RATIO, selection="sample", temperature=temperature))
+        with torch.no_grad():
+            return TokenLossObjective(lm, kind, 64, tok.pad_token_id)(
+                batch.input_ids, batch.position_ids, batch.loss_mask, ref_loss=ref_loss, draw_seed=seed).selected
+
+    ref_loss = torch.rand(batch.input_ids.shape, generator=torch.Generator().manual_seed(1)) * 5
+    with torch.no_grad():
+        top = TokenLossObjective(lm, "selective", 64, tok.pad_token_id, ratio=RATIO)(
+            batch.input_ids, batch.position_ids, batch.loss_mask, ref_loss=ref_loss).selected
+    first, again, other = selection(1.0, 11), selection(1.0, 11), selection(1.0, 12)
+    k = selected_count(int(batch.loss_mask[:, 1:].sum()), RATIO)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert int(first.sum()) == int(other.sum()) == k and not torch.equal(first, top)
+    assert torch.equal(selection(1e-6, 11), top)
+    with pytest.raises(ValueError, match="draw_seed"):
+        TokenLossObjective(lm, make_loss_kind(LossConfig(kind="selective", selection="sample")), 64,
+                           tok.pad_token_id)(batch.input_ids, batch.position_ids, batch.loss_mask, ref_loss=ref_loss)
+
+
+def test_selection_sample_is_refused_for_kinds_that_do_not_select():
+    from pydantic import ValidationError
+    from sabiscale.config import LossConfig
+
+    with pytest.raises(ValidationError, match="loss.selection=sample applies to a kind that selects"):
+        LossConfig(kind="masked", selection="sample")
+
+
 @pytest.fixture(scope="module")
 def reference_run(demo_cfg, world, tmp_path_factory):
     """A short real masked run: its checkpoint is the reference model ("self-reference")."""
@@ -195,13 +251,15 @@ def _selection_history(store: str) -> tuple[dict, dict]:
 def _selective_overrides(demo_cfg, scored, out, store):
     return tiny_overrides(out) + [
         f"data.shards_dir={scored}", f"tokenizer.path={demo_cfg.tokenizer_path}", "loss.kind=selective",
-        f"loss.ratio={RATIO}", "train.max_steps=6", "optim.warmup_steps=1", "train.eval_batches=1",
+        f"loss.ratio={RATIO}", "loss.selection=sample", "loss.temperature=0.2", "train.max_steps=6", "optim.warmup_steps=1", "train.eval_batches=1",
         "train.log_every=3", f"tracking.uri={store}", "tracking.system_metrics=false"]
 
 
 def test_selective_training_two_ranks_equal_one_rank_with_accumulation(demo_cfg, scored, world, tmp_path):
     """Selection is per micro-batch, the unit of the world-size-invariant stream: 2 gloo ranks x 1
-    micro-batch select the same tokens and make the same updates as 1 rank x 2 accumulation steps."""
+    micro-batch select the same tokens and make the same updates as 1 rank x 2 accumulation steps,
+    also when the selection is a draw (loss.selection=sample: seeded by the micro-batch's place in
+    the stream, not by the rank; top selection is the same code without the noise)."""
     from sabiscale.config import load_config
     from sabiscale.train.loop import train
 

@@ -165,10 +165,12 @@ class SupervisedHead(torch.nn.Linear):
             self._workspace = torch.empty(rows, self.out_features)
         return self._workspace
 
-    def forward(self, hidden, targets=None, token_weights=None, chunk: int = 2048, reference=None, ratio=None):
+    def forward(self, hidden, targets=None, token_weights=None, chunk: int = 2048, reference=None, ratio=None,
+                noise=None):
         """With `reference` (C,) losses: rank the C candidates by excess loss without gradient,
-        then run the fused loss on the top `ratio` only; returns (sum, losses, keep, excess). One
-        module call, so ZeRO-3 gathers the weight once for both passes."""
+        then run the fused loss on the top `ratio` only; returns (sum, losses, keep, excess). With
+        `noise` (C,), the ranking is by excess + noise (a sampled selection); the excess returned
+        is the excess. One module call, so ZeRO-3 gathers the weight once for both passes."""
         if targets is None:
             return super().forward(hidden)
         workspace = self.workspace(min(chunk, hidden.shape[0]))
@@ -188,7 +190,7 @@ class SupervisedHead(torch.nn.Linear):
                 block, lse, total = exp_in_place(logits)
                 current = lse - target_logit
                 excess = current - reference
-                keep = top_excess(excess, ratio)
+                keep = top_excess(excess if noise is None else excess + noise, ratio)
                 # unnormalized, as the masked path has them: at ratio 1 the gradient is the masked one bit for bit
                 known = (block[keep], current[keep], total[keep])
                 del logits, block
@@ -198,7 +200,7 @@ class SupervisedHead(torch.nn.Linear):
                     keep, excess)
         current, lse = chunked_token_losses(hidden.detach(), self.weight.detach(), targets, chunk, workspace)
         excess = current - reference
-        keep = top_excess(excess, ratio)
+        keep = top_excess(excess if noise is None else excess + noise, ratio)
         # reusing the ranking's log-sum-exp changes the last bits of the softmax; at ratio 1 the
         # result must be the masked loss exactly, so it is recomputed there
         lse_known = lse[keep] if ratio < 1 else None

@@ -7,7 +7,8 @@ registered name, and the objective, the loop and the metrics ask the kind, never
                loss.prompt_weight > 0 the prompt tokens count too, with that weight
     clm        every real token that something in its document predicts
     selective  Rho-1: of the answer tokens of each micro-batch, the `loss.ratio` share with the
-               highest excess loss (current minus a reference model's loss)
+               highest excess loss (current minus a reference model's loss); with
+               loss.selection=sample, that share drawn with odds exp(excess / loss.temperature)
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from sabiscale.errors import UserError
@@ -61,12 +63,30 @@ class LossKind:
         return None
 
     def head_loss(self, head: SupervisedHead, hidden: torch.Tensor, targets: torch.Tensor,
-                  token_weights: torch.Tensor | None, chunk: int, reference: torch.Tensor | None) -> HeadLoss:
+                  token_weights: torch.Tensor | None, chunk: int, reference: torch.Tensor | None,
+                  draw_seed: int | None = None) -> HeadLoss:
+        """draw_seed: the seed of this micro-batch's random draws (draw_seed()), for kinds that draw."""
         loss_sum, losses = head(hidden, targets=targets, token_weights=token_weights, chunk=chunk)
         return HeadLoss(loss_sum, losses)
 
 
 LOSS_KINDS: dict[str, type[LossKind]] = {}
+
+
+def draw_seed(seed: int, micro_batch: int) -> int:
+    """The seed of one micro-batch's random draws: a function of the run's seed and the micro-batch's
+    place in the global stream only, so a micro-batch draws the same on any number of ranks and
+    after a resume. SeedSequence mixes the two, so neighbouring micro-batches are not correlated."""
+    return int(np.random.SeedSequence([seed, micro_batch]).generate_state(1)[0])
+
+
+def gumbel_noise(count: int, seed: int, device: torch.device) -> torch.Tensor:
+    """(count,) standard Gumbel draws: the top-k of logits + Gumbel noise is a draw of k items
+    without replacement with probabilities softmax(logits) (the Gumbel-top-k trick)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    uniform = torch.rand(count, generator=generator, device=device).clamp_(min=torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(uniform))
 
 
 def register(kind: type[LossKind]) -> type[LossKind]:
@@ -146,12 +166,18 @@ class Selective(Masked):
     def counted(self, candidates):
         return selected_count(candidates, self.cfg.ratio)
 
-    def head_loss(self, head, hidden, targets, token_weights, chunk, reference):
+    def head_loss(self, head, hidden, targets, token_weights, chunk, reference, draw_seed=None):
         if reference is None:
             raise UserError("the selective loss needs reference losses: train from shards written by "
                             "`sabiscale score`, or set loss.reference=online")
+        noise = None
+        if self.cfg.selection == "sample":
+            if draw_seed is None:
+                raise ValueError("loss.selection=sample draws per micro-batch: pass its draw_seed")
+            # ranking excess + T x Gumbel = ranking excess / T + Gumbel: odds exp(excess / T)
+            noise = self.cfg.temperature * gumbel_noise(len(reference), draw_seed, hidden.device)
         loss_sum, losses, keep, excess = head(hidden, targets=targets, token_weights=token_weights, chunk=chunk,
-                                              reference=reference, ratio=self.cfg.ratio)
+                                              reference=reference, ratio=self.cfg.ratio, noise=noise)
         return HeadLoss(loss_sum, losses, keep, excess)
 
 

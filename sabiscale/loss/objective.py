@@ -85,10 +85,10 @@ class TokenLossObjective(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor,
                 task_ids: torch.Tensor | None = None, ref_loss: torch.Tensor | None = None,
-                kind: str | None = None) -> TokenLosses:
+                kind: str | None = None, draw_seed: int | None = None) -> TokenLosses:
         """kind measures with another kind than the training one, e.g. "masked" for the answer-token
         loss of a CLM run. ref_loss (B, T): the reference model's loss of each token, for kinds
-        that read it."""
+        that read it. draw_seed: the micro-batch's seed for kinds that draw (kinds.draw_seed)."""
         measure = self._kind(kind)
         selected, weights = self.select(input_ids, position_ids, loss_mask, task_ids, kind)
         needed = torch.cat([selected, selected.new_zeros(selected.shape[0], 1)], dim=1)  # position t predicts t+1
@@ -96,7 +96,7 @@ class TokenLossObjective(torch.nn.Module):
         targets = input_ids[:, 1:][selected]  # (N,)
         token_weights = weights[selected].float() if weights is not None else None
         reference = ref_loss[:, 1:][selected].float() if measure.reads_reference and ref_loss is not None else None
-        out = measure.head_loss(self.lm.lm_head, h, targets, token_weights, self.chunk_size, reference)
+        out = measure.head_loss(self.lm.lm_head, h, targets, token_weights, self.chunk_size, reference, draw_seed)
         if out.keep is None:
             return TokenLosses(out.loss_sum, selected.sum(), out.losses, selected)
         chosen = torch.zeros_like(selected)

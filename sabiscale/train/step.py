@@ -9,6 +9,7 @@ import torch
 from torch.profiler import record_function
 
 from sabiscale.data.batch import Batch
+from sabiscale.loss.kinds import draw_seed
 from sabiscale.track.flops import batch_flops
 from sabiscale.track.metrics import StepSums
 from sabiscale.train.engine import all_reduce_sum
@@ -38,7 +39,8 @@ def train_step(run, micro: list[Batch], step: int) -> StepOutput:
         if run.reference is not None:
             batch.ref_loss = run.reference.score(batch)
         with record_function("sabiscale/forward"):
-            out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids, batch.ref_loss)
+            out = engine(batch.input_ids, batch.position_ids, batch.loss_mask, batch.task_ids, batch.ref_loss,
+                         draw_seed=draw_seed(run.cfg.seed, batch.index))
         run.hooks.after_forward(step, out)
         with record_function("sabiscale/backward"):
             engine.backward(out.loss_sum * scale)
