@@ -25,13 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from sabiscale_analysis.experiment import ROOT, answer_loss_curve, plot_curves, rendered_line, sabiscale, trained
+from sabiscale_analysis.experiment import (ROOT, answer_loss_curve, plot_curves, rendered_line, sabiscale, trained,
+                                           train_time_boxed)
 
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
 RUNS = {"masked (SabiYarn)": ROOT / "runs" / "naija_small", "all tokens (clm peer)": ROOT / "runs" / "naija_small_clm"}
@@ -45,24 +43,10 @@ WEAK_BELOW = {"ner": ("entity_f1", 0.3), "sentiment": ("macro_f1", 0.4), "transl
 
 
 def train_for(run: Path, kind: str, minutes: float, steps: int | None) -> bool:
-    """Train until max_steps or the time box; True once the run is complete (a finished run is not
-    started again)."""
+    """Train until max_steps or the time box; True once the run is complete."""
     from sabiscale.config import load_config
 
-    done = trained(run)
-    if done is not None and done["step"] >= (steps or load_config(RECIPE).train.max_steps):
-        return True
-    overrides = [f"output_dir={run}", f"loss.kind={kind}"] + ([f"train.max_steps={steps}"] if steps else [])
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "sabiscale"), "train", str(RECIPE), *overrides],
-                            cwd=ROOT)
-    try:
-        code = proc.wait(timeout=minutes * 60)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # checkpoint now, exit 75: the next session resumes there
-        code = proc.wait()
-    if code not in (0, 75):
-        raise SystemExit(f"training {run} failed with exit {code}")
-    return code == 0
+    return train_time_boxed(RECIPE, run, steps or load_config(RECIPE).train.max_steps, minutes, f"loss.kind={kind}")
 
 
 def evaluate(run: Path, records: int | None) -> dict:

@@ -45,6 +45,27 @@ def train_unless_done(recipe: Path, *overrides: str) -> None:
     sabiscale("train", str(recipe), *overrides)
 
 
+def train_time_boxed(recipe: Path, run: Path, steps: int, minutes: float, *overrides: str) -> bool:
+    """Train `run` toward `steps` for at most `minutes`: at the limit the run gets SIGTERM, saves a
+    checkpoint and exits 75, and the next call continues from it (a budget spread over sessions).
+    True once the run has reached `steps`; a finished run is not started again."""
+    import signal
+
+    done = trained(run)
+    if done is not None and done["step"] >= steps:
+        return True
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "sabiscale"), "train", str(recipe),
+                             f"output_dir={run}", f"train.max_steps={steps}", *overrides], cwd=ROOT)
+    try:
+        code = proc.wait(timeout=minutes * 60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # checkpoint now, exit 75: the next call resumes there
+        code = proc.wait()
+    if code not in (0, 75):
+        raise SystemExit(f"training {run} failed with exit {code}")
+    return code == 0
+
+
 def held_out_examples(overrides: list[str], split: str = "val") -> list:
     """The examples of one split ("val": the validation shards' records; "heldout": the records
     held out for evaluation) of the recipe with these overrides: never trained on."""

@@ -115,3 +115,31 @@ def test_an_experiment_skips_a_finished_run_and_trains_an_unfinished_one(probed_
     # not finished (more steps asked): it does run `sabiscale train`, which here stops at the missing recipe
     with pytest.raises(subprocess.CalledProcessError):
         train_unless_done(tmp_path / "no_recipe.yaml", f"output_dir={masked}", "train.max_steps=20")
+
+
+def test_the_best_model_page_calls_a_slice_better_only_when_its_whole_interval_clears_the_baseline():
+    """exp_best_model's rule on a report shaped as heldout_scores writes it: sentiment against the
+    majority label, translation against the copy baseline's interval, NER against tagging nothing."""
+    from sabiscale_analysis.exp_best_model import page, verdict
+
+    report = {
+        "sentiment": {
+            "sentiment/hau": {"n": 500, "rank_macro_f1": 0.45, "rank_macro_f1_ci": [0.41, 0.49],
+                              "majority_label": "negative", "majority_macro_f1": 0.22},
+            "sentiment/pcm": {"n": 400, "rank_macro_f1": 0.30, "rank_macro_f1_ci": [0.25, 0.35],
+                              "majority_label": "negative", "majority_macro_f1": 0.27}},
+        "translation": {
+            "translation/eng-yor": {"examples": 200, "chrf": 18.0, "chrf_ci": [16.0, 20.0],
+                                    "copy_source_chrf": 14.0, "copy_source_chrf_ci": [13.0, 15.0]},
+            "translation/eng-pcm": {"examples": 200, "chrf": 30.0, "chrf_ci": [28.0, 32.0],
+                                    "copy_source_chrf": 29.0, "copy_source_chrf_ci": [27.5, 30.5]}},
+        "answer_loss": {"sentiment": {"records": 10, "nats_per_token": 1.2}}}
+    ner = {"ner": {"ner/yor": {"examples": 200, "entity_f1": 0.0, "entity_f1_ci": [0.0, 0.0], "unparsed": 12}}}
+    lines, wins = page(report, ner)
+    assert wins == {"sentiment/hau": True, "sentiment/pcm": False, "translation/eng-yor": True,
+                    "translation/eng-pcm": False, "ner/yor": False}
+    assert "| sentiment/hau | 500 | 45.0 [41.0, 49.0] | negative | 22.0 | yes |" in lines
+    assert any(line.startswith("| ner/yor |") and line.endswith("| 88.1 |") for line in lines)
+    said = verdict(wins)
+    assert "on 2 of 5 slices (sentiment/hau, translation/eng-yor)" in said
+    assert "does not on ner/yor, sentiment/pcm, translation/eng-pcm" in said
