@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sabiscale_analysis.experiment import (ROOT, DecisionRule, decide, mean_sd, paired, rendered_line, sabiscale,
-                                           trained, train_unless_done)
+                                           train_unless_done)
 from sabiscale_analysis.heldout_scores import score_run
 
 TARGET_TASKS = ["translation", "ner", "sentiment"]

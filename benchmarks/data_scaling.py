@@ -19,7 +19,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import time
 from itertools import count, islice
 from pathlib import Path
@@ -153,7 +152,8 @@ def main() -> int:
     corpus = sum(s["bytes"] for s in shards)
     largest = max(s["bytes"] for s in shards)
     consumed = json.loads((ROOT / "benchmarks/results/data_throughput.json").read_text())["training_tokens_per_s_per_rank"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from step_throughput import git_commit
+    commit = git_commit()
     from step_throughput import cpu_description
 
     cpu = cpu_description()

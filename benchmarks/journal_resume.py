@@ -93,7 +93,8 @@ def main() -> None:
         shutil.rmtree(work)
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if line.startswith("Model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from step_throughput import git_commit
+    commit = git_commit()
     command = ".venv/bin/python benchmarks/journal_resume.py" + (f" --steps {args.steps}" if args.steps != 100_000 else "")
     result = {"command": command, "commit": commit, "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
               "journal_bytes": size, "repeats": args.repeats, "resume_seconds": resumed, "resume_after_kill_seconds": after_kill,

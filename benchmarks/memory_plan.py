@@ -111,10 +111,6 @@ def main() -> None:
     write_results(rows, args)
 
 
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
 def write_results(rows: list[dict], args) -> None:
     command = f".venv/bin/python benchmarks/memory_plan.py --sizes {' '.join(args.sizes)} --optimizers {' '.join(args.optimizers)}"
     out = bench.RESULTS / "memory_plan"
@@ -124,7 +120,7 @@ def write_results(rows: list[dict], args) -> None:
     gib = 2**30
     lines = ["# Memory planner vs measured peak RSS (CPU, ZeRO-2 + optimizer offload)\n",
              f"Command: `{command}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}, at commit {commit()}, 2 cores of {bench.cpu_description()}, fp32, "
+             f"Date: {time.strftime('%Y-%m-%d')}, at commit {bench.git_commit()}, 2 cores of {bench.cpu_description()}, fp32, "
              "micro-batch 2 x 512 tokens, 16k vocabulary. "
              "measured = peak RSS until the end of step 2 minus RSS just before `train()`; planned = "
              "`sabiscale plan`'s CPU-mode estimate without its 10% margin; DeepSpeed = its "

@@ -16,19 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
-
-
-def cpu_name() -> str:
-    return next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                 .stdout.splitlines() if line.startswith("Model name")), platform.processor())
 
 
 def main() -> None:
@@ -62,10 +55,12 @@ def main() -> None:
             row["all_pairs"] = pairs
         rows.append(row)
         print(mode, threshold, f"{seconds:.1f} s", row["dropped"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from step_throughput import cpu_description, git_commit
+
+    commit = git_commit()
     command = "python benchmarks/near_dup.py" + (f" --thresholds {' '.join(map(str, args.thresholds))}"
                                                  if args.thresholds != [0.8] else "")
-    result = {"command": command, "commit": commit, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
+    result = {"command": command, "commit": commit, "cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
               "records": len(corpus.examples), "read_seconds": read_seconds, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "near_dup.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -39,7 +39,8 @@ def main() -> None:
         print(f"{ranks} ranks measured", flush=True)
     worst = max(abs(r[t] / r["planned"][t] - 1) for r in rows for t in PLANNED
                 if r["planned"][t] and not (t == "gradients" and r["stage"] == 1))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from step_throughput import git_commit
+    commit = git_commit()
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if line.startswith("Model name")), platform.processor())
     command = " ".join(["python benchmarks/plan_ranks.py", *(["--recipe", args.recipe] if args.recipe != parser.get_default("recipe") else []),

@@ -309,6 +309,11 @@ def results_stem(profile: str, precision: str, tag: str = "") -> str:
     return f"step_throughput_{profile}" + ("" if precision == "fp32" else f"_{precision}") + (f"_{tag}" if tag else "")
 
 
+def git_commit() -> str:
+    """The short commit the results were measured at (every results file names it)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def cpu_description() -> str:
     """The CPU's model name and the bf16 units that decide the bf16 rows (results differ by CPU)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""

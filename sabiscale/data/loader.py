@@ -26,7 +26,7 @@ from sabiscale.data.batch import Batch, Vocab, collate
 from sabiscale.data.order import SampleOrder
 from sabiscale.data.schedule import MixPlan, ScheduledOrder
 from sabiscale.errors import UserError
-from sabiscale.shards.format import ShardReader, decode_sample, split_shards
+from sabiscale.shards.format import ShardReader, decode_sample
 
 ORDER_VERSION = "indexed-shuffle-v1"  # part of the stream definition a checkpoint's position refers to
 

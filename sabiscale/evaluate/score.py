@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from sabiscale.train.reference import Reference
-from sabiscale.data.batch import Batch, Vocab, collate
+from sabiscale.data.batch import Vocab, collate
 from sabiscale.hashing import sha256_file
 from sabiscale.shards.format import (FORMAT_VERSION, REF_FIELD, decode_sample, raw_samples, read_manifest,
                                      save_manifest, shard_entry, shard_writer, with_array)
