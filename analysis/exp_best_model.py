@@ -33,10 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from sabiscale_analysis.experiment import ROOT, rendered_line, train_time_boxed, trained
-from sabiscale_analysis.heldout_scores import heldout_sets, score_run
+from sabiscale_analysis.heldout_scores import score_run
 
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
 RUN = ROOT / "runs" / "experiments" / "best_model" / "run"
@@ -57,26 +56,6 @@ PUBLISHED_TRANSLATION = ("MAFAND-MT (Adelani et al., NAACL 2022): per-direction 
                          "(no network); none is quoted rather than one recalled")
 
 
-def ner_scores(run: Path, per_language: int) -> dict:
-    """Entity F1 of greedy NER generation on up to `per_language` clean held-out records per
-    language (cached in the run as heldout_ner.json, for its last checkpoint's step)."""
-    from sabiscale.evaluate.heldout import generation_metrics
-    from sabiscale.model.build import for_inference
-    from sabiscale.runtime import eval_device
-    from sabiscale.train.checkpoint import load_trained_lm, resolve_checkpoint
-
-    out = run / "heldout_ner.json"
-    step = trained(run)["step"]
-    if out.is_file() and json.loads(out.read_text())["step"] == step:
-        return json.loads(out.read_text())
-    _, by_task, _ = heldout_sets(run)
-    lm, tok, _ = load_trained_lm(resolve_checkpoint(run / "checkpoints"))
-    scores = generation_metrics(for_inference(lm, eval_device()), tok, by_task.get("ner", []), per_language, seed=0)
-    report = {"step": step, "ner": scores}
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
 def interval(scores: dict, name: str, scale: float = 1.0) -> str:
     low, high = scores[f"{name}_ci"]
     return f"{scores[name] * scale:.1f} [{low * scale:.1f}, {high * scale:.1f}]"
@@ -87,7 +66,7 @@ def beats(scores: dict, name: str, baseline: float) -> bool:
     return scores[f"{name}_ci"][0] > baseline
 
 
-def page(report: dict, ner: dict) -> tuple[list[str], dict[str, bool]]:
+def page(report: dict) -> tuple[list[str], dict[str, bool]]:
     """The results page's lines and, per slice, whether it beats its baseline."""
     wins: dict[str, bool] = {}
     lines = ["## Sentiment (rank classification of every clean held-out record; macro-F1 x 100)\n",
@@ -108,7 +87,7 @@ def page(report: dict, ner: dict) -> tuple[list[str], dict[str, bool]]:
               "## Named entities (greedy generation of the tags; entity F1 x 100)\n",
               "| slice | records | entity F1 [95% CI] | unparsed outputs | tagging nothing | beats it | published (AfriBERTa) |",
               "|---|---:|---:|---:|---:|---|---:|"]
-    for key, s in sorted(ner["ner"].items()):
+    for key, s in sorted(report["ner"].items()):
         wins[key] = beats(s, "entity_f1", 0.0)
         published = PUBLISHED_NER.get(key.split("/")[1])
         lines.append(f"| {key} | {s['examples']} | {interval(s, 'entity_f1', 100)} | {s['unparsed']} | 0.0 | "
@@ -128,7 +107,7 @@ def verdict(wins: dict[str, bool]) -> str:
             "every published fine-tuned model quoted above.")
 
 
-def write_results(report: dict | None, ner: dict | None, steps: int) -> None:
+def write_results(report: dict | None, steps: int) -> None:
     done = trained(RUN)
     head = ["# A model worth showing: the best recipe, trained as far as the CPU budget allows\n",
             "Command: `.venv/bin/python -m sabiscale_analysis.exp_best_model --minutes 90` (repeat until scored)  ",
@@ -140,19 +119,25 @@ def write_results(report: dict | None, ner: dict | None, steps: int) -> None:
             "Scores on clean held-out records only (dev-split records never in a training shard, no exact or 13-gram "
             "overlap with training). A slice beats its baseline only when its whole bootstrap 95% interval is above it "
             "(translation: above the copy baseline's interval).\n"]
-    if report is None or ner is None:
-        lines = head + ["Not scored yet: the run has not reached its steps."]
-        wins = {}
+    if report is None:
+        lines, wins = head + ["Not scored yet: the run has not reached its steps."], {}
     else:
-        body, wins = page(report, ner)
-        contamination = report.get("contamination", {})
-        lines = head + [verdict(wins), "", *body, "",
-                        f"Contamination check of the held-out records: {json.dumps(contamination)[:400]}"]
+        body, wins = page(report)
+        lines = head + [verdict(wins), "", *body, "", *contamination_lines(report["contamination"])]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "best_model.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "best_model.json").write_text(json.dumps({"trained": done, "scores": report, "ner": ner,
-                                                         "beats_baseline": wins}, indent=2) + "\n")
+    (RESULTS / "best_model.json").write_text(json.dumps({"trained": done, "scores": report, "beats_baseline": wins},
+                                                        indent=2) + "\n")
     print("\n".join(lines))
+
+
+def contamination_lines(contamination: dict) -> list[str]:
+    """How many held-out records each slice had, and how many were dropped as overlapping training."""
+    lines = ["## Held-out records and the contamination check\n",
+             "| slice | records | exact copy in training | 13-gram overlap | clean (scored) |", "|---|---:|---:|---:|---:|"]
+    for key, c in sorted(contamination.items()):
+        lines.append(f"| {key} | {c['records']} | {c['exact']} | {c['ngram']} | {c['clean']} |")
+    return lines
 
 
 def main() -> None:
@@ -162,15 +147,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=200, help="decoded per translation direction and NER language")
     parser.add_argument("--report-only", action="store_true", help="train nothing: write the page from what is done")
     args = parser.parse_args()
-    complete = (trained(RUN) or {"step": 0})["step"] >= args.steps
-    if not args.report_only and not complete:
+    if args.report_only:
+        complete = (trained(RUN) or {"step": 0})["step"] >= args.steps
+    else:
         complete = train_time_boxed(RECIPE, RUN, args.steps, args.minutes, *OVERRIDES)
-    report = ner = None
-    if complete:
-        report = score_run(RUN, loss_records=200, translations=args.records)
-        ner = ner_scores(RUN, args.records)
-    write_results(report, ner, args.steps)
-
+    report = score_run(RUN, loss_records=200, translations=args.records, ner_records=args.records) if complete else None
+    write_results(report, args.steps)
 
 if __name__ == "__main__":
     main()

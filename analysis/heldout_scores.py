@@ -45,10 +45,11 @@ def loss_sample(by_task: dict, per_group: int) -> list:
     return [e for key in sorted(groups) for e in rng.sample(groups[key], min(per_group, len(groups[key])))]
 
 
-def score_run(run: Path, loss_records: int, translations: int) -> dict:
+def score_run(run: Path, loss_records: int, translations: int, ner_records: int = 0) -> dict:
     """The held-out scores of a run's last checkpoint (cached in the run as heldout_scores.json):
     answer loss per task on up to `loss_records` per task and language, sentiment by rank
-    classification on every clean record, translation chrF on `translations` per direction."""
+    classification on every clean record, translation chrF on `translations` per direction, and
+    with `ner_records`, entity F1 of greedy NER generation on that many per language."""
     from sabiscale.evaluate.heldout import answer_nats, generation_metrics, label_tasks, rank_classification
     from sabiscale.model.build import for_inference
     from sabiscale.runtime import eval_device
@@ -58,7 +59,8 @@ def score_run(run: Path, loss_records: int, translations: int) -> dict:
     out = run / "heldout_scores.json"
     if out.is_file():
         cached = json.loads(out.read_text())
-        if cached["step"] == trained(run)["step"]:  # else the run trained on since: scored again
+        # else the run trained on since (or NER is asked for and not there): scored again
+        if cached["step"] == trained(run)["step"] and (not ner_records or "ner" in cached):
             return cached
     started = time.time()
     cfg, by_task, contamination = heldout_sets(run)
@@ -77,8 +79,10 @@ def score_run(run: Path, loss_records: int, translations: int) -> dict:
     for scores in translation.values():
         scores.pop("samples", None)
     report = {"step": meta["step"], "trained": trained(run), "answer_loss": answer_loss,
-              "sentiment": classification, "translation": translation, "contamination": contamination,
-              "seconds": round(time.time() - started)}
+              "sentiment": classification, "translation": translation, "contamination": contamination}
+    if ner_records:
+        report["ner"] = generation_metrics(lm, tok, by_task.get("ner", []), ner_records, seed=0)
+    report["seconds"] = round(time.time() - started)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 

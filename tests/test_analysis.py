@@ -133,9 +133,9 @@ def test_the_best_model_page_calls_a_slice_better_only_when_its_whole_interval_c
                                     "copy_source_chrf": 14.0, "copy_source_chrf_ci": [13.0, 15.0]},
             "translation/eng-pcm": {"examples": 200, "chrf": 30.0, "chrf_ci": [28.0, 32.0],
                                     "copy_source_chrf": 29.0, "copy_source_chrf_ci": [27.5, 30.5]}},
-        "answer_loss": {"sentiment": {"records": 10, "nats_per_token": 1.2}}}
-    ner = {"ner": {"ner/yor": {"examples": 200, "entity_f1": 0.0, "entity_f1_ci": [0.0, 0.0], "unparsed": 12}}}
-    lines, wins = page(report, ner)
+        "answer_loss": {"sentiment": {"records": 10, "nats_per_token": 1.2}},
+        "ner": {"ner/yor": {"examples": 200, "entity_f1": 0.0, "entity_f1_ci": [0.0, 0.0], "unparsed": 12}}}
+    lines, wins = page(report)
     assert wins == {"sentiment/hau": True, "sentiment/pcm": False, "translation/eng-yor": True,
                     "translation/eng-pcm": False, "ner/yor": False}
     assert "| sentiment/hau | 500 | 45.0 [41.0, 49.0] | negative | 22.0 | yes |" in lines

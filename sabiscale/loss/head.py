@@ -28,11 +28,12 @@ def selected_count(candidates: int, ratio: float) -> int:
     return int(candidates * ratio + 0.5)
 
 
-def top_excess(excess: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(C,) bool: the `selected_count` candidates with the highest excess loss. Ties go to the
-    earlier token (stable sort), so a selection never depends on the sort kernel."""
+def top_excess(excess: torch.Tensor, ratio: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """(C,) bool: the `selected_count` candidates with the highest excess loss (plus `noise`, for
+    a sampled selection). Ties go to the earlier token (stable sort), so a selection never
+    depends on the sort kernel."""
     keep = torch.zeros_like(excess, dtype=torch.bool)
-    order = torch.sort(excess, descending=True, stable=True).indices
+    order = torch.sort(excess if noise is None else excess + noise, descending=True, stable=True).indices
     keep[order[:selected_count(len(excess), ratio)]] = True
     return keep
 
@@ -190,7 +191,7 @@ class SupervisedHead(torch.nn.Linear):
                 block, lse, total = exp_in_place(logits)
                 current = lse - target_logit
                 excess = current - reference
-                keep = top_excess(excess if noise is None else excess + noise, ratio)
+                keep = top_excess(excess, ratio, noise)
                 # unnormalized, as the masked path has them: at ratio 1 the gradient is the masked one bit for bit
                 known = (block[keep], current[keep], total[keep])
                 del logits, block
@@ -200,7 +201,7 @@ class SupervisedHead(torch.nn.Linear):
                     keep, excess)
         current, lse = chunked_token_losses(hidden.detach(), self.weight.detach(), targets, chunk, workspace)
         excess = current - reference
-        keep = top_excess(excess if noise is None else excess + noise, ratio)
+        keep = top_excess(excess, ratio, noise)
         # reusing the ranking's log-sum-exp changes the last bits of the softmax; at ratio 1 the
         # result must be the masked loss exactly, so it is recomputed there
         lse_known = lse[keep] if ratio < 1 else None
