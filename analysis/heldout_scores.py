@@ -12,8 +12,10 @@ from pathlib import Path
 from sabiscale_analysis.experiment import trained
 
 
-def heldout_sets(run: Path):
-    """(config, {task: [clean examples]}): every clean held-out record of the run's data."""
+def heldout_sets(run: Path, records_of=None):
+    """(config, {task: [clean examples]}, contamination): every clean held-out record of the run's
+    data, or of the data `records_of` (a RunConfig) names: runs trained on parts of one data set
+    (data.hold_back) are then scored on the same records, clean of all of its training records."""
     from collections import defaultdict
 
     from sabiscale.evaluate.commands import check_contamination, training_fingerprints
@@ -22,7 +24,7 @@ def heldout_sets(run: Path):
     from sabiscale.tasks import task_registry
     from sabiscale.train.checkpoint import read_sidecar, resolve_checkpoint
 
-    _, cfg = read_sidecar(resolve_checkpoint(run / "checkpoints"))
+    cfg = records_of if records_of is not None else read_sidecar(resolve_checkpoint(run / "checkpoints"))[1]
     examples = [e for e, _ in load_corpus(cfg, data_root(cfg, None), {"heldout"}).examples]
     contamination, clean = check_contamination(examples, training_fingerprints(cfg), task_registry(cfg.data.task_defs))
     by_task = defaultdict(list)
@@ -45,11 +47,12 @@ def loss_sample(by_task: dict, per_group: int) -> list:
     return [e for key in sorted(groups) for e in rng.sample(groups[key], min(per_group, len(groups[key])))]
 
 
-def score_run(run: Path, loss_records: int, translations: int, ner_records: int = 0) -> dict:
+def score_run(run: Path, loss_records: int, translations: int, ner_records: int = 0, records_of=None) -> dict:
     """The held-out scores of a run's last checkpoint (cached in the run as heldout_scores.json):
     answer loss per task on up to `loss_records` per task and language, sentiment by rank
     classification on every clean record, translation chrF on `translations` per direction, and
-    with `ner_records`, entity F1 of greedy NER generation on that many per language."""
+    with `ner_records`, entity F1 of greedy NER generation on that many per language. `records_of`:
+    see heldout_sets."""
     from sabiscale.evaluate.heldout import answer_nats, generation_metrics, label_tasks, rank_classification
     from sabiscale.model.build import for_inference
     from sabiscale.runtime import eval_device
@@ -63,7 +66,7 @@ def score_run(run: Path, loss_records: int, translations: int, ner_records: int 
         if cached["step"] == trained(run)["step"] and (not ner_records or "ner" in cached):
             return cached
     started = time.time()
-    cfg, by_task, contamination = heldout_sets(run)
+    cfg, by_task, contamination = heldout_sets(run, records_of)
     lm, tok, meta = load_trained_lm(resolve_checkpoint(run / "checkpoints"))
     lm = for_inference(lm, eval_device())
     sample = loss_sample(by_task, loss_records)

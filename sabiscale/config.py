@@ -133,6 +133,17 @@ def check_language_weights(weights: dict[str, float], languages: set[str], known
 LAYOUT_TASKS = ["translation", "ner", "sentiment", "descramble", "text"]
 
 
+class HoldBack(_Section):
+    """A stable hash share of some tasks' training records, kept out of one prepared data set and
+    given to another: Rho-1's reference learns from target records its base never saw (the base
+    prepares with keep=rest, the reference with keep=share and the same tasks, share and files).
+    Held-back records are not held out for evaluation: the evaluation records stay the same."""
+
+    tasks: list[str]
+    share: float = Field(0.5, gt=0.0, lt=1.0)
+    keep: Literal["rest", "share"]  # rest: train on all but the share; share: on the share only
+
+
 class DataConfig(_Section):
     # "demo": the embedded generator; "jsonl": a directory in the task layout
     # (<task>/<lang>.jsonl, translation/eng-<lang>.jsonl; descramble, langid and diacritize read
@@ -167,6 +178,8 @@ class DataConfig(_Section):
     # Records without an `orig_split` (plain text, the demo corpus) are held out for eval by a
     # stable hash of their location: this share of them.
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    # None: every training record of every task is used (see HoldBack)
+    hold_back: HoldBack | None = None
     # "exact": drop training documents that repeat an earlier one (low-resource web text repeats a
     # lot); "near": also those whose estimated word-3-gram Jaccard similarity to an earlier one of
     # the same task and language reaches near_dup_threshold (MinHash-LSH, prep/near_dup.py; the
@@ -215,6 +228,9 @@ class DataConfig(_Section):
         if self.val_fraction + self.heldout_fraction >= 1:
             raise ValueError(f"data.val_fraction ({self.val_fraction}) + data.heldout_fraction "
                              f"({self.heldout_fraction}) must leave records to train on (sum < 1)")
+        if self.hold_back is not None and not set(self.hold_back.tasks) <= set(self.tasks):
+            raise ValueError(f"data.hold_back.tasks {self.hold_back.tasks} names tasks not in data.tasks "
+                             f"{self.tasks}: hold back a share of tasks the data has")
         unused = {t for weights in self.mix.weights_named() for t in weights.task_weights} - set(self.tasks)
         if unused:
             raise ValueError(f"data.mix task_weights name tasks not in data.tasks: {sorted(unused)}")

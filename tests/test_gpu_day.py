@@ -31,6 +31,11 @@ def test_the_gpu_day_dry_run_runs_every_stage_and_writes_both_pages(tmp_path):
     rho1 = (out / "results" / "rho1_continued_gpu.md").read_text()
     assert "Reference quality on the target tasks" in rho1 and "selective 0.6" in rho1 and "sampled 0.6 T=1" in rho1
     assert "Token trajectories over the continued run" in rho1 and "Rho-1 (TinyLlama" in rho1
-    assert len(list((out / "rho1").glob("scored_mix_reference_lr*/manifest.json"))) == 1
+    assert len(list((out / "rho1").glob("scored_mix_reference_on_0.5_lr*/manifest.json"))) == 1
+    # the base never saw the half of the target records the reference learns from
+    rules = {d: json.loads((out / "rho1" / d / "shards" / "manifest.json").read_text())["split_rule"]
+             for d in ("mix_without_0.5", "target_data_0.5")}
+    assert rules["mix_without_0.5"]["hold_back"]["keep"] == "rest" and rules["target_data_0.5"]["hold_back"]["keep"] == "share"
+    assert "held-back 0.5 share" in rho1
     again = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "already trained" in again.stdout

@@ -75,6 +75,44 @@ def test_dev_and_test_records_and_their_copies_never_reach_a_shard(prepared):
     assert manifest["split_rule"]["heldout_splits"] == ["dev", "test"] and (cfg.shards_dir / "fingerprints.npz").is_file()
 
 
+def test_hold_back_splits_a_tasks_training_records_between_two_data_sets_and_keeps_the_evaluation_records(prepared, tmp_path):
+    """Rho-1's reference learns from target records its base never saw: keep=rest and keep=share
+    part one task's training records between them, the other task and the held-out records stay."""
+    from sabiscale.config import ConfigError
+    from sabiscale.prep.corpus import load_corpus
+
+    cfg, root, _ = prepared
+
+    def splits(*hold):
+        c = load_config(ROOT / "launch/recipes/shared_data.yaml", tiny_overrides(tmp_path / "run") + [
+            f"data.jsonl_root={root}", "data.dir=null", "data.tasks=[sentiment, translation]",
+            "data.languages=[yor]", "data.val_fraction=0.1", *hold])
+        return {(e.task, where): e.split for e, where in load_corpus(c, root).examples}
+
+    whole = splits()
+    rest = splits("data.hold_back={tasks: [sentiment], share: 0.5, keep: rest}")
+    share = splits("data.hold_back={tasks: [sentiment], share: 0.5, keep: share}")
+    trained = {k for k, v in whole.items() if k[0] == "sentiment" and v in ("train", "val")}
+    in_rest = {k for k in trained if rest[k] != "held_back"}
+    in_share = {k for k in trained if share[k] != "held_back"}
+    assert not in_rest & in_share and in_rest | in_share == trained  # each record goes to exactly one side
+    assert 0.3 < len(in_share) / len(trained) < 0.7  # the share, by a hash (61 records)
+    assert all(rest[k] == whole[k] for k in in_rest) and all(share[k] == whole[k] for k in in_share)
+    for side in (rest, share):  # the evaluation records and the other task are untouched
+        assert {k for k, v in side.items() if v == "heldout"} == {k for k, v in whole.items() if v == "heldout"}
+        assert all(side[k] == v for k, v in whole.items() if k[0] == "translation")
+    held = load_config(ROOT / "launch/recipes/shared_data.yaml", tiny_overrides(tmp_path / "held") + [
+        f"data.jsonl_root={root}", "data.dir=null", "data.tasks=[sentiment, translation]", "data.languages=[yor]",
+        "data.val_fraction=0.1", "data.hold_back={tasks: [sentiment], keep: share}"])
+    prepare(held)
+    manifest = json.loads((held.shards_dir / "manifest.json").read_text())
+    senti = next(s for s in manifest["sources"] if s["task"] == "sentiment")["records"]
+    assert senti["held_back"] == len(trained) - len(in_share) and manifest["split_rule"]["hold_back"]["keep"] == "share"
+    with pytest.raises(ConfigError, match="data.hold_back.tasks"):
+        load_config(ROOT / "launch/recipes/shared_data.yaml", ["data.tasks=[translation]",
+                                                               "data.hold_back={tasks: [ner], keep: rest}"])
+
+
 @pytest.fixture(scope="module")
 def checkpoint(prepared, world):
     from sabiscale.train.loop import train

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from sabiscale.config import DataConfig, FileSource, RunConfig
+from sabiscale.config import DataConfig, FileSource, HoldBack, RunConfig
 from sabiscale.parallel import SERIAL, Workers
 from sabiscale.prep.sources import read_records
 from sabiscale.tasks import KNOWN_LANGUAGES, BadRecord, Example, NotApplicable, TaskDef, render, special_tokens, task_registry
@@ -44,34 +44,55 @@ class SplitRule:
     heldout_splits: tuple[str, ...]
     val_fraction: float
     heldout_fraction: float
+    hold_back: HoldBack | None = None
 
     @classmethod
     def of(cls, data: DataConfig) -> "SplitRule":
-        return cls(tuple(data.heldout_splits), data.val_fraction, data.heldout_fraction)
+        return cls(tuple(data.heldout_splits), data.val_fraction, data.heldout_fraction, data.hold_back)
 
-    def split(self, record: dict, where: str) -> str:
+    def split(self, record: dict, where: str, task: str | None = None) -> str:
+        """One of "train", "val", "heldout", or "held_back" (a training record data.hold_back
+        keeps out of this data: in no shard, and not an evaluation record either)."""
         at = location_fraction(where)
         declared = record.get(SPLIT_FIELD)
         if declared is not None:
             if str(declared) in self.heldout_splits:
                 return "heldout"
-            return "val" if at < self.val_fraction else "train"
+            return self.held_back(task, where) or ("val" if at < self.val_fraction else "train")
         if at < self.val_fraction:
-            return "val"
-        return "heldout" if at < self.val_fraction + self.heldout_fraction else "train"
+            return self.held_back(task, where) or "val"
+        if at < self.val_fraction + self.heldout_fraction:
+            return "heldout"
+        return self.held_back(task, where) or "train"
+
+    def held_back(self, task: str | None, where: str) -> str | None:
+        hold = self.hold_back
+        if hold is None or task not in hold.tasks:
+            return None
+        # its own hash, independent of the validation and held-out slices
+        in_share = location_fraction(where, salt="hold_back") < hold.share
+        return "held_back" if in_share == (hold.keep == "rest") else None
 
     def describe(self) -> dict:
-        return {"version": SPLIT_RULE_VERSION, "field": SPLIT_FIELD, "heldout_splits": list(self.heldout_splits),
-                "val_fraction": self.val_fraction, "heldout_fraction": self.heldout_fraction,
-                "rule": f"records with {SPLIT_FIELD} in {list(self.heldout_splits)} are held out; records without "
-                        f"{SPLIT_FIELD} are held out when the hash of their file name and line falls in "
-                        f"[{self.val_fraction}, {self.val_fraction + self.heldout_fraction}); the hash slice "
-                        f"[0, {self.val_fraction}) of the rest goes to validation"}
+        described = {"version": SPLIT_RULE_VERSION, "field": SPLIT_FIELD, "heldout_splits": list(self.heldout_splits),
+                     "val_fraction": self.val_fraction, "heldout_fraction": self.heldout_fraction,
+                     "rule": f"records with {SPLIT_FIELD} in {list(self.heldout_splits)} are held out; records without "
+                             f"{SPLIT_FIELD} are held out when the hash of their file name and line falls in "
+                             f"[{self.val_fraction}, {self.val_fraction + self.heldout_fraction}); the hash slice "
+                             f"[0, {self.val_fraction}) of the rest goes to validation"}
+        if self.hold_back is not None:
+            hold = self.hold_back
+            described["hold_back"] = hold.model_dump(mode="json")
+            kept = "outside" if hold.keep == "rest" else "inside"
+            described["rule"] += (f"; of the training and validation records of {hold.tasks}, only those whose salted "
+                                  f"location hash falls {kept} [0, {hold.share}) are kept (the others are held back)")
+        return described
 
 
-def location_fraction(where: str) -> float:
-    """A stable number in [0, 1) for a record's location (file name and line, not the directory)."""
-    digest = hashlib.sha256(where.split("/")[-1].encode()).digest()
+def location_fraction(where: str, salt: str = "") -> float:
+    """A stable number in [0, 1) for a record's location (file name and line, not the directory);
+    another salt gives an independent number."""
+    digest = hashlib.sha256((salt + where.split("/")[-1]).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -150,7 +171,7 @@ def read_file(source: FileSource, spec: TaskDef, reserved: list[str], languages:
         try:
             if isinstance(record, BadRecord):
                 raise record
-            split = rule.split(record, where)
+            split = rule.split(record, where, source.task)
             if splits is not None and split not in splits:
                 continue
             if source.lang is not None:

@@ -132,7 +132,7 @@ class Split:
 def split_examples(cfg: RunConfig, corpus: Corpus) -> Split:
     """Train, validation and held-out examples; train and validation lose every document that
     repeats a held-out text, an earlier document or a text of data.decontaminate_against."""
-    buckets: dict[str, list[tuple[Example, str]]] = {"train": [], "val": [], "heldout": []}
+    buckets: dict[str, list[tuple[Example, str]]] = {"train": [], "val": [], "heldout": [], "held_back": []}
     per_file: dict[str, Counter] = defaultdict(Counter)  # keyed "task:path"
     for example, where in corpus.examples:
         buckets[example.split].append((example, where))
@@ -264,6 +264,7 @@ def _sources_record(corpus: Corpus, root: Path | None, per_file: dict[str, Count
         shown = path.relative_to(root) if root is not None and path.is_relative_to(root) else path
         counts = per_file.get(f"{src.task}:{path}", Counter())
         records = {k: counts.get(k, 0) for k in ("train", "val", "heldout")}
+        records |= {"held_back": counts["held_back"]} if counts.get("held_back") else {}
         records |= {k: v for k, v in sorted(counts.items()) if k.startswith("dropped_")}
         out.append({"task": src.task, "path": str(shown), "format": src.format, "sha256": source_sha256(path),
                     "records": records, **({"hf_args": src.hf_args} if src.hf_args else {})})
