@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sabiscale_analysis.experiment import (ROOT, DecisionRule, decide, mean_sd, paired, rendered_line, sabiscale,
-                                           train_unless_done)
+                                           train_unless_done, trained)
 from sabiscale_analysis.heldout_scores import score_run
 
 TARGET_TASKS = ["translation", "ner", "sentiment"]
@@ -197,6 +197,7 @@ def run_all(scale: Scale) -> None:
         for arm in arms(scale):
             score(scale, continued(scale, base, scored, arm, seed))
         write_results(scale, rendered_line(None))
+        write_trajectories(scale, rendered_line(None))
 
 
 def score(scale: Scale, run: Path, records_of=None) -> dict:
@@ -341,6 +342,75 @@ def trajectory_lines(scale: Scale) -> list[str]:
     return lines
 
 
+TRAJECTORY_THRESHOLDS = (0.1, 0.2, 0.4)  # nats over the window; 0.2 is the analysis module's default
+
+
+def sequence_bootstrap(traj, categories, resamples: int = 1000) -> dict[str, tuple[float, float]]:
+    """95% interval of each category's share, resampling the probe's sequences (its tokens are
+    not independent: a sequence's tokens share a context and a task)."""
+    import numpy as np
+
+    sequence = traj.meta["batch"].astype(np.int64) * (int(traj.meta["row"].max()) + 1) + traj.meta["row"]
+    ids, index = np.unique(sequence, return_inverse=True)
+    counts = np.zeros((len(ids), 4))
+    np.add.at(counts, (index, categories), 1)
+    rng = np.random.default_rng(0)
+    draws = counts[rng.integers(0, len(ids), (resamples, len(ids)))].sum(axis=1)
+    shares = draws / draws.sum(axis=1, keepdims=True)
+    low, high = np.percentile(shares, [2.5, 97.5], axis=0)
+    from sabiscale_analysis.trajectories import CATEGORIES
+    return {c: (float(low[i]), float(high[i])) for i, c in enumerate(CATEGORIES)}
+
+
+def write_trajectories(scale: Scale, rendered_by: str) -> None:
+    """The trajectory file: the continued runs' probe tokens (seed 1) from the trained base on,
+    per category with a sequence-bootstrap interval, at three thresholds, next to Rho-1's."""
+    from sabiscale_analysis.trajectories import classify, fractions, load_trajectories
+
+    seed = scale.seeds[0]
+    runs = {arm: continued_dir(scale, arm, seed) for arm in arms(scale)}
+    runs = {arm: run for arm, run in runs.items() if (run / "probe" / "meta.npz").is_file()}
+    first = next(iter(runs.values()), None)
+    if first is None or len(load_trajectories(first).steps) < 3:
+        return
+    base = trained(base_dir(scale))
+    lines = [f"# Token loss trajectories from a trained base ({scale.name})\n",
+             f"Command: `{scale.command}` (this page with its Rho-1 page)  ", rendered_by, "",
+             f"Window: the continued runs of seed {seed}, from their first step (the trained base: {scale.base_steps} "
+             f"steps, {base['tokens_seen']:,} tokens seen) to their last ({scale.steps} steps), a probe every "
+             f"{scale.probe_every} steps. Tokens: the answer tokens of the probe (fixed validation sequences of the "
+             "whole mix). A token's category comes from the least-squares slope of its loss over the window (x from 0 "
+             "to 1): below -threshold H->L, above +threshold L->H, else H->H or L->L by its final loss against the "
+             "mean final loss of the probe (analysis/trajectories.py). Intervals: 95%, resampling the probe's "
+             "sequences (1000 draws).\n",
+             "Rho-1 (Fig. 2) measured its shares while continuing to pre-train TinyLlama-1.1B (after 3T tokens) on "
+             "15B tokens; this window is far shorter and the model far smaller, so the shares place the run, they do "
+             "not test Rho-1's numbers.\n",
+             "| arm | threshold | tokens | " + " | ".join(RHO1_PAPER) + " |", "|---|---:|---:|" + "---:|" * 4,
+             "| Rho-1 (TinyLlama, 15B tokens) | - | - | " + " | ".join(f"{v:.0%}" for v in RHO1_PAPER.values()) + " |"]
+    table = {}
+    for arm, run in runs.items():
+        traj = load_trajectories(run)
+        for threshold in TRAJECTORY_THRESHOLDS:
+            categories = classify(traj, threshold)
+            share, interval = fractions(categories), sequence_bootstrap(traj, categories)
+            table[f"{arm} @ {threshold:g}"] = {"share": share, "interval": interval, "tokens": len(categories),
+                                              "probe_steps": traj.steps.tolist()}
+            lines.append(f"| {arm} | {threshold:g} | {len(categories)} | " + " | ".join(
+                f"{share[c]:.0%} [{interval[c][0]:.0%}, {interval[c][1]:.0%}]" for c in RHO1_PAPER) + " |")
+    primary = table[f"{next(iter(runs))} @ 0.2"]
+    inside = [c for c in RHO1_PAPER if primary["interval"][c][0] <= RHO1_PAPER[c] <= primary["interval"][c][1]]
+    learned = primary["share"]["H->L"]
+    lines += ["", f"**Verdict ({next(iter(runs))}, threshold 0.2):** {learned:.0%} of the probe's answer tokens are "
+              f"learned over the window (H->L; Rho-1: {RHO1_PAPER['H->L']:.0%}) and {primary['share']['L->H']:.0%} get "
+              f"worse (L->H; Rho-1: {RHO1_PAPER['L->H']:.0%}); Rho-1's share lies inside this run's interval for "
+              f"{', '.join(inside) if inside else 'no category'}.\n"]
+    (scale.results / f"{scale.name}_trajectories.json").write_text(json.dumps(
+        {"window": {"base_steps": scale.base_steps, "base_tokens": base["tokens_seen"], "steps": scale.steps,
+                    "probe_every": scale.probe_every, "seed": seed}, "rho1": RHO1_PAPER, "runs": table}, indent=2) + "\n")
+    (scale.results / f"{scale.name}_trajectories.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report-only", action="store_true", help="train nothing: write the page from what is scored")
@@ -349,6 +419,7 @@ def main() -> None:
     if not args.report_only:
         run_all(scale)
     write_results(scale, rendered_line(None))
+    write_trajectories(scale, rendered_line(None))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import json
 import time
 from pathlib import Path
 
-from sabiscale_analysis.exp_rho1_continued import Scale, run_all, write_results as write_rho1
+from sabiscale_analysis.exp_rho1_continued import Scale, run_all, write_results as write_rho1, write_trajectories
 from sabiscale_analysis.experiment import (ROOT, DecisionRule, decide, mean_sd, paired, rendered_line, sabiscale,
                                            trained, train_unless_done)
 from sabiscale_analysis.heldout_scores import measures, score_run
@@ -123,6 +123,7 @@ def main() -> None:
     write_page(out, scale, table, steps, args.dry_run)
     run_all(scale)
     write_rho1(scale, rendered_line(None))
+    write_trajectories(scale, rendered_line(None))
 
 
 if __name__ == "__main__":
