@@ -4,9 +4,12 @@ whether GPUs are present but unusable by this torch build."""
 from __future__ import annotations
 
 import copy
+import os
+import platform
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 from sabiscale.errors import UserError
 
@@ -49,6 +52,14 @@ def cpu_bf16_unit() -> str | None:
         if getattr(torch.cpu, probe, lambda: False)():
             return unit
     return None
+
+
+def describe_cpu() -> str:
+    """The CPU's model name and its native bf16 unit, for results pages (numbers differ by CPU)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or "CPU")
+    return f"{name} ({cpu_bf16_unit() or 'no native bf16'}, {os.cpu_count()} cores)"
 
 
 # Triton, inductor's GPU backend, generates code for compute capability 7.0 on.
