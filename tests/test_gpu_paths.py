@@ -4,6 +4,7 @@ are present but unusable, the packed-attention metadata for flash-attention, and
 work where no gradient is wanted."""
 from __future__ import annotations
 
+import os
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from sabiscale.config import load_config
-from sabiscale.train.device import BF16_CAPABILITY, choose_precision, resolve_adam, unusable_gpus
+from sabiscale.train.device import BF16_CAPABILITY, choose_precision, cpu_bf16_unit, describe_cpu, resolve_adam, unusable_gpus
 from sabiscale.train.engine import fill_ds_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -377,3 +378,11 @@ def test_batches_from_workers_are_pinned_on_cuda(demo_cfg):
             warnings.simplefilter("ignore")  # "pin_memory ... no accelerator": this machine has none
             batch = next(loader)
         assert batch.input_ids.shape[0] == cfg.train.micro_batch_size
+
+
+def test_results_pages_name_the_cpu_and_the_bf16_unit_that_decided_the_precision():
+    described = describe_cpu()
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    assert model in described
+    assert (cpu_bf16_unit() or "no native bf16") in described
+    assert f"{os.cpu_count()} cores" in described
