@@ -4,8 +4,8 @@ are present but unusable, the packed-attention metadata for flash-attention, and
 work where no gradient is wanted."""
 from __future__ import annotations
 
-import os
 import json
+import os
 import re
 from pathlib import Path
 
