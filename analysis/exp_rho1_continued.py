@@ -295,8 +295,8 @@ def target_records(scale: Scale) -> str:
 
 FIRST_ATTEMPT = ("Earlier attempt (analysis/results/rho1_continued.json at commit a63921e, bf16 on an AVX512-BF16 "
                  "CPU): a base trained 1500 steps on the whole mix (target answer loss 1.8804) fine-tuned on target "
-                 "records it had already seen: 600 steps at lr 2e-4 gave 1.8918 (-0.0114), at the recipe's rate 1.8778 "
-                 "(+0.0026). No reference better than its base, hence the held-back share.\n")
+                 "records it had already seen: 600 steps at lr 2e-4 gave 1.8918 (-0.0114; that JSON); at the recipe's rate "
+                 "+0.0026 (that commit's message only: its scores were not committed). No reference better than its base, hence the held-back share.\n")
 
 
 def earlier_attempts(scale: Scale) -> list[str]:
@@ -362,6 +362,7 @@ def sequence_bootstrap(traj, categories, resamples: int = 1000) -> dict[str, tup
     """95% interval of each category's share, resampling the probe's sequences (its tokens are
     not independent: a sequence's tokens share a context and a task)."""
     import numpy as np
+    from sabiscale_analysis.trajectories import CATEGORIES
 
     sequence = traj.meta["batch"].astype(np.int64) * (int(traj.meta["row"].max()) + 1) + traj.meta["row"]
     ids, index = np.unique(sequence, return_inverse=True)
@@ -371,7 +372,6 @@ def sequence_bootstrap(traj, categories, resamples: int = 1000) -> dict[str, tup
     draws = counts[rng.integers(0, len(ids), (resamples, len(ids)))].sum(axis=1)
     shares = draws / draws.sum(axis=1, keepdims=True)
     low, high = np.percentile(shares, [2.5, 97.5], axis=0)
-    from sabiscale_analysis.trajectories import CATEGORIES
     return {c: (float(low[i]), float(high[i])) for i, c in enumerate(CATEGORIES)}
 
 
