@@ -189,6 +189,17 @@ def test_the_matmul_peak_probe_on_this_device_is_plausible():
     assert torch.equal(torch.get_rng_state(), before)  # measured again mid-run: the run's stream is left alone
 
 
+def test_the_matmul_peak_probe_sizes_its_operands_to_the_device():
+    """Slow products (bf16 on a CPU without native bf16: ~1 GFLOP/s) stop the doubling early, so
+    the probe at each evaluation cannot stall a run; fast ones reach the full size."""
+    from sabiscale.track.metrics import operands_worth_timing
+
+    cpu = torch.device("cpu")
+    assert operands_worth_timing(cpu, torch.bfloat16, 2048, product_seconds=0.0)[0].shape == (256, 256)
+    assert operands_worth_timing(cpu, torch.float32, 512, product_seconds=float("inf"))[0].shape == (512, 512)
+    assert operands_worth_timing(cpu, torch.float32, 128, product_seconds=float("inf"))[0].shape == (128, 128)
+
+
 # (nvidia-smi's CUDA version, its GPUs' compute capabilities) of common machines -> the build
 # torch 2.13's release matrix offers them (cu126: sm_50-sm_90, CUDA 12.0+ drivers; cu130:
 # sm_75-sm_120, CUDA 13.0+ drivers; no cu128/cu129)

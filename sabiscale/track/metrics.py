@@ -169,13 +169,11 @@ class TaskLanguageStats:
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
-                        repeats: int = 8) -> float:
+                        repeats: int = 8, product_seconds: float = 0.05) -> float:
     """Achievable matmul FLOP/s of this device and dtype, the denominator of MFU (~1 s)."""
     if device.type == "cuda":
         return _cuda_matmul_peak(device, dtype, size * 2, repeats * 4)
-    a, b = random_operands(device, dtype, size)
-    for _ in range(2):
-        a @ b
+    a, b = operands_worth_timing(device, dtype, size, product_seconds)
     # the fastest of `repeats` timed products: on a shared machine an average also measures the
     # neighbours (seen: a mean of 79 GFLOP/s in one run against ~160 in most)
     fastest = float("inf")
@@ -183,7 +181,24 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
         t0 = time.perf_counter()
         a @ b
         fastest = min(fastest, time.perf_counter() - t0)
-    return 2 * size**3 / fastest
+    return 2 * a.shape[0] ** 3 / fastest
+
+
+def operands_worth_timing(device: torch.device, dtype: torch.dtype, size: int,
+                          product_seconds: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square operands doubled from 256 until one product takes `product_seconds` or they reach
+    `size`. A CPU without native bf16 multiplies bf16 at ~1 GFLOP/s (seen: AVX2-only EPYC), where
+    one 2048 product takes 14 s and the probe at each evaluation stalled a test run for minutes;
+    a fast device still reaches `size`, where its peak is."""
+    n = min(256, size)
+    while True:
+        a, b = random_operands(device, dtype, n)
+        a @ b  # warm-up: first-call allocations and kernel selection are not the device's speed
+        t0 = time.perf_counter()
+        a @ b
+        if time.perf_counter() - t0 >= product_seconds or n >= size:
+            return a, b
+        n = min(2 * n, size)
 
 
 def random_operands(device: torch.device, dtype: torch.dtype, size: int) -> tuple[torch.Tensor, torch.Tensor]:
