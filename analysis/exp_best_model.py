@@ -110,7 +110,8 @@ def verdict(wins: dict[str, bool]) -> str:
 def write_results(report: dict | None, steps: int) -> None:
     done = trained(RUN)
     head = ["# A model worth showing: the best recipe, trained as far as the CPU budget allows\n",
-            "Command: `.venv/bin/python -m sabiscale_analysis.exp_best_model --minutes 90` (repeat until scored)  ",
+            f"Command: `.venv/bin/python -m sabiscale_analysis.exp_best_model --minutes 90"
+            f"{'' if steps == STEPS else f' --steps {steps}'}` (repeat until scored)  ",
             rendered_line(None), "",
             f"Date: {time.strftime('%Y-%m-%d')}. Recipe `{RECIPE.relative_to(ROOT)}` {' '.join(OVERRIDES)}, "
             f"{steps} steps. Trained so far: "
@@ -140,6 +141,19 @@ def contamination_lines(contamination: dict) -> list[str]:
     return lines
 
 
+def refuse_another_length(steps: int) -> None:
+    """The LR schedule decays over the run's first train.max_steps: continuing a run toward another
+    length would splice two schedules into one model."""
+    from sabiscale.train.checkpoint import latest_complete, read_sidecar
+
+    last = latest_complete(RUN / "checkpoints")
+    if last is not None:
+        planned = read_sidecar(last)[1].train.max_steps
+        if planned != steps:
+            raise SystemExit(f"{RUN} was started for {planned} steps: pass --steps {planned} to continue it, "
+                             f"or move that directory aside to train a {steps}-step model")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=90.0, help="time box of this call's training")
@@ -147,6 +161,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=200, help="decoded per translation direction and NER language")
     parser.add_argument("--report-only", action="store_true", help="train nothing: write the page from what is done")
     args = parser.parse_args()
+    refuse_another_length(args.steps)
     if args.report_only:
         complete = (trained(RUN) or {"step": 0})["step"] >= args.steps
     else:

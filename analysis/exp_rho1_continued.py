@@ -247,8 +247,11 @@ def write_results(scale: Scale, rendered_by: str) -> None:
              f"on the whole mix's clean held-out records only (analysis/heldout_scores.py).\n", RULE.describe(), "",
              *earlier_attempts(scale)]
     if quality["base"]:
-        lines += [f"Machine: the runs trained in {quality['base']['trained']['precision']} (engine precision auto: bf16 "
-                  f"only on a CPU with a native bf16 unit); page rendered on {describe_cpu()}.\n"]
+        base = quality["base"]["trained"]
+        where = (f"on {base['device']} (the base's last checkpoint)" if base.get("device")
+                 else f"on a machine its checkpoints do not name; page rendered on {describe_cpu()}")
+        lines += [f"Machine: the runs trained in {base['precision']} (engine precision auto: bf16 only on a CPU "
+                  f"with a native bf16 unit) {where}.\n"]
     if quality["base"] and quality["reference"]:
         b, r = target_loss(quality["base"]), target_loss(quality["reference"])
         lines += [f"Reference quality on the target tasks' held-out answer loss: base {b:.4f}, reference {r:.4f} "

@@ -21,8 +21,9 @@ def sabiscale(*argv: str) -> None:
 
 
 def trained(run: Path) -> dict | None:
-    """What the run's last complete checkpoint says it was trained with (step, tokens, precision),
-    or None before its first checkpoint."""
+    """What the run's last complete checkpoint says it was trained with (step, tokens, precision,
+    the device that wrote it: None in checkpoints from before it was recorded), or None before
+    its first checkpoint."""
     from sabiscale.train.checkpoint import latest_complete, read_sidecar
 
     last = latest_complete(Path(run) / "checkpoints")
@@ -30,7 +31,7 @@ def trained(run: Path) -> dict | None:
         return None
     meta, _ = read_sidecar(last)
     return {"step": meta["step"], "tokens_seen": meta["tokens_seen"], "flops_seen": meta.get("flops_seen"),
-            "precision": meta.get("precision", "fp32")}
+            "precision": meta.get("precision", "fp32"), "device": meta.get("device")}
 
 
 def train_unless_done(recipe: Path, *overrides: str) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -91,9 +89,8 @@ def main() -> None:
         whole = open_seconds(path, args.repeats)
     finally:
         shutil.rmtree(work)
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if line.startswith("Model name")), platform.processor())
-    from step_throughput import git_commit
+    from step_throughput import cpu_description, git_commit
+    cpu = cpu_description()
     commit = git_commit()
     command = ".venv/bin/python benchmarks/journal_resume.py" + (f" --steps {args.steps}" if args.steps != 100_000 else "")
     result = {"command": command, "commit": commit, "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,

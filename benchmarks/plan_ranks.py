@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -39,10 +37,9 @@ def main() -> None:
         print(f"{ranks} ranks measured", flush=True)
     worst = max(abs(r[t] / r["planned"][t] - 1) for r in rows for t in PLANNED
                 if r["planned"][t] and not (t == "gradients" and r["stage"] == 1))
-    from step_throughput import git_commit
+    from step_throughput import cpu_description, git_commit
     commit = git_commit()
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if line.startswith("Model name")), platform.processor())
+    cpu = cpu_description()
     command = " ".join(["python benchmarks/plan_ranks.py", *(["--recipe", args.recipe] if args.recipe != parser.get_default("recipe") else []),
                         *(["--ranks", *map(str, args.ranks)] if args.ranks != parser.get_default("ranks") else []),
                         *(["--set", *args.set] if args.set else [])])

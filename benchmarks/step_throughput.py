@@ -315,12 +315,10 @@ def git_commit() -> str:
 
 
 def cpu_description() -> str:
-    """The CPU's model name and the bf16 units that decide the bf16 rows (results differ by CPU)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    units = [unit for unit in ("avx512_bf16", "amx_bf16") if unit in flags]
-    return f"{name} ({', '.join(units) or 'no native bf16'})"
+    """The CPU's model name and the bf16 unit that decides the bf16 rows (results differ by CPU)."""
+    from sabiscale.train.device import describe_cpu
+
+    return describe_cpu()
 
 
 def write_results(rounds: dict, peak: float, args, precision: str, cold_compile: float | None = None,

@@ -37,6 +37,10 @@ def test_the_gpu_day_dry_run_runs_every_stage_and_writes_both_pages(tmp_path):
              for d in ("mix_without_0.5", "target_data_0.5")}
     assert rules["mix_without_0.5"]["hold_back"]["keep"] == "rest" and rules["target_data_0.5"]["hold_back"]["keep"] == "share"
     assert "held-back 0.5 share" in rho1
+    # the machine is read from the base's checkpoint, not from wherever the page is rendered
+    from sabiscale.train.device import describe_cpu
+
+    assert f"bf16 unit) on {describe_cpu()} (the base's last checkpoint)" in rho1
     trajectories = (out / "results" / "rho1_continued_gpu_trajectories.md").read_text()
     assert "**Verdict (all tokens, threshold 0.2):**" in trajectories and "| sampled 0.6 T=1 | 0.4 |" in trajectories
     again = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)

@@ -62,6 +62,16 @@ def describe_cpu() -> str:
     return f"{name} ({cpu_bf16_unit() or 'no native bf16'}, {os.cpu_count()} cores)"
 
 
+def describe_device(device) -> str:
+    """What a run trains on, for its checkpoints and the results pages read from them (a resumed
+    run may have moved machines: each checkpoint names the one that wrote it)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return describe_cpu()
+
+
 # Triton, inductor's GPU backend, generates code for compute capability 7.0 on.
 COMPILE_CAPABILITY = (7, 0)
 

@@ -28,6 +28,7 @@ from sabiscale.track.metrics import (StepSums, TaskLanguageStats, TokenStats, me
 from sabiscale.track.plots import loss_plots
 from sabiscale.train.checkpoint import rng_state, save_checkpoint, step_tag
 from sabiscale.train.diagnostics import is_out_of_memory, write_oom_report
+from sabiscale.train.device import describe_device
 from sabiscale.train.engine import World, all_reduce_sum, barrier, engine_dtype
 from sabiscale.train.hooks import StepRecord, TrainHook
 from sabiscale.train.preemption import Preempted
@@ -249,7 +250,8 @@ def checkpoint(run: Run, step: int) -> Path:
     run.exports.wait()  # this save may prune the checkpoint a running export reads
     client_state = {"tokens_seen": run.tokens_seen, "flops_seen": run.flops_seen, "loader": run.loader.state_dict(), "rng": rng_state(),
                     "token_window": run.stats.window(all_reduce_sum),
-                    "world_size": world.world_size, "precision": run.precision, "config": config_to_dict(cfg),
+                    "world_size": world.world_size, "precision": run.precision, "device": describe_device(world.device),
+                    "config": config_to_dict(cfg),
                     "tokenizer_sha256": run.manifest["tokenizer_sha256"], "manifest_sha256": run.manifest_sha256,
                     "mlflow_run_id": run.tracker.run_id}
     path = save_checkpoint(run.engine, cfg.checkpoint_dir, step, client_state, cfg.tokenizer_path.parent,
