@@ -34,7 +34,7 @@ import argparse
 import json
 import time
 
-from sabiscale_analysis.experiment import ROOT, rendered_line, train_time_boxed, trained
+from sabiscale_analysis.experiment import ROOT, prepare_unless_done, rendered_line, train_time_boxed, trained
 from sabiscale_analysis.heldout_scores import score_run
 
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
@@ -165,6 +165,7 @@ def main() -> None:
     if args.report_only:
         complete = (trained(RUN) or {"step": 0})["step"] >= args.steps
     else:
+        prepare_unless_done(RECIPE)
         complete = train_time_boxed(RECIPE, RUN, args.steps, args.minutes, *OVERRIDES)
     report = score_run(RUN, loss_records=200, translations=args.records, ner_records=args.records) if complete else None
     write_results(report, args.steps)

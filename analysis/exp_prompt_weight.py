@@ -39,13 +39,13 @@ import time
 from pathlib import Path
 
 from sabiscale_analysis.experiment import (ROOT, DecisionRule, answer_loss_curve, decide, mean_sd, paired,
-                                           plot_curves, rendered_line, sabiscale, trained, train_unless_done)
+                                           plot_curves, prepare_unless_done, rendered_line, trained,
+                                           train_unless_done)
 from sabiscale_analysis.heldout_scores import measures, score_run
 
 RECIPE = ROOT / "launch" / "recipes" / "naija_small.yaml"
 WORK = ROOT / "runs" / "experiments" / "prompt_weight"
 RESULTS = ROOT / "analysis" / "results"
-DATA = ROOT / "runs" / "data" / "shared_data"  # the recipe's data.dir
 
 PLAN = {
     "steps": 700,
@@ -262,8 +262,7 @@ def main() -> None:
     args = parser.parse_args()
     command = ".venv/bin/python -m sabiscale_analysis.exp_prompt_weight"
     if not args.report_only:
-        if not (DATA / "shards" / "manifest.json").is_file():
-            sabiscale("prepare", str(RECIPE))
+        prepare_unless_done(RECIPE)
         for number in range(1, (args.stage or 4) + 1):
             for arm, seed in stages(best_of_sweep(collect()))[number - 1]:
                 run = train_arm(arm, seed)

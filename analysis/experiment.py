@@ -20,6 +20,16 @@ def sabiscale(*argv: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "sabiscale"), *argv], check=True, cwd=ROOT)
 
 
+def prepare_unless_done(recipe: Path) -> None:
+    """`sabiscale prepare recipe` on a machine that has not written the recipe's shards yet (a
+    fresh checkout: runs/ is not committed)."""
+    from sabiscale.config import load_config
+
+    data = load_config(recipe, []).data.dir
+    if not (ROOT / data / "shards" / "manifest.json").is_file():
+        sabiscale("prepare", str(recipe))
+
+
 def trained(run: Path) -> dict | None:
     """What the run's last complete checkpoint says it was trained with (step, tokens, precision,
     the device that wrote it: None in checkpoints from before it was recorded), or None before
