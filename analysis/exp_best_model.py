@@ -115,8 +115,14 @@ def write_results(report: dict | None, steps: int) -> None:
             rendered_line(None), "",
             f"Date: {time.strftime('%Y-%m-%d')}. Recipe `{RECIPE.relative_to(ROOT)}` {' '.join(OVERRIDES)}, "
             f"{steps} steps. Trained so far: "
-            + (f"step {done['step']}, {done['tokens_seen']:,} tokens, {done['flops_seen']:.3e} FLOPs." if done else
+            + (f"step {done['step']}, {done['tokens_seen']:,} tokens, {done['flops_seen']:.3e} FLOPs, in "
+               f"{done['precision']} on {done.get('device') or 'a device its checkpoint does not name'}." if done else
                "nothing.") + "\n",
+            *([] if steps == STEPS else [
+                f"Shorter than the recipe's {STEPS} steps so that it finishes on one machine: runs/ has not survived "
+                "from one session's machine to the next (an earlier 6000-step run was lost at step 3900), and in fp32 "
+                "on 2 cores a step takes ~1.2 s. The LR schedule decays over these steps, so this is a finished "
+                "model, not a checkpoint of a longer run.\n"]),
             "Scores on clean held-out records only (dev-split records never in a training shard, no exact or 13-gram "
             "overlap with training). A slice beats its baseline only when its whole bootstrap 95% interval is above it "
             "(translation: above the copy baseline's interval).\n"]
