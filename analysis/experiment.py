@@ -32,8 +32,8 @@ def prepare_unless_done(recipe: Path) -> None:
 
 def trained(run: Path) -> dict | None:
     """What the run's last complete checkpoint says it was trained with (step, tokens, precision,
-    the device that wrote it: None in checkpoints from before it was recorded), or None before
-    its first checkpoint."""
+    the device that wrote it: None in checkpoints from before it was recorded, the train.max_steps
+    its LR schedule decays over), or None before its first checkpoint."""
     from sabiscale.train.checkpoint import latest_complete, read_sidecar
 
     last = latest_complete(Path(run) / "checkpoints")
@@ -41,7 +41,8 @@ def trained(run: Path) -> dict | None:
         return None
     meta, _ = read_sidecar(last)
     return {"step": meta["step"], "tokens_seen": meta["tokens_seen"], "flops_seen": meta.get("flops_seen"),
-            "precision": meta.get("precision", "fp32"), "device": meta.get("device")}
+            "precision": meta.get("precision", "fp32"), "device": meta.get("device"),
+            "max_steps": meta["config"]["train"]["max_steps"]}
 
 
 def train_unless_done(recipe: Path, *overrides: str) -> None:

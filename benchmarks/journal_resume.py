@@ -89,8 +89,9 @@ def main() -> None:
         whole = open_seconds(path, args.repeats)
     finally:
         shutil.rmtree(work)
-    from step_throughput import cpu_description, git_commit
-    cpu = cpu_description()
+    from step_throughput import git_commit
+    from sabiscale.train.device import describe_cpu
+    cpu = describe_cpu()
     commit = git_commit()
     command = ".venv/bin/python benchmarks/journal_resume.py" + (f" --steps {args.steps}" if args.steps != 100_000 else "")
     result = {"command": command, "commit": commit, "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,

@@ -37,9 +37,10 @@ def main() -> None:
         print(f"{ranks} ranks measured", flush=True)
     worst = max(abs(r[t] / r["planned"][t] - 1) for r in rows for t in PLANNED
                 if r["planned"][t] and not (t == "gradients" and r["stage"] == 1))
-    from step_throughput import cpu_description, git_commit
+    from step_throughput import git_commit
+    from sabiscale.train.device import describe_cpu
     commit = git_commit()
-    cpu = cpu_description()
+    cpu = describe_cpu()
     command = " ".join(["python benchmarks/plan_ranks.py", *(["--recipe", args.recipe] if args.recipe != parser.get_default("recipe") else []),
                         *(["--ranks", *map(str, args.ranks)] if args.ranks != parser.get_default("ranks") else []),
                         *(["--set", *args.set] if args.set else [])])

@@ -50,6 +50,9 @@ from pathlib import Path
 import psutil
 import torch
 
+# the CPU's model name and its native bf16 unit, which decides the bf16 rows (results differ by CPU)
+from sabiscale.train.device import describe_cpu as cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPE = ROOT / "launch" / "recipes" / "shared_data.yaml"
@@ -312,13 +315,6 @@ def results_stem(profile: str, precision: str, tag: str = "") -> str:
 def git_commit() -> str:
     """The short commit the results were measured at (every results file names it)."""
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the bf16 unit that decides the bf16 rows (results differ by CPU)."""
-    from sabiscale.train.device import describe_cpu
-
-    return describe_cpu()
 
 
 def write_results(rounds: dict, peak: float, args, precision: str, cold_compile: float | None = None,
