@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,20 @@ from sabiscale.train.device import describe_cpu
 TARGET_TASKS = ["translation", "ner", "sentiment"]
 RHO1_PAPER = {"L->L": 0.51, "H->L": 0.26, "H->H": 0.11, "L->H": 0.12}  # Rho-1, Fig. 2 (TinyLlama, 15B tokens)
 RULE = DecisionRule("held-out answer loss on the target tasks, mean over tasks (nats per answer token)", 0.05, True)
+
+
+@dataclass(frozen=True)
+class EarlierSet:
+    """A set of this experiment's runs that a later set replaced (another machine, so another base
+    and precision: its seeds cannot pair with the new ones). Its runs are gone with their machine;
+    its page stays in git at `commit`, and the new page reports it from there."""
+
+    commit: str
+    machine: str
+    page: str = "analysis/results/rho1_continued.json"  # its results file, relative to the repository
+
+
+FP32_SET = EarlierSet("173e809", "a 2-core AMD EPYC with AVX2 only")
 
 
 @dataclass
@@ -77,6 +92,8 @@ class Scale:
     # no continued runs from a reference that is not better than the base (a dry run goes on anyway)
     require_better_reference: bool = True
     command: str = ".venv/bin/python -m sabiscale_analysis.exp_rho1_continued"  # what writes the page
+    first_attempt: str = ""  # the design tried before the held-back share, when its runs are gone
+    earlier_sets: list[EarlierSet] = field(default_factory=list)
 
 
 def arms(scale: Scale) -> dict[str, list[str]]:
@@ -267,19 +284,58 @@ def write_results(scale: Scale, rendered_by: str) -> None:
         lines.append(f"| {arm} | " + " | ".join(f"{got[s]:.4f}" if s in got else "-" for s in scale.seeds)
                      + f" | {summary} |")
     lines.append("")
-    baseline = names[0]
-    for selective in names[1:]:
-        if len(set(values[selective]) & set(values[baseline])) >= 2:
-            verdict = decide(paired(values[selective], values[baseline], True), RULE, (selective, baseline))
-        else:
-            verdict = "not yet two paired seeds."
-        lines.append(f"**Verdict ({selective} vs {baseline}):** {verdict}\n")
-    lines += ["", *cost_lines(scale, quality, table), "", *trajectory_lines(scale)]
+    lines += [f"**Verdict ({arm} vs {names[0]}):** {verdict}\n" for arm, verdict in verdicts(values).items()]
+    lines += ["", *cost_lines(scale, quality, table), "", *trajectory_lines(scale), "", *earlier_set_lines(scale)]
     scale.results.mkdir(parents=True, exist_ok=True)
     (scale.results / f"{scale.name}.json").write_text(json.dumps({"quality": quality, "runs": {
         arm: {str(s): r for s, r in rows.items()} for arm, rows in table.items()}}, indent=2) + "\n")
     (scale.results / f"{scale.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def verdicts(values: dict[str, dict[int, float]]) -> dict[str, str]:
+    """Each selective arm against the first (all tokens), by the pre-registered rule."""
+    names = list(values)
+    baseline, found = names[0], {}
+    for arm in names[1:]:
+        if len(set(values[arm]) & set(values[baseline])) >= 2:
+            found[arm] = decide(paired(values[arm], values[baseline], True), RULE, (arm, baseline))
+        else:
+            found[arm] = "not yet two paired seeds."
+    return found
+
+
+def committed_json(commit: str, path: str) -> dict | None:
+    """A results file as committed at `commit` (None where git or that commit is not here)."""
+    try:
+        shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT,
+                               capture_output=True, text=True)
+    except OSError:
+        return None
+    return json.loads(shown.stdout) if shown.returncode == 0 else None
+
+
+def earlier_set_lines(scale: Scale) -> list[str]:
+    """The sets this one replaced, each with its own numbers and verdicts, read from the commit
+    that holds its page: reported beside this set, never pooled with it."""
+    lines = []
+    for earlier in scale.earlier_sets:
+        where = f"{earlier.page} at commit {earlier.commit}"
+        found = committed_json(earlier.commit, earlier.page)
+        if found is None:
+            lines.append(f"Earlier set ({where}, on {earlier.machine}): that commit is not in this clone's history.\n")
+            continue
+        base, reference = (target_loss(found["quality"][k]) for k in ("base", "reference"))
+        values = {arm: {int(s): target_loss(r) for s, r in rows.items()} for arm, rows in found["runs"].items()}
+        runs = "; ".join(f"{arm} " + "/".join(f"{v:.4f}" for _, v in sorted(got.items())) + f" (seed{'s' * (len(got) > 1)} {', '.join(map(str, sorted(got)))})"
+                         for arm, got in values.items() if got)
+        lines.append(f"Earlier set ({where}; trained in {found['quality']['base']['trained']['precision']} on "
+                     f"{earlier.machine}, from its own base; its runs are gone with that machine): base {base:.4f}, "
+                     f"reference {reference:.4f} (gain {base - reference:+.4f}); {runs}. Not pooled with this set: its "
+                     "seeds continue another base, trained on another machine.\n")
+        lines += [f"- Its verdict ({arm} vs {next(iter(values))}): {verdict}" for arm, verdict in verdicts(values).items()]
+        lines.append("")
+    return lines
 
 
 def mix_without(scale: Scale) -> str:
@@ -308,7 +364,7 @@ def earlier_attempts(scale: Scale) -> list[str]:
     if scale.hold_back is None:
         return []
     if not first.is_file():  # its runs are gone with the machine they ran on; the page of that commit has them
-        return [FIRST_ATTEMPT] if scale.name == "rho1_continued" else []
+        return [scale.first_attempt] if scale.first_attempt else []
     base = target_loss(json.loads(first.read_text()))
     tried = []
     for run in sorted(scale.work.glob("reference*")):
@@ -431,7 +487,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report-only", action="store_true", help="train nothing: write the page from what is scored")
     args = parser.parse_args()
-    scale = Scale()
+    scale = Scale(first_attempt=FIRST_ATTEMPT, earlier_sets=[FP32_SET])
     if not args.report_only:
         run_all(scale)
     write_results(scale, rendered_line(None))

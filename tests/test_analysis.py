@@ -143,3 +143,23 @@ def test_the_best_model_page_calls_a_slice_better_only_when_its_whole_interval_c
     said = verdict(wins)
     assert "on 2 of 5 slices (sentiment/hau, translation/eng-yor)" in said
     assert "does not on ner/yor, sentiment/pcm, translation/eng-pcm" in said
+
+
+def test_a_replaced_rho1_set_is_reported_from_its_commit_and_not_pooled():
+    """The fp32 set of exp_rho1_continued (its runs gone with their machine) is read back from the
+    commit that holds its page, with its own verdict; a commit this clone lacks is said to be missing."""
+    import subprocess
+
+    from sabiscale_analysis.exp_rho1_continued import FP32_SET, EarlierSet, Scale, earlier_set_lines
+    from sabiscale_analysis.experiment import ROOT
+
+    if subprocess.run(["git", "cat-file", "-e", f"{FP32_SET.commit}^{{commit}}"], cwd=ROOT).returncode != 0:
+        pytest.skip(f"this clone does not hold commit {FP32_SET.commit} (a shallow clone)")
+    lines = earlier_set_lines(Scale(earlier_sets=[FP32_SET, EarlierSet("0" * 40, "nowhere")]))
+    text = "\n".join(lines)
+    assert "trained in fp32" in text and "base 1.9949, reference 1.8853 (gain +0.1096)" in text
+    assert "all tokens 1.9041/1.9006 (seeds 1, 2)" in text and "sampled 0.6 T=1 1.9033 (seed 1)" in text
+    assert "- Its verdict (selective 0.6 vs all tokens): No effect of interest" in text
+    assert "[-0.0477, +0.0414]" in text
+    assert "- Its verdict (sampled 0.6 T=1 vs all tokens): not yet two paired seeds." in text
+    assert lines[-1].endswith("that commit is not in this clone's history.\n")
