@@ -23,7 +23,7 @@ target data. Here, on naija_small and the real mix of ../shared/data:
    and the token trajectories of the continued all-token run (the window Rho-1 measured in), next
    to Rho-1's 51/26/11/12 (L->L, H->L, H->H, L->H).
 
-    .venv/bin/python -m sabiscale_analysis.exp_rho1_continued                  # ~4 h on 2 AVX2 cores in fp32 (analysis/README.md)
+    .venv/bin/python -m sabiscale_analysis.exp_rho1_continued                  # ~2.5 h in bf16 on 2 AVX512-BF16 cores, ~4 h in fp32 on AVX2 (analysis/README.md)
     .venv/bin/python -m sabiscale_analysis.exp_rho1_continued --report-only    # the page from what is done
 
 Writes analysis/results/rho1_continued.{md,json}; the runs stay in runs/experiments/rho1_continued/.
